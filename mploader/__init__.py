@@ -1,0 +1,26 @@
+"""mploader: Python preprocessing on every core for TensorFlow, stopped cleanly every time.
+
+    from mploader import MPLoader
+    ds = MPLoader(load_and_augment, paths).dataset()
+
+Modules, one job each:
+    loader.py        the public MPLoader
+    sources.py       reading the source (sequence, int, iterable, tf.data) in passes
+    passes.py        one pass: dispatch tasks, gather results, order, errors, timeouts
+    pool.py          the worker processes' lifecycle: start, watch, stop (NOTE [Shutdown])
+    worker.py        the worker process and its main loop
+    slots.py         the shared-memory slot ring
+    layout.py        how a result nest is laid out in a slot
+    messages.py      the wire messages
+    random_state.py  per-item random state (item_rng)
+    tf_adapter.py    the TensorFlow adapter (the only module that imports TensorFlow)
+    errors.py        the errors users catch
+"""
+from .errors import MPLoaderError, WorkerDied, WorkerError, WorkerTimeout
+from .loader import MPLoader
+from .passes import PassAbandoned, Skipped
+from .random_state import item_rng, item_scope
+
+__all__ = ["MPLoader", "MPLoaderError", "WorkerError", "WorkerDied", "WorkerTimeout",
+           "PassAbandoned", "Skipped", "item_rng", "item_scope"]
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""The errors a user of mploader can catch.
+
+Every error names where it happened: the worker id, and the source index (or
+indices) it concerns.  Errors raised by ``fn`` in a worker carry the remote
+traceback as text, because the exception object itself may not be picklable and
+its type may not even be importable in the parent.
+"""
+from __future__ import annotations
+
+import signal
+
+
+class MPLoaderError(Exception):
+    """Base class of every error mploader raises about its workers."""
+
+
+class WorkerError(MPLoaderError):
+    """``fn`` (or ``worker_init``) raised inside a worker.
+
+    Attributes: ``exc_type`` (the remote exception's qualified type name),
+    ``message``, ``remote_traceback`` (formatted text), ``worker_id``, ``index``
+    (the source index, ``None`` for ``worker_init``).
+    """
+
+    def __init__(self, exc_type: str, message: str, remote_traceback: str,
+                 worker_id: int, index: int | None) -> None:
+        self.exc_type = exc_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.worker_id = worker_id
+        self.index = index
+        where = "in worker_init" if index is None else f"on source index {index}"
+        super().__init__(
+            f"{exc_type}: {message}  [{where}, worker {worker_id}]\n\n"
+            f"Traceback in worker {worker_id}:\n{remote_traceback.rstrip()}")
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'killed by SIGKILL' or 'exited with code 3' from a Popen returncode."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class WorkerDied(MPLoaderError):
+    """A worker process ended while it owed results.
+
+    Attributes: ``worker_id``, ``pid``, ``returncode`` (negative: the signal
+    number, as ``subprocess`` reports it), ``signal_name`` (``"SIGKILL"`` or
+    ``None``), ``exitcode`` (``None`` when killed by a signal), ``indices`` (the
+    source indices that were in flight on it).
+    """
+
+    def __init__(self, worker_id: int, pid: int, returncode: int | None,
+                 indices: tuple[int, ...], detail: str = "") -> None:
+        self.worker_id = worker_id
+        self.pid = pid
+        self.returncode = returncode
+        self.signal_name = (signal.Signals(-returncode).name
+                            if returncode is not None and returncode < 0
+                            and -returncode in signal.Signals._value2member_map_ else None)
+        self.exitcode = returncode if returncode is not None and returncode >= 0 else None
+        self.indices = tuple(indices)
+        text = (f"worker {worker_id} (pid {pid}) {describe_exit(returncode)} "
+                f"with source indices {list(self.indices)} in flight")
+        if detail:
+            text += f"; {detail}"
+        super().__init__(text)
+
+
+class WorkerTimeout(WorkerDied):
+    """An item took longer than ``timeout``; its worker was killed.
+
+    Attributes as :class:`WorkerDied`, plus ``index`` and ``elapsed`` (seconds).
+    """
+
+    def __init__(self, worker_id: int, pid: int, index: int, elapsed: float,
+                 limit: float, indices: tuple[int, ...]) -> None:
+        self.index = index
+        self.elapsed = elapsed
+        self.limit = limit
+        WorkerDied.__init__(
+            self, worker_id, pid, -signal.SIGKILL, indices,
+            detail=(f"source index {index} ran {elapsed:.2f} s, over the "
+                    f"timeout of {limit:g} s, so the worker was killed"))

@@ -1,0 +1,164 @@
+"""How one task's result is laid out in a shared-memory slot.
+
+A result is a nest: tuples (lists are read as tuples, the only sequence type
+``tf.data`` accepts) and dicts whose leaves are numpy arrays, numpy or Python
+scalars, ``str`` or ``bytes``.  The worker writes every array into the slot at
+a 64-byte aligned offset (so TensorFlow can use the memory without a copy) and
+sends the nest back with each array replaced by an :class:`ArrayRef`.  Scalars
+and strings are tiny and travel inside the message.
+
+With ``batch_size`` the worker stacks the items of a task along a new first
+axis directly in the slot: numeric scalars become 1-D arrays, strings a 1-D
+object array.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+ALIGN_BYTES = 64  # TensorFlow's EIGEN_MAX_ALIGN_BYTES: aligned arrays are used in place
+_SCALARS = (bool, int, float, np.bool_, np.number)
+_STRINGS = (str, bytes)
+
+
+class UnsupportedResult(TypeError):
+    """fn returned something that cannot be laid out in shared memory."""
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """An array written at ``offset`` bytes into the task's slot."""
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+Write = tuple[int, np.ndarray]  # (offset in the slot, array to copy there)
+
+
+def path_text(path: tuple) -> str:
+    """'result[0]["image"]' for the path (0, "image")."""
+    return "result" + "".join(f"[{key!r}]" for key in path)
+
+
+def map_nest(fn: Callable[[Any, tuple], Any], value: Any, path: tuple = ()) -> Any:
+    """Apply fn(leaf, path) to every leaf; tuples and lists come back as tuples."""
+    if isinstance(value, (tuple, list)):
+        return tuple(map_nest(fn, v, path + (i,)) for i, v in enumerate(value))
+    if isinstance(value, dict):
+        return {k: map_nest(fn, v, path + (k,)) for k, v in value.items()}
+    return fn(value, path)
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN_BYTES) * ALIGN_BYTES
+
+
+def _check_array(array: np.ndarray, path: tuple) -> None:
+    if array.dtype.hasobject:
+        raise UnsupportedResult(
+            f"fn returned an array of dtype {array.dtype} at {path_text(path)}; "
+            "object arrays cannot be placed in shared memory: return a numeric, "
+            "bool or fixed-width string array instead")
+
+
+def _unsupported(value: Any, path: tuple) -> UnsupportedResult:
+    return UnsupportedResult(
+        f"fn returned a {type(value).__name__} at {path_text(path)}; supported "
+        "leaves are numpy arrays, numpy or Python scalars, str and bytes, in "
+        "tuples, lists or dicts")
+
+
+def pack_item(result: Any) -> tuple[Any, list[Write], int]:
+    """Lay out one item's result: (tree with ArrayRefs, writes, bytes needed)."""
+    writes: list[Write] = []
+    end = 0
+
+    def leaf(value: Any, path: tuple) -> Any:
+        nonlocal end
+        if isinstance(value, np.ndarray):
+            _check_array(value, path)
+            offset = _aligned(end)
+            writes.append((offset, value))
+            end = offset + value.nbytes
+            return ArrayRef(offset, value.shape, value.dtype)
+        if isinstance(value, _SCALARS + _STRINGS):
+            return value
+        raise _unsupported(value, path)
+
+    tree = map_nest(leaf, result)
+    return tree, writes, end
+
+
+def _flatten(value: Any) -> tuple[Any, list[tuple[tuple, Any]]]:
+    """(skeleton, [(path, leaf), ...]); equal skeletons mean equal structure."""
+    leaves: list[tuple[tuple, Any]] = []
+
+    def leaf(v: Any, path: tuple) -> None:
+        leaves.append((path, v))
+
+    return map_nest(leaf, value), leaves
+
+
+def pack_batch(results: list[Any], indices: tuple[int, ...]) -> tuple[Any, list[Write], int]:
+    """Stack the results of consecutive items along a new first axis."""
+    skeleton, first = _flatten(results[0])
+    columns: list[list[Any]] = [[v] for _, v in first]
+    for result, index in zip(results[1:], indices[1:]):
+        other_skeleton, leaves = _flatten(result)
+        if other_skeleton != skeleton:
+            raise UnsupportedResult(
+                f"cannot batch: source index {index} returned a different "
+                f"structure than source index {indices[0]}")
+        for column, (_, v) in zip(columns, leaves):
+            column.append(v)
+    writes: list[Write] = []
+    end = 0
+    stacked: list[Any] = []
+    for (path, head), column in zip(first, columns):
+        if isinstance(head, np.ndarray):
+            for v, index in zip(column, indices):
+                if not isinstance(v, np.ndarray) or v.shape != head.shape or v.dtype != head.dtype:
+                    got = (f"shape {v.shape} {v.dtype}" if isinstance(v, np.ndarray)
+                           else type(v).__name__)
+                    raise UnsupportedResult(
+                        f"cannot batch {path_text(path)}: source index {indices[0]} "
+                        f"gave shape {head.shape} {head.dtype}, source index {index} "
+                        f"gave {got}; give every item the same shape, or use "
+                        "batch_size=None")
+            _check_array(head, path)
+            offset = _aligned(end)
+            writes.extend((offset + i * head.nbytes, v) for i, v in enumerate(column))
+            end = offset + head.nbytes * len(column)
+            stacked.append(ArrayRef(offset, (len(column),) + head.shape, head.dtype))
+        elif all(isinstance(v, _STRINGS) for v in column):
+            stacked.append(np.array(column, dtype=object))
+        elif all(isinstance(v, _SCALARS) for v in column):
+            array = np.asarray(column)
+            offset = _aligned(end)
+            writes.append((offset, array))
+            end = offset + array.nbytes
+            stacked.append(ArrayRef(offset, array.shape, array.dtype))
+        else:
+            raise _unsupported(next(v for v in column if not isinstance(v, _SCALARS)), path)
+    rebuilt = iter(stacked)
+    tree = map_nest(lambda _v, _p: next(rebuilt), skeleton)
+    return tree, writes, end
+
+
+def unpack(tree: Any, region: np.ndarray, copy: bool) -> Any:
+    """Rebuild a result nest over ``region`` (a uint8 array over the slot).
+
+    With ``copy=False`` every array is a view whose ``base`` is ``region``, so
+    ``region`` stays alive exactly as long as any part of the result does: the
+    slot ring relies on this to know when a slot can be reused.
+    """
+    def leaf(value: Any, _path: tuple) -> Any:
+        if not isinstance(value, ArrayRef):
+            return value
+        view = np.ndarray(value.shape, value.dtype, buffer=region, offset=value.offset)
+        return view.copy() if copy else view
+
+    return map_nest(leaf, tree)

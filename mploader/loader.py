@@ -1,0 +1,231 @@
+"""The public loader: ``MPLoader(fn, source).dataset()`` or ``for x in loader``.
+
+The loader checks its arguments, ships ``fn`` (cloudpickled, so lambdas,
+closures and functions of ``__main__`` work), owns one worker pool for its
+whole life, and starts one pass (passes.py) per iteration on that same pool.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cloudpickle
+
+from .messages import Bootstrap
+from .passes import Options, Pass, Skipped
+from .pool import WorkerPool
+from .sources import Chunk, Source
+
+DEFAULT_CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class _Stats:
+    started_at: float = field(default_factory=time.perf_counter)
+    items: int = 0
+    waited_s: float = 0.0
+    restarts: int = 0
+
+    def count(self, items: int) -> None:
+        self.items += items
+
+
+def _pickled(obj: Callable | None, name: str) -> bytes | None:
+    if obj is None:
+        return None
+    if not callable(obj):
+        raise TypeError(f"{name} must be callable, not {type(obj).__name__}")
+    try:
+        return cloudpickle.dumps(obj)
+    except Exception as exc:
+        raise TypeError(f"{name} ({obj!r}) cannot be sent to the worker processes: "
+                        f"cloudpickle failed with {type(exc).__name__}: {exc}") from exc
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _close_pool(box: list[WorkerPool | None], timeout: float) -> None:
+    """Close the pool in ``box``; shared by close() and the garbage-collection finalizer."""
+    pool, box[0] = box[0], None
+    if pool is not None:
+        pool.close(timeout)
+
+
+class MPLoader:
+    """Run ``fn`` over ``source`` in a pool of worker processes that this loader owns.
+
+    Workers are fresh interpreters (never forked, never importing your
+    ``__main__`` or TensorFlow); results come back through shared memory; the
+    pool is reused by every pass and stopped deterministically by
+    :meth:`close`, by the ``with`` block, when the loader is garbage collected,
+    or at interpreter exit.  See README.md for every option.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], source: Any, *,
+                 num_workers: int | None = None, ordered: bool = True,
+                 batch_size: int | None = None, drop_remainder: bool = False,
+                 prefetch: int = 2, output_signature: Any = None,
+                 worker_init: Callable[[int], Any] | None = None,
+                 seed: int | None = None, timeout: float | None = None,
+                 on_error: str = "raise", on_worker_death: str = "raise",
+                 close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        num_workers = _cpu_count() if num_workers is None else num_workers
+        _check(isinstance(num_workers, int) and num_workers >= 1,
+               f"num_workers must be an int >= 1 or None, not {num_workers!r}")
+        _check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
+               f"batch_size must be an int >= 1 or None, not {batch_size!r}")
+        _check(isinstance(prefetch, int) and prefetch >= 1,
+               f"prefetch must be an int >= 1, not {prefetch!r}")
+        _check(on_error in ("raise", "skip"),
+               f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        _check(on_worker_death in ("raise", "restart"),
+               f"on_worker_death must be 'raise' or 'restart', not {on_worker_death!r}")
+        _check(timeout is None or timeout > 0, f"timeout must be > 0 or None, not {timeout!r}")
+        _check(close_timeout > 0, f"close_timeout must be > 0, not {close_timeout!r}")
+        _check(seed is None or isinstance(seed, int), f"seed must be an int or None, not {seed!r}")
+        self._source = Source(source)
+        self.num_workers = num_workers
+        self.batch_size = batch_size
+        self.drop_remainder = drop_remainder
+        self.output_signature = output_signature
+        self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
+                                on_error=on_error, on_worker_death=on_worker_death)
+        self._bootstrap = Bootstrap(
+            sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
+            fn=_pickled(fn, "fn"), worker_init=_pickled(worker_init, "worker_init"),
+            seed=seed, stack_batches=batch_size is not None)
+        self._close_timeout = close_timeout
+        self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
+        self._stats = _Stats()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._passes = 0   # pass ids, probes included
+        self._epoch = 0    # passes over the whole source, the epoch of item_rng()
+        self._current_pass: Pass | None = None
+        # The pool lives in a box shared with the finalizer, which must not
+        # hold the loader itself.
+        self._box: list[WorkerPool | None] = [None]
+        self._finalizer = weakref.finalize(self, _close_pool, self._box, close_timeout)
+        self._ensure_pool()  # start now: worker start-up overlaps the caller's set-up
+
+    # -- pool --------------------------------------------------------------------
+
+    def _ensure_pool(self) -> WorkerPool:
+        if self._closed:
+            raise RuntimeError("this MPLoader is closed")
+        if self._box[0] is None:
+            # One slot per task in flight, plus room for results the consumer
+            # still holds as zero-copy views (see slots.py).
+            leases = self._options.prefetch + 1
+            self._box[0] = WorkerPool(self.num_workers, self._bootstrap,
+                                      slots_per_worker=self._options.prefetch + leases,
+                                      max_leases=leases)
+        return self._box[0]
+
+    def _discard_pool(self, pool: WorkerPool) -> None:
+        """Stop a pool whose state can no longer be trusted (a death, Ctrl-C)."""
+        with self._lock:
+            if self._box[0] is pool:
+                _close_pool(self._box, self._close_timeout)
+
+    # -- iteration -----------------------------------------------------------------
+
+    def _start_pass(self, chunks: Any, epoch: int) -> Pass:
+        with self._lock:
+            pool = self._ensure_pool()
+            if self._current_pass is not None:
+                self._current_pass.close()
+            self._passes += 1
+            self._current_pass = Pass(self, pool, chunks, self._passes, epoch, self._options)
+            return self._current_pass
+
+    def __iter__(self) -> Pass:
+        """Start a new pass over the source (a new epoch) on the same workers."""
+        with self._lock:
+            self._epoch += 1
+            return self._start_pass(self._source.chunks(self.batch_size or 1,
+                                                        self.drop_remainder), self._epoch - 1)
+
+    def first_result(self) -> Any:
+        """fn's result for source index 0 (batched as a batch of one); used to
+        infer ``output_signature``."""
+        chunk = Chunk(0, (0,), (self._source.first(),))
+        probe = self._start_pass(iter([chunk]), epoch=0)
+        try:
+            return next(probe)
+        finally:
+            probe.close()
+
+    def __len__(self) -> int:
+        """Elements per pass (items, or batches); TypeError when the source has no length."""
+        n = self._source.length
+        if n is None:
+            raise TypeError("the source has no length")
+        if self.batch_size is None:
+            return n
+        return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
+
+    def dataset(self) -> Any:
+        """A ``tf.data.Dataset`` over this loader; every iteration is a new pass.
+
+        Imports TensorFlow (only here).  Without ``output_signature`` it runs
+        fn once on source index 0 to infer it.
+        """
+        from .tf_adapter import make_dataset
+        return make_dataset(self)
+
+    # -- state -------------------------------------------------------------------------
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the live workers (empty when closed)."""
+        pool = self._box[0]
+        return pool.pids() if pool is not None else []
+
+    def stats(self) -> dict[str, Any]:
+        """Throughput and where time goes: are the workers or the consumer the bottleneck?"""
+        elapsed = time.perf_counter() - self._stats.started_at
+        pool = self._box[0]
+        workers = pool.live() if pool is not None else []
+        return {
+            "items": self._stats.items,
+            "elapsed_s": elapsed,
+            "items_per_s": self._stats.items / elapsed if elapsed > 0 else 0.0,
+            "consumer_wait_s": self._stats.waited_s,
+            "worker_busy_fraction": [h.busy_s / elapsed for h in workers],
+            "slots_leased": sum(h.ring.leased for h in workers),
+            "shared_memory_bytes": sum(h.ring.mapped_bytes() for h in workers),
+            "skipped": len(self.skipped),
+            "worker_restarts": self._stats.restarts,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop every worker within ``timeout`` seconds (default ``close_timeout``).
+
+        Idempotent and safe from any thread; in a forked child it leaves the
+        parent's workers alone.
+        """
+        self._closed = True
+        _close_pool(self._box, self._close_timeout if timeout is None else timeout)
+
+    def __enter__(self) -> "MPLoader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

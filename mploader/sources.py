@@ -1,0 +1,99 @@
+"""What a loader reads: a sequence, an int, any iterable, or a tf.data.Dataset.
+
+Items are read in the parent, one pass at a time, and sent to the workers with
+their source index.  A ``tf.data.Dataset`` is read as numpy
+(``as_numpy_iterator``), so ``ds.map(fn, num_parallel_calls=N)`` becomes
+``MPLoader(fn, ds)``; this module recognises it without importing TensorFlow.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive items that make one task (one item, or one batch)."""
+    seq: int                      # position of the task in the pass
+    indices: tuple[int, ...]
+    items: tuple[Any, ...]
+
+
+def _is_tf_dataset(source: Any) -> bool:
+    return (type(source).__module__.startswith("tensorflow")
+            and hasattr(source, "as_numpy_iterator") and hasattr(source, "cardinality"))
+
+
+class Source:
+    """A re-readable view of the user's source; one ``chunks()`` call per pass."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._one_shot = False
+        self._passes = 0
+        self._pushed_back: list[Any] = []
+        if isinstance(source, bool):
+            raise TypeError("source must be a sequence, an int, an iterable or a "
+                            "tf.data.Dataset, not a bool")
+        if isinstance(source, int):
+            if source < 0:
+                raise ValueError(f"source={source}: an int source must be >= 0")
+            self.length: int | None = source
+        elif _is_tf_dataset(source):
+            cardinality = int(source.cardinality())
+            self.length = cardinality if cardinality >= 0 else None
+        elif isinstance(source, Sequence) or (hasattr(source, "__len__")
+                                              and hasattr(source, "__getitem__")
+                                              and not isinstance(source, (dict, str, bytes))):
+            self.length = len(source)
+        elif isinstance(source, Iterable):
+            self.length = None
+            self._one_shot = iter(source) is source
+        else:
+            raise TypeError(f"source must be a sequence, an int, an iterable or a "
+                            f"tf.data.Dataset, not {type(source).__name__}")
+
+    def _items(self) -> Iterator[Any]:
+        source = self._source
+        if isinstance(source, int):
+            return iter(range(source))
+        if _is_tf_dataset(source):
+            return source.as_numpy_iterator()
+        if self.length is not None:
+            return (source[i] for i in range(self.length))
+        if self._one_shot:
+            if self._passes > 1 and not self._pushed_back:
+                raise RuntimeError(
+                    "the source is an iterator (a generator?) and was used up by "
+                    "the first pass; give MPLoader a sequence or a re-iterable "
+                    "object to iterate it more than once")
+            return itertools.chain(self._pushed_back, source)
+        return iter(source)
+
+    def first(self) -> Any:
+        """Item 0, without losing it from a one-shot iterator."""
+        items = self._items()
+        try:
+            item = next(items)
+        except StopIteration:
+            raise ValueError("the source is empty: there is no first item to infer "
+                             "output_signature from; pass output_signature") from None
+        if self._one_shot:
+            self._pushed_back = [item]
+        return item
+
+    def chunks(self, size: int, drop_remainder: bool) -> Iterator[Chunk]:
+        """The next pass over the source, cut into tasks of ``size`` items."""
+        self._passes += 1
+        items = self._items()
+        if self._one_shot:
+            self._pushed_back = []
+        index = 0
+        for seq in itertools.count():
+            batch = tuple(itertools.islice(items, size))
+            if not batch or (drop_remainder and len(batch) < size):
+                return
+            yield Chunk(seq, tuple(range(index, index + len(batch))), batch)
+            index += len(batch)
