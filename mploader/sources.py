@@ -32,7 +32,7 @@ class Source:
     def __init__(self, source: Any) -> None:
         self._source = source
         self._one_shot = False
-        self._passes = 0
+        self._read = False  # a one-shot iterator was handed to a pass or to first()
         self._pushed_back: list[Any] = []
         if isinstance(source, bool):
             raise TypeError("source must be a sequence, an int, an iterable or a "
@@ -64,12 +64,14 @@ class Source:
         if self.length is not None:
             return (source[i] for i in range(self.length))
         if self._one_shot:
-            if self._passes > 1 and not self._pushed_back:
+            if self._read:
                 raise RuntimeError(
-                    "the source is an iterator (a generator?) and was used up by "
-                    "the first pass; give MPLoader a sequence or a re-iterable "
-                    "object to iterate it more than once")
-            return itertools.chain(self._pushed_back, source)
+                    "the source is an iterator (a generator?), which can be read only "
+                    "once, and a pass already read it; give MPLoader a sequence or a "
+                    "re-iterable object to iterate it more than once")
+            self._read = True
+            pushed, self._pushed_back = self._pushed_back, []
+            return itertools.chain(pushed, source)
         return iter(source)
 
     def first(self) -> Any:
@@ -81,15 +83,13 @@ class Source:
             raise ValueError("the source is empty: there is no first item to infer "
                              "output_signature from; pass output_signature") from None
         if self._one_shot:
+            self._read = False  # the next pass may read it: item 0 goes first
             self._pushed_back = [item]
         return item
 
     def chunks(self, size: int, drop_remainder: bool) -> Iterator[Chunk]:
         """The next pass over the source, cut into tasks of ``size`` items."""
-        self._passes += 1
         items = self._items()
-        if self._one_shot:
-            self._pushed_back = []
         index = 0
         for seq in itertools.count():
             batch = tuple(itertools.islice(items, size))

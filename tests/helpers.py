@@ -1,0 +1,40 @@
+"""Functions the tests run in workers.  A module of its own, so the workers
+import it by reference (as users' own modules are) rather than by value."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import mploader
+
+
+def slow_square(x: int) -> int:
+    """x*x after a delay that varies per item, so completion order is scrambled."""
+    time.sleep(((x * 7919) % 13) / 1000)
+    return x * x
+
+
+def nest(x: int):
+    return {"image": np.full((2, 3), x, np.float32), "meta": (np.int64(x), f"id{x}", b"raw"),
+            "label": x % 3}
+
+
+def variable(x: int) -> np.ndarray:
+    return np.arange(x % 5 + 1, dtype=np.int32) + x
+
+
+def augmented(x: int) -> np.ndarray:
+    """Uses both item_rng() and the legacy global numpy generator."""
+    return np.concatenate([mploader.item_rng().normal(size=3), np.random.rand(2)]) + x
+
+
+def fail_on_7(x: int) -> int:
+    if x == 7:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def pid_of_worker(_x):
+    import os
+    return os.getpid()

@@ -1,0 +1,138 @@
+"""What comes out: values, order, structure, batches, sources and seeds (numpy path)."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from mploader import MPLoader, item_scope
+
+from . import helpers
+
+
+def assert_nest_equal(a, b):
+    assert type(a) is type(b) or (isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer))), (a, b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_nest_equal(a[k], b[k])
+    elif isinstance(a, tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_nest_equal(x, y)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3, 4])
+def test_ordered_output_equals_serial_with_random_delays(num_workers):
+    source = list(range(60))
+    with MPLoader(helpers.slow_square, source, num_workers=num_workers) as loader:
+        assert list(loader) == [helpers.slow_square(x) for x in source]
+
+
+def test_unordered_output_is_the_same_multiset():
+    source = list(range(80))
+    with MPLoader(helpers.slow_square, source, num_workers=3, ordered=False) as loader:
+        out = list(loader)
+    assert collections.Counter(out) == collections.Counter(helpers.slow_square(x) for x in source)
+
+
+def test_dict_and_tuple_outputs_keep_structure_types_and_values():
+    with MPLoader(helpers.nest, range(12), num_workers=2) as loader:
+        out = list(loader)
+    for x, got in zip(range(12), out):
+        expected = helpers.nest(x)
+        assert_nest_equal(got, expected)
+
+
+def test_lists_come_back_as_tuples():
+    with MPLoader(lambda x: [x, np.array([x])], range(3), num_workers=1) as loader:
+        first = next(iter(loader))
+    assert isinstance(first, tuple) and first[0] == 0
+
+
+def test_variable_size_outputs():
+    with MPLoader(helpers.variable, range(40), num_workers=2) as loader:
+        out = list(loader)
+    for x, got in zip(range(40), out):
+        np.testing.assert_array_equal(got, helpers.variable(x))
+
+
+def test_results_larger_than_their_slot_grow_it():
+    sizes = [10, 100_000, 3_000_000, 50, 5_000_000, 7]
+    fn = lambda n: np.full(n, n % 251, np.uint8)  # noqa: E731
+    with MPLoader(fn, sizes, num_workers=2) as loader:
+        for _ in range(2):
+            for n, got in zip(sizes, loader):
+                assert got.shape == (n,) and (got == n % 251).all()
+
+
+def test_results_held_by_the_user_never_change():
+    """Zero-copy views stay valid while the slots keep being reused."""
+    fn = lambda x: np.full((1000,), x, np.int64)  # noqa: E731
+    with MPLoader(fn, range(200), num_workers=2, prefetch=2) as loader:
+        kept = list(loader)
+        again = list(loader)  # a second pass reuses every slot many times
+    for x, a, b in zip(range(200), kept, again):
+        assert (a == x).all() and (b == x).all()
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_batches_stack_consecutive_items(drop_remainder):
+    with MPLoader(helpers.nest, range(23), num_workers=2, batch_size=5,
+                  drop_remainder=drop_remainder) as loader:
+        batches = list(loader)
+        assert len(loader) == len(batches)
+    sizes = [len(b["label"]) for b in batches]
+    assert sizes == ([5, 5, 5, 5] if drop_remainder else [5, 5, 5, 5, 3])
+    first = 0
+    for batch in batches:
+        n = len(batch["label"])
+        idx = range(first, first + n)
+        np.testing.assert_array_equal(batch["image"], np.stack([helpers.nest(i)["image"] for i in idx]))
+        np.testing.assert_array_equal(batch["label"], [i % 3 for i in idx])
+        assert list(batch["meta"][1]) == [f"id{i}" for i in idx]
+        first += n
+
+
+def test_batching_items_of_different_shapes_names_both_items():
+    from mploader import WorkerError
+    with MPLoader(helpers.variable, range(10), num_workers=1, batch_size=4) as loader:
+        with pytest.raises(WorkerError) as info:
+            list(loader)
+    assert "source index 0 gave shape (1,)" in str(info.value)
+    assert "source index 1 gave shape (2,)" in str(info.value)
+
+
+def test_int_source_and_generator_source():
+    with MPLoader(lambda x: x + 1, 5, num_workers=2) as loader:
+        assert list(loader) == [1, 2, 3, 4, 5]
+    gen = (f"item-{i}" for i in range(7))
+    with MPLoader(str.upper, gen, num_workers=2) as loader:
+        assert list(loader) == [f"ITEM-{i}" for i in range(7)]
+        with pytest.raises(RuntimeError, match="can be read only once"):
+            list(loader)
+
+
+def test_seeded_output_is_identical_for_1_and_3_workers_and_replayable():
+    def run(workers):
+        with MPLoader(helpers.augmented, range(30), num_workers=workers, seed=1234) as loader:
+            return [list(loader) for _epoch in range(2)]
+    one, three = run(1), run(3)
+    for a, b in zip(one[0] + one[1], three[0] + three[1]):
+        np.testing.assert_array_equal(a, b)
+    # Each epoch draws new numbers, and any item can be replayed in the parent.
+    assert not np.array_equal(one[0][5], one[1][5])
+    with item_scope(seed=1234, epoch=1, index=5):
+        np.testing.assert_array_equal(helpers.augmented(5), one[1][5])
+
+
+def test_workers_import_functions_from_the_users_modules():
+    with MPLoader(helpers.pid_of_worker, range(20), num_workers=2) as loader:
+        pids = set(loader)
+        assert pids <= set(loader.worker_pids()) and len(pids) >= 1

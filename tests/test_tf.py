@@ -1,0 +1,125 @@
+"""The TensorFlow adapter, with real TensorFlow: signatures, epochs, buffers, fit."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mploader import MPLoader, WorkerError
+
+from . import helpers
+from .conftest import wait_gone
+
+
+def test_signature_is_inferred_for_dicts_tuples_and_batches():
+    with MPLoader(helpers.nest, range(10), num_workers=2) as loader:
+        spec = loader.dataset().element_spec
+        assert spec["image"] == tf.TensorSpec((2, 3), tf.float32)
+        assert spec["meta"] == (tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string),
+                                tf.TensorSpec((), tf.string))
+    with MPLoader(helpers.nest, range(10), num_workers=2, batch_size=4,
+                  drop_remainder=True) as loader:
+        ds = loader.dataset()
+        assert ds.element_spec["image"] == tf.TensorSpec((4, 2, 3), tf.float32)
+        batches = list(ds.as_numpy_iterator())
+    assert len(batches) == 2
+    np.testing.assert_array_equal(batches[1]["label"], [4 % 3, 5 % 3, 6 % 3, 7 % 3])
+    assert list(batches[1]["meta"][1]) == [b"id4", b"id5", b"id6", b"id7"]
+
+
+def test_cardinality_is_known_when_the_source_has_a_length():
+    with MPLoader(lambda x: x, range(10), num_workers=1, batch_size=3) as loader:
+        assert int(loader.dataset().cardinality()) == 4
+
+
+def test_variable_size_outputs_with_a_none_dimension():
+    sig = tf.TensorSpec((None,), tf.int32)
+    with MPLoader(helpers.variable, range(20), num_workers=2, output_signature=sig) as loader:
+        out = list(loader.dataset().as_numpy_iterator())
+    for x, got in zip(range(20), out):
+        np.testing.assert_array_equal(got, helpers.variable(x))
+
+
+def test_a_tf_data_source_replaces_dataset_map():
+    source = tf.data.Dataset.range(30).map(lambda x: x * 10)
+    with MPLoader(lambda x: np.int64(x) + 1, source, num_workers=2) as loader:
+        assert len(loader) == 30
+        out = [int(v) for v in loader.dataset().as_numpy_iterator()]
+    assert out == [x * 10 + 1 for x in range(30)]
+
+
+def test_shuffle_and_prefetch_buffers_hold_unchanged_data():
+    """300 elements of 256 KiB held by TF buffers while slots are reused."""
+    def make(i):
+        return np.full((256 * 1024 // 8,), i, np.int64), np.int64(i)
+    with MPLoader(make, range(300), num_workers=2) as loader:
+        ds = loader.dataset().shuffle(1000).prefetch(8)
+        seen = []
+        for block, index in ds.as_numpy_iterator():
+            assert (block == index).all(), f"element {index} was overwritten"
+            seen.append(int(index))
+    assert sorted(seen) == list(range(300))
+
+
+def test_epochs_and_take_reuse_the_same_workers():
+    with MPLoader(lambda x: x * 2, range(50), num_workers=2) as loader:
+        ds = loader.dataset()
+        pids = loader.worker_pids()
+        for _ in range(2):
+            assert [int(v) for v in ds] == [x * 2 for x in range(50)]
+        assert [int(v) for v in ds.take(2)] == [0, 2]
+        assert [int(v) for v in ds.take(3)] == [0, 2, 4]  # nothing stale from the last pass
+        assert loader.worker_pids() == pids
+
+
+def test_a_worker_error_surfaces_through_tensorflow_with_its_traceback():
+    with MPLoader(helpers.fail_on_7, range(20), num_workers=2) as loader:
+        with pytest.raises(Exception) as info:
+            list(loader.dataset().as_numpy_iterator())
+    text = str(info.value)
+    assert "WorkerError" in text and "source index 7" in text and "bad item 7" in text
+    assert "in fail_on_7" in text
+
+
+def test_model_fit_trains_for_two_epochs():
+    def sample(i):
+        x = np.random.default_rng(i).normal(size=8).astype(np.float32)
+        return x, np.float32(x.sum() > 0)
+    with MPLoader(sample, range(256), num_workers=2, batch_size=32) as loader:
+        model = tf.keras.Sequential([tf.keras.Input((8,)), tf.keras.layers.Dense(1, activation="sigmoid")])
+        model.compile("adam", "binary_crossentropy")
+        history = model.fit(loader.dataset(), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert all(np.isfinite(history.history["loss"]))
+
+
+def test_a_script_without_main_guard_importing_tensorflow_passes_a_lambda(script):
+    s = script("""
+        import tensorflow as tf   # at top level, as users write it
+        import numpy as np
+        from mploader import MPLoader
+
+        print("top level ran", flush=True)   # must run once: workers never import __main__
+        loader = MPLoader(lambda i: np.full((64, 64), i, np.float32), range(40), num_workers=2)
+        report_pids(loader)
+        total = sum(float(x[0, 0]) for x in loader.dataset())
+        maps = {}
+        for pid in loader.worker_pids():
+            with open(f"/proc/{pid}/status") as f:
+                rss_kb = int(next(l for l in f if l.startswith("VmRSS")).split()[1])
+            with open(f"/proc/{pid}/maps") as f:
+                tf_mapped = "tensorflow" in f.read()
+            maps[pid] = (rss_kb, tf_mapped)
+        print(json.dumps({"total": total, "workers": maps}))
+    """.replace("import numpy as np", "import numpy as np, json"))
+    result = s.run()
+    assert result.returncode == 0, result.stderr
+    assert not wait_gone(s.wait_for_pids()), "workers outlived the script"
+    assert result.stdout.count("top level ran") == 1
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["total"] == sum(range(40))
+    for rss_kb, tf_mapped in report["workers"].values():
+        assert not tf_mapped
+        assert rss_kb < 100 * 1024, f"worker RSS {rss_kb} kB"
