@@ -38,3 +38,37 @@ def fail_on_7(x: int) -> int:
 def pid_of_worker(_x):
     import os
     return os.getpid()
+
+
+def die_on_5(x: int) -> int:
+    """Item 5 ends its worker the way named by the MPLOADER_TEST_DEATH variable."""
+    import ctypes
+    import os
+    import signal
+    if x == 5:
+        how = os.environ["MPLOADER_TEST_DEATH"]
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif how == "segfault":
+            ctypes.string_at(0)
+        elif how == "exit3":
+            os._exit(3)
+    time.sleep(0.01)
+    return x
+
+
+def sleep_forever_on_3(x: int) -> int:
+    if x == 3:
+        time.sleep(600)
+    return x
+
+
+def stall_once(path: str):
+    """Returns fn: the first call for item 4 stalls (as a hung NFS read would), later ones do not."""
+    def fn(x: int) -> int:
+        import os
+        if x == 4 and not os.path.exists(path):
+            open(path, "w").close()
+            time.sleep(600)
+        return x
+    return fn
