@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import interrupts
 from .errors import WorkerDied, WorkerError, WorkerTimeout
 from .messages import Failure, Ready, Result, StartFailed, Task
 from .pool import Exited, WorkerHandle, WorkerPool
@@ -71,6 +72,7 @@ class Pass(Iterator[Any]):
         self._source_done = False
         self._finished = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
+        interrupts.forget_pending()
 
     # -- iteration ---------------------------------------------------------------
 
@@ -109,6 +111,7 @@ class Pass(Iterator[Any]):
             for handle, message in events:
                 self._handle(handle, message)
             self._check_timeouts()
+            interrupts.raise_if_interrupted()
 
     def close(self) -> None:
         """Stop dispatching and give back the slots of results never yielded."""

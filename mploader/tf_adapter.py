@@ -40,6 +40,8 @@ def infer_signature(loader: Any) -> Any:
 def make_dataset(loader: Any) -> Any:
     import tensorflow as tf
 
+    from . import interrupts
+    interrupts.install()
     signature = loader.output_signature or infer_signature(loader)
 
     def generate() -> Iterator[Any]:
