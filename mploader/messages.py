@@ -44,6 +44,7 @@ class Task:
 class Failure:
     """An exception raised by user code, as text (see errors.WorkerError)."""
     index: int | None
+    item: str                   # repr of the source item, shortened; "" for worker_init
     exc_type: str
     message: str
     traceback: str

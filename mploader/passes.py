@@ -46,6 +46,7 @@ class Options:
 class Skipped:
     """An item dropped by ``on_error="skip"``."""
     index: int | None
+    item: str                     # repr of the source item, shortened
     worker_id: int
     exc_type: str
     message: str
@@ -181,10 +182,11 @@ class Pass(Iterator[Any]):
         for failure in failures:
             if self._opt.on_error == "raise":
                 raise WorkerError(failure.exc_type, failure.message, failure.traceback,
-                                  handle.worker_id, failure.index)
-            log.warning("skipped source index %s: %s: %s (worker %d)", failure.index,
-                        failure.exc_type, failure.message, handle.worker_id)
-            self._loader.skipped.append(Skipped(failure.index, handle.worker_id,
+                                  handle.worker_id, failure.index, failure.item)
+            log.warning("skipped source index %s (item %s): %s: %s (worker %d)",
+                        failure.index, failure.item, failure.exc_type, failure.message,
+                        handle.worker_id)
+            self._loader.skipped.append(Skipped(failure.index, failure.item, handle.worker_id,
                                                 failure.exc_type, failure.message))
 
     def _handle(self, handle: WorkerHandle, message: Any) -> None:

@@ -55,10 +55,24 @@ def _die_with_parent(parent_pid: int, lifeline_fd: int) -> None:
     threading.Thread(target=watch, name="mploader-lifeline", daemon=True).start()
 
 
-def _failure(exc: BaseException, index: int | None) -> Failure:
+_ITEM_REPR_CHARS = 300  # enough for a dict of file paths, short enough for a log line
+
+
+def _short_repr(item: Any) -> str:
+    """repr(item), cut in the middle if long: paths keep their file names."""
+    try:
+        text = repr(item)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        text = f"<{type(item).__name__} with a failing __repr__>"
+    half = _ITEM_REPR_CHARS // 2
+    return text if len(text) <= _ITEM_REPR_CHARS else f"{text[:half]} ... {text[-half:]}"
+
+
+def _failure(exc: BaseException, index: int | None, item: Any = None) -> Failure:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    return Failure(index=index, exc_type=name, message=str(exc),
+    return Failure(index=index, item="" if index is None else _short_repr(item),
+                   exc_type=name, message=str(exc),
                    traceback="".join(traceback.format_exception(exc)))
 
 
@@ -82,7 +96,7 @@ class _TaskRunner:
                     outputs.append(self._fn(item))
                 done.append(index)
             except Exception as exc:  # noqa: BLE001 - reported to the consumer
-                failures.append(_failure(exc, index))
+                failures.append(_failure(exc, index, item))
         tree, capacity = None, self._slots.capacity(task.slot)
         if outputs:
             try:
@@ -90,7 +104,8 @@ class _TaskRunner:
                                         else pack_item(outputs[0]))
                 capacity = self._slots.write(task.slot, writes, nbytes)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
-                failures.extend(_failure(exc, index) for index in done)
+                items = dict(zip(task.indices, task.items))
+                failures.extend(_failure(exc, index, items[index]) for index in done)
                 tree, done = None, []
         return Result(key=task.key, slot=task.slot, capacity=capacity, tree=tree,
                       indices=tuple(done), failures=tuple(failures),

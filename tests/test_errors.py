@@ -23,7 +23,7 @@ def test_worker_exception_carries_traceback_worker_and_index_at_its_position():
     assert err.index == 7 and err.exc_type == "ValueError" and err.message == "bad item 7"
     assert err.worker_id in (0, 1, 2)
     assert "in fail_on_7" in err.remote_traceback and 'raise ValueError(f"bad item {x}")' in err.remote_traceback
-    assert "source index 7" in str(err) and f"worker {err.worker_id}" in str(err)
+    assert "source index 7, item 7" in str(err) and f"worker {err.worker_id}" in str(err)
 
 
 def test_loader_is_usable_after_a_worker_exception():
@@ -41,7 +41,7 @@ def test_on_error_skip_logs_counts_and_goes_on(caplog):
     assert out == [x for x in range(12) if x != 7]
     assert [(s.index, s.exc_type, s.message) for s in loader.skipped] == [(7, "ValueError", "bad item 7")]
     assert stats["skipped"] == 1
-    assert "skipped source index 7: ValueError: bad item 7" in caplog.text
+    assert "skipped source index 7 (item 7): ValueError: bad item 7 (worker" in caplog.text
 
 
 def test_on_error_skip_in_a_batch_keeps_the_other_items():
@@ -49,6 +49,19 @@ def test_on_error_skip_in_a_batch_keeps_the_other_items():
                   on_error="skip") as loader:
         batches = [list(b) for b in loader]
     assert batches == [[0, 1, 2, 3], [4, 5, 6], [8, 9]]  # batches are chunks of the source
+
+
+def test_the_error_names_the_failing_item_even_when_fn_does_not():
+    paths = [f"/data/case_{i:03d}.nii.gz" for i in range(6)]
+    def load(path):
+        if path.endswith("004.nii.gz"):
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        return len(path)
+    with MPLoader(load, paths, num_workers=2) as loader:
+        with pytest.raises(WorkerError) as info:
+            list(loader)
+    assert "source index 4, item '/data/case_004.nii.gz'" in str(info.value)
+    assert info.value.item == "'/data/case_004.nii.gz'"
 
 
 def test_a_function_cloudpickle_cannot_send_fails_at_construction():
