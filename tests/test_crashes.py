@@ -14,7 +14,7 @@ import pytest
 from mploader import MPLoader, WorkerDied, WorkerError, WorkerTimeout
 
 from . import helpers
-from .conftest import wait_gone
+from .procs import wait_gone
 
 DETECT_BOUND_S = 2.0  # what a user observes; generous on a loaded machine
 

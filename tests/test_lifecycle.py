@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .conftest import wait_gone
+from .procs import wait_gone
 
 BOUND_S = 2.0  # what the issue promises a user for deaths and signals
 

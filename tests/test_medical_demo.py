@@ -48,7 +48,7 @@ def test_pipeline_output_is_the_same_on_any_worker(cases):
     def run(workers):
         with MPLoader(pipeline.preprocess, cases[:-1], num_workers=workers, seed=7) as loader:
             return list(loader)
-    for (a_img, a_lab), (b_img, b_lab) in zip(run(1), run(2)):
+    for (a_img, a_lab), (b_img, b_lab) in zip(run(1), run(2), strict=True):
         np.testing.assert_array_equal(a_img, b_img)
         np.testing.assert_array_equal(a_lab, b_lab)
 

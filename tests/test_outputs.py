@@ -19,7 +19,7 @@ def assert_nest_equal(a, b):
             assert_nest_equal(a[k], b[k])
     elif isinstance(a, tuple):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert_nest_equal(x, y)
     elif isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -45,7 +45,7 @@ def test_unordered_output_is_the_same_multiset():
 def test_dict_and_tuple_outputs_keep_structure_types_and_values():
     with MPLoader(helpers.nest, range(12), num_workers=2) as loader:
         out = list(loader)
-    for x, got in zip(range(12), out):
+    for x, got in zip(range(12), out, strict=True):
         expected = helpers.nest(x)
         assert_nest_equal(got, expected)
 
@@ -59,7 +59,7 @@ def test_lists_come_back_as_tuples():
 def test_variable_size_outputs():
     with MPLoader(helpers.variable, range(40), num_workers=2) as loader:
         out = list(loader)
-    for x, got in zip(range(40), out):
+    for x, got in zip(range(40), out, strict=True):
         np.testing.assert_array_equal(got, helpers.variable(x))
 
 
@@ -68,7 +68,7 @@ def test_results_larger_than_their_slot_grow_it():
     fn = lambda n: np.full(n, n % 251, np.uint8)  # noqa: E731
     with MPLoader(fn, sizes, num_workers=2) as loader:
         for _ in range(2):
-            for n, got in zip(sizes, loader):
+            for n, got in zip(sizes, loader, strict=True):
                 assert got.shape == (n,) and (got == n % 251).all()
 
 
@@ -78,7 +78,7 @@ def test_results_held_by_the_user_never_change():
     with MPLoader(fn, range(200), num_workers=2, prefetch=2) as loader:
         kept = list(loader)
         again = list(loader)  # a second pass reuses every slot many times
-    for x, a, b in zip(range(200), kept, again):
+    for x, a, b in zip(range(200), kept, again, strict=True):
         assert (a == x).all() and (b == x).all()
 
 
@@ -124,7 +124,7 @@ def test_seeded_output_is_identical_for_1_and_3_workers_and_replayable():
         with MPLoader(helpers.augmented, range(30), num_workers=workers, seed=1234) as loader:
             return [list(loader) for _epoch in range(2)]
     one, three = run(1), run(3)
-    for a, b in zip(one[0] + one[1], three[0] + three[1]):
+    for a, b in zip(one[0] + one[1], three[0] + three[1], strict=True):
         np.testing.assert_array_equal(a, b)
     # Each epoch draws new numbers, and any item can be replayed in the parent.
     assert not np.array_equal(one[0][5], one[1][5])

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mploader import MPLoader, WorkerError
+from mploader import MPLoader
 
 from . import helpers
-from .conftest import wait_gone
+from .procs import wait_gone
 
 
 def test_signature_is_inferred_for_dicts_tuples_and_batches():
@@ -38,7 +38,7 @@ def test_variable_size_outputs_with_a_none_dimension():
     sig = tf.TensorSpec((None,), tf.int32)
     with MPLoader(helpers.variable, range(20), num_workers=2, output_signature=sig) as loader:
         out = list(loader.dataset().as_numpy_iterator())
-    for x, got in zip(range(20), out):
+    for x, got in zip(range(20), out, strict=True):
         np.testing.assert_array_equal(got, helpers.variable(x))
 
 

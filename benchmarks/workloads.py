@@ -1,0 +1,62 @@
+"""The benchmark workloads: module-level functions of an index, so every peer
+(spawned PyTorch and Grain workers included) can import them by name."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples" / "medical_3d"))
+
+ONE_MIB_F64 = (1 << 20) // 8
+GIL_LOOP = int(os.environ.get("MPLOADER_BENCH_GIL_LOOP", "150000"))  # ~15 ms of Python
+
+
+def gil_bound(i):
+    """(a) Pure-Python work holding the GIL, then a 1 MiB array."""
+    total = 0
+    for k in range(GIL_LOOP):
+        total += (k * k + i) % 7
+    return np.full(ONE_MIB_F64, total, np.float64)
+
+
+_cases: list | None = None
+
+
+def medical(i):
+    """(b) The medical demo's preprocessing of case i (cases listed in $MPLOADER_BENCH_CASES)."""
+    global _cases
+    import pipeline
+    if _cases is None:
+        _cases = json.loads(Path(os.environ["MPLOADER_BENCH_CASES"]).read_text())
+    return pipeline.preprocess(_cases[i % len(_cases)], np.random.default_rng(i))
+
+
+def tiny(i):
+    """(c) Nothing to compute: exposes the cost per item."""
+    return np.int64(i)
+
+
+_big: np.ndarray | None = None
+BIG_BYTES = int(os.environ.get("MPLOADER_BENCH_BIG_BYTES", str(32 << 20)))
+
+
+def big(i):
+    """(d) A 32 MiB array made once per process: measures bandwidth, not compute."""
+    global _big
+    if _big is None:
+        _big = np.full(BIG_BYTES, 7, np.uint8)
+    return _big
+
+
+# name -> (function, TF output dtypes as strings, TF output shapes)
+WORKLOADS = {
+    "gil_bound": (gil_bound, ["float64"], [(ONE_MIB_F64,)]),
+    "medical": (medical, ["float32", "float32"], [(32, 32, 32, 1), (32, 32, 32, 1)]),
+    "tiny": (tiny, ["int64"], [()]),
+    "big": (big, ["uint8"], [(BIG_BYTES,)]),
+}
