@@ -38,9 +38,11 @@ for an iterator still alive at interpreter exit.
 What each actor does:
 - ``close(timeout)`` escalates across *all* workers at once, against one
   deadline: (a) the pill: close every task pipe, so an idle worker reads EOF
-  and exits 0; wait up to ``_PILL_GRACE_S``; (b) SIGTERM whoever is left (a
-  worker busy in fn); wait up to ``_TERM_GRACE_S``; (c) SIGKILL whoever is
-  left (a worker that handles SIGTERM); reap.  Then close every descriptor.
+  and exits 0.  A worker that still owes results is inside fn and would only
+  read the pill after its item, whose result nobody wants now, so it gets
+  SIGTERM at once; wait up to ``_PILL_GRACE_S`` for the idle ones; (b) SIGTERM
+  whoever is left; wait up to ``_TERM_GRACE_S``; (c) SIGKILL whoever is left
+  (a worker whose fn handles SIGTERM); reap.  Then close every descriptor.
   Signals go through pidfds, so a recycled pid is never hit.
 - The owner's normal exit: an ``atexit`` hook closes every pool still open.
   It is registered after ``multiprocessing``'s (we import it first), so it
@@ -290,6 +292,8 @@ class WorkerPool:
             deadline = time.monotonic() + timeout
             for handle in self.workers:
                 _give_pill(handle)
+                if handle.outstanding:
+                    _signal(handle, signal.SIGTERM)
             steps: list[tuple[float, Callable[[WorkerHandle], None]]] = [
                 (min(_PILL_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGTERM)),
                 (min(_TERM_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGKILL)),

@@ -67,18 +67,19 @@ def test_normal_end_in_the_middle_of_a_numpy_pass(script):
     assert exited - last_json(result.stdout)["end"] < 3
 
 
-@pytest.mark.parametrize("busy", ["c_sleep", "python_loop"])
+@pytest.mark.parametrize("busy", ["c_sleep", "python_loop", "ignores_sigterm"])
 def test_close_while_every_worker_is_busy_is_bounded_and_parallel(script, busy):
     s = script(f"""
-        import json, threading, time
+        import json, signal, threading, time
         from mploader import MPLoader, PassAbandoned
 
         def work(i):
-            if {busy!r} == "c_sleep":
-                time.sleep(60)
-            else:
+            if {busy!r} == "ignores_sigterm":   # only SIGKILL stops it
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if {busy!r} == "python_loop":
                 while True:
                     pass
+            time.sleep(60)
 
         loader = MPLoader(work, range(100), num_workers=4, close_timeout=3.0)
         report_pids(loader)

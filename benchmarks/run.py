@@ -1,0 +1,236 @@
+"""`make bench`: mploader against tf.data and the loaders people would pick instead.
+
+Every measurement runs in a fresh interpreter (measure.py), one workload
+through one peer, repeated; the figures are medians.  Prints a table per
+workload, writes results.json, results.md and results.png to
+benchmarks/results/ (or --out), and records the machine.  ``--tiny`` runs
+every section on a few items once, so a test can keep this script working.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "examples" / "medical_3d"))
+
+ONE_MIB = 1 << 20
+
+# section -> (workload, items, items in --tiny, peers, what it shows)
+SECTIONS = {
+    "a": ("gil_bound", 160, 6, ["serial", "tf_map", "keras_pydataset", "torch_spawn",
+                                "torch_fork", "grain", "mploader", "mploader_unordered",
+                                "mploader_tf"],
+          "GIL-bound Python (pure-Python loop + 1 MiB array per item)"),
+    "b": ("medical", 48, 3, ["serial", "tf_map", "torch_fork", "grain", "mploader",
+                             "mploader_tf"],
+          "medical-volume pipeline (NIfTI load, resample, crop, affine + elastic)"),
+    "c": ("tiny", 6400, 128, ["serial", "bare_from_generator", "mploader", "mploader_tf",
+                              "mploader_tf_batch64"],
+          "tiny items: the cost per item"),
+    "d": ("big", 40, 3, ["memcpy", "bare_from_generator", "mploader", "mploader_tf"],
+          "32 MiB items: bandwidth"),
+}
+MPLOADER_PEERS = ("mploader",)
+OPTIONAL = {"torch": "torch", "grain": "grain", "keras": "keras"}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    versions = {}
+    for module in ("numpy", "tensorflow", "keras", "torch", "grain", "scipy", "cloudpickle"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - a peer that is not installed
+            versions[module] = None
+    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "versions": versions}
+
+
+def skip_reason(peer: str) -> str | None:
+    for prefix, module in OPTIONAL.items():
+        if peer.startswith(prefix) and importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def run_measure(workload: str, peer: str, n: int, reps: int, workers: int, env: dict) -> dict:
+    cmd = [sys.executable, str(HERE / "measure.py"), workload, peer, "--n", str(n),
+           "--reps", str(reps), "--workers", str(workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def medical_cases(tiny: bool) -> Path:
+    import synth
+    shape = (48, 48, 12) if tiny else (192, 192, 64)
+    cases = synth.make_dataset(ROOT / "examples" / "medical_3d" / ".cache", 3 if tiny else 16,
+                               shape=shape, corrupt=False)
+    path = HERE / "results" / ".cases.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(cases))
+    return path
+
+
+def startup(reps: int, workers: int) -> dict:
+    """(e) time to first element and worker RSS, in a script that imports TF at top level."""
+    code = textwrap.dedent(f"""
+        import tensorflow as tf
+        import json, time
+        import numpy as np
+        from mploader import MPLoader
+        start = time.perf_counter()
+        loader = MPLoader(lambda i: np.zeros(16), range(100), num_workers={workers})
+        next(iter(loader))
+        first = time.perf_counter() - start
+        rss = []
+        for pid in loader.worker_pids():
+            with open(f"/proc/{{pid}}/status") as f:
+                rss.append(int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024)
+        print(json.dumps({{"first_element_s": first, "worker_rss_mib": max(rss)}}))
+    """)
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def add_ratios(section: dict) -> None:
+    """Steady items/s as a ratio to serial (or the first peer) and to the best non-mploader peer."""
+    rows = {k: v for k, v in section["peers"].items() if "steady_items_per_s" in v}
+    if not rows:
+        return
+    base_name = next(iter(rows))
+    base = rows[base_name]["steady_items_per_s"]
+    others = [v["steady_items_per_s"] for k, v in rows.items()
+              if not k.startswith(MPLOADER_PEERS) and k != base_name]
+    best = max(others) if others else None
+    section["baseline"] = base_name
+    for row in rows.values():
+        row["x_baseline"] = row["steady_items_per_s"] / base
+        row["x_best_peer"] = row["steady_items_per_s"] / best if best else None
+
+
+def table(name: str, section: dict, bytes_per_item: int | None) -> str:
+    lines = [f"({name}) {section['title']}: {section['items']} items, {section['workers']} workers",
+             f"  {'peer':<22}{'first s':>9}{'steady it/s':>13}{'overall it/s':>14}"
+             f"{'x ' + section.get('baseline', 'base'):>15}{'x best peer':>13}"
+             + (f"{'GB/s':>8}" if bytes_per_item else "")]
+    for peer, row in section["peers"].items():
+        if "steady_items_per_s" not in row:
+            lines.append(f"  {peer:<22}skipped: {row.get('skipped') or row.get('error')}")
+            continue
+        best = f"{row['x_best_peer']:.2f}" if row.get("x_best_peer") else "-"
+        gbs = (f"{row['steady_items_per_s'] * bytes_per_item / 1e9:8.2f}" if bytes_per_item else "")
+        lines.append(f"  {peer:<22}{row['first_element_s']:9.3f}{row['steady_items_per_s']:13.1f}"
+                     f"{row['overall_items_per_s']:14.1f}{row['x_baseline']:15.2f}{best:>13}{gbs}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    for ax, (name, section) in zip(axes.flat, results["sections"].items()):
+        rows = {k: v for k, v in section["peers"].items() if "x_baseline" in v}
+        colors = ["tab:orange" if k.startswith("mploader") else "tab:gray" for k in rows]
+        ax.barh(list(rows), [v["x_baseline"] for v in rows.values()], color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"({name}) {section['title']}", fontsize=9)
+        ax.set_xlabel(f"steady items/s, x {section.get('baseline')}")
+        ax.invert_yaxis()
+    m = results["machine"]
+    fig.suptitle(f"mploader bench: {m['cpu']}, {m['cores_usable']} cores usable, "
+                 f"Python {m['python']}, TF {m['versions']['tensorflow']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a few items, once: a smoke test")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--sections", default="abcdef")
+    args = parser.parse_args()
+    reps = 1 if args.tiny else args.reps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(
+        [str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if args.tiny:
+        env.update(MPLOADER_BENCH_GIL_LOOP="2000", MPLOADER_BENCH_BIG_BYTES=str(ONE_MIB))
+    if "b" in args.sections:
+        env["MPLOADER_BENCH_CASES"] = str(medical_cases(args.tiny))
+    results: dict = {"machine": machine(), "tiny": args.tiny, "reps": reps, "sections": {}}
+    print(f"machine: {json.dumps(results['machine'])}\n", flush=True)
+    text = []
+    for name, (workload, n, n_tiny, peers, title) in SECTIONS.items():
+        if name not in args.sections:
+            continue
+        n = n_tiny if args.tiny else n
+        section = {"title": title, "workload": workload, "items": n, "workers": args.workers,
+                   "peers": {}}
+        for peer in peers:
+            reason = skip_reason(peer)
+            row = ({"skipped": reason} if reason else
+                   run_measure(workload, peer, n, reps, args.workers, env))
+            section["peers"][peer] = row
+            if row.get("mploader_stats"):
+                s = row["mploader_stats"]
+                print(f"  [{name}/{peer}] loader.stats(): workers busy "
+                      f"{[round(b, 2) for b in s['worker_busy_fraction']]}, consumer waited "
+                      f"{s['consumer_wait_s']:.2f} of {s['elapsed_s']:.2f} s", flush=True)
+        add_ratios(section)
+        results["sections"][name] = section
+        big = (int(env.get("MPLOADER_BENCH_BIG_BYTES", 32 * ONE_MIB)) if workload == "big" else None)
+        text.append(table(name, section, big))
+        print(text[-1] + "\n", flush=True)
+    if "e" in args.sections:
+        results["startup"] = startup(reps, 2)
+        text.append(f"(e) start-up, script importing TF at top level, 2 workers: first element "
+                    f"{results['startup']['first_element_s']:.3f} s, worker RSS "
+                    f"{results['startup']['worker_rss_mib']:.1f} MiB")
+        print(text[-1] + "\n", flush=True)
+    if "f" in args.sections:
+        print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)
+        figures = subprocess.run([sys.executable, str(HERE / "lifecycle.py"), "--reps",
+                                  str(1 if args.tiny else 5), "--json", str(out / ".lifecycle.json")],
+                                 capture_output=True, text=True, env=env, timeout=600)
+        print(figures.stdout, flush=True)
+        results["lifecycle"] = json.loads((out / ".lifecycle.json").read_text())
+        (out / ".lifecycle.json").unlink()
+        text.append("(f) lifecycle, seconds:\n" + figures.stdout.rstrip())
+    results["wall_s"] = time.time() - started
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(
+        f"Machine: {json.dumps(results['machine'])}\n\n```\n" + "\n\n".join(text) + "\n```\n")
+    if results["sections"]:
+        plot(results, out / "results.png")
+    print(f"wrote {out}/results.json, results.md, results.png in {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""`make bench` in its tiny mode, so the benchmark cannot rot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--tiny",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["cores_usable"] >= 1 and results["machine"]["cpu"]
+    assert set(results["sections"]) == {"a", "b", "c", "d"}
+    for name, section in results["sections"].items():
+        for peer, row in section["peers"].items():
+            assert "error" not in row, f"({name}) {peer} failed: {row['error']}"
+            assert "skipped" in row or row["steady_items_per_s"] > 0, (name, peer, row)
+        assert section["peers"]["mploader"]["mploader_stats"]["items"] > 0
+    assert results["startup"]["worker_rss_mib"] > 0
+    assert len(results["lifecycle"]) == 8
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert "(a) GIL-bound Python" in (tmp_path / "results.md").read_text()
+    assert "x serial" in done.stdout
