@@ -65,6 +65,7 @@ import atexit
 import json
 import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -176,6 +177,8 @@ class WorkerPool:
         self._env = _worker_env()
         self._spawner = _Spawner()
         self.workers: list[WorkerHandle] = []
+        self._poller = select.poll()
+        self._watched: dict[int, WorkerHandle] = {}  # fd -> its worker, for wait()
         _open_pools.add(self)
         try:
             for worker_id in range(num_workers):
@@ -207,6 +210,7 @@ class WorkerPool:
                               Connection(task_w, readable=False),
                               Connection(result_r, writable=False), life_w, ring,
                               last_result_at=time.monotonic())
+        self._watch(handle)
         try:
             handle.tasks.send_bytes(self._bootstrap)
         except BrokenPipeError:
@@ -231,29 +235,51 @@ class WorkerPool:
             pass  # the worker died; wait() reports it with this task in flight
 
     def wait(self, timeout: float) -> list[tuple[WorkerHandle, Any]]:
-        """Block up to ``timeout`` s for results or deaths: [(worker, message or Exited)]."""
-        watched: dict[Any, WorkerHandle] = {}
-        for handle in self.live():
-            watched[handle.pidfd] = handle
-            if not handle.results_eof:
-                watched[handle.results] = handle
+        """Block up to ``timeout`` s for results or deaths: [(worker, message or Exited)].
+
+        One ``poll`` over every result pipe and pidfd, registered once per
+        worker (building a selector per call cost more than the rest of an
+        item's bookkeeping).  A readable pipe yields one message per call.
+        """
         events: list[tuple[WorkerHandle, Any]] = []
-        for ready in connection.wait(list(watched), timeout):
-            handle = watched[ready]
-            if handle.exited:
+        for fd, _mask in self._poller.poll(timeout * 1000):
+            handle = self._watched.get(fd)
+            if handle is None or handle.exited:
                 continue  # its pidfd and pipe were both ready: already handled
-            events.extend((handle, message) for message in self._drain(handle))
-            # Results sent before a death are drained first, then the death is
-            # reported.  EOF on the pipe can come before the pidfd is ready; the
-            # pipe is then no longer watched, and the pidfd reports the exit.
-            if ready == handle.pidfd or (handle.results_eof and handle.process.poll() is not None):
-                handle.exited = True
-                events.append((handle, Exited(handle.process.wait())))
+            if fd == handle.pidfd:
+                # Results sent before a death are reported first, then the death.
+                events.extend((handle, message) for message in self._drain(handle))
+                events.append((handle, self._exited(handle)))
+                continue
+            try:
+                events.append((handle, messages.decode(handle.results.recv_bytes())))
+            except (EOFError, OSError):
+                # The worker is exiting; its pidfd reports the exit.
+                handle.results_eof = True
+                self._unwatch(handle.results.fileno())
         return events
 
-    def _drain(self, handle: WorkerHandle) -> list[Any]:
+    def _watch(self, handle: WorkerHandle) -> None:
+        for fd in (handle.results.fileno(), handle.pidfd):
+            self._poller.register(fd, select.POLLIN)
+            self._watched[fd] = handle
+
+    def _unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+
+    def _exited(self, handle: WorkerHandle) -> Exited:
+        handle.exited = True
+        self._unwatch(handle.results.fileno())
+        self._unwatch(handle.pidfd)
+        return Exited(handle.process.wait())
+
+    @staticmethod
+    def _drain(handle: WorkerHandle) -> list[Any]:
+        """Every message left in the pipe of a worker that has exited (no blocking:
+        its write end is closed, so reads end in EOF)."""
         found = []
-        while not handle.results_eof and handle.results.poll():
+        while not handle.results_eof:
             try:
                 found.append(messages.decode(handle.results.recv_bytes()))
             except (EOFError, OSError):
@@ -264,8 +290,7 @@ class WorkerPool:
         """SIGKILL one worker and reap it; returns its returncode."""
         if not handle.exited:
             _signal(handle, signal.SIGKILL)
-            self._drain(handle)
-            handle.exited = True
+            return self._exited(handle).returncode
         return handle.process.wait()
 
     def replace(self, handle: WorkerHandle) -> WorkerHandle:
@@ -302,6 +327,8 @@ class WorkerPool:
                 for handle in _wait_exit(self.workers, time.monotonic() + grace):
                     escalate(handle)
             _wait_exit(self.workers, deadline)
+            for fd in list(self._watched):
+                self._unwatch(fd)
             for handle in self.workers:
                 _release(handle)
             self._spawner.stop()

@@ -29,6 +29,7 @@ def test_worker_death_at_item_raises_worker_died(monkeypatch, how, signal_name, 
     with MPLoader(helpers.die_on_5, range(40), num_workers=2) as loader:
         pids = loader.worker_pids()
         seen = []
+        died_at = time.monotonic()
         with pytest.raises(WorkerDied) as info:
             for x in loader:
                 seen.append(x)
