@@ -62,6 +62,8 @@ class SlotRing:
         self._returned: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def _collect_returned(self) -> None:
+        if self._returned.empty():  # the common case, without raising queue.Empty
+            return
         while True:
             try:
                 slot = self._returned.get_nowait()
