@@ -7,6 +7,8 @@ a 64-byte aligned offset (so TensorFlow can use the memory without a copy) and
 sends the nest back with each array replaced by an :class:`ArrayRef`.  Scalars
 and strings are tiny and travel inside the message.
 
+Without ``batch_size`` a task may still carry several consecutive items (when
+items are tiny, see passes.py); their results are laid out one after another.
 With ``batch_size`` the worker stacks the items of a task along a new first
 axis directly in the slot: numeric scalars become 1-D arrays, strings a 1-D
 object array.
@@ -71,8 +73,8 @@ def _unsupported(value: Any, path: tuple) -> UnsupportedResult:
         "tuples, lists or dicts")
 
 
-def pack_item(result: Any) -> tuple[Any, list[Write], int]:
-    """Lay out one item's result: (tree with ArrayRefs, writes, bytes needed)."""
+def pack_items(results: list[Any]) -> tuple[tuple[Any, ...], list[Write], int]:
+    """Lay out unbatched results one after another: (trees, writes, bytes needed)."""
     writes: list[Write] = []
     end = 0
 
@@ -88,8 +90,8 @@ def pack_item(result: Any) -> tuple[Any, list[Write], int]:
             return value
         raise _unsupported(value, path)
 
-    tree = map_nest(leaf, result)
-    return tree, writes, end
+    trees = tuple(map_nest(leaf, result) for result in results)
+    return trees, writes, end
 
 
 def _flatten(value: Any) -> tuple[Any, list[tuple[tuple, Any]]]:

@@ -6,6 +6,7 @@ whole life, and starts one pass (passes.py) per iteration on that same pool.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -19,7 +20,7 @@ import cloudpickle
 from .messages import Bootstrap
 from .passes import Options, Pass, Skipped
 from .pool import WorkerPool
-from .sources import Chunk, Source
+from .sources import Source
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 
@@ -28,6 +29,7 @@ DEFAULT_CLOSE_TIMEOUT_S = 5.0
 class _Stats:
     started_at: float = field(default_factory=time.perf_counter)
     items: int = 0
+    tasks: int = 0
     waited_s: float = 0.0
     restarts: int = 0
 
@@ -104,7 +106,8 @@ class MPLoader:
         self.drop_remainder = drop_remainder
         self.output_signature = output_signature
         self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
-                                on_error=on_error, on_worker_death=on_worker_death)
+                                on_error=on_error, on_worker_death=on_worker_death,
+                                batch_size=batch_size, drop_remainder=drop_remainder)
         self._bootstrap = Bootstrap(
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
             fn=_pickled(fn, "fn"), worker_init=_pickled(worker_init, "worker_init"),
@@ -145,27 +148,26 @@ class MPLoader:
 
     # -- iteration -----------------------------------------------------------------
 
-    def _start_pass(self, chunks: Any, epoch: int) -> Pass:
+    def _start_pass(self, items: Any, epoch: int, options: Options) -> Pass:
         with self._lock:
             pool = self._ensure_pool()
             if self._current_pass is not None:
                 self._current_pass.close()
             self._passes += 1
-            self._current_pass = Pass(self, pool, chunks, self._passes, epoch, self._options)
+            self._current_pass = Pass(self, pool, items, self._passes, epoch, options)
             return self._current_pass
 
     def __iter__(self) -> Pass:
         """Start a new pass over the source (a new epoch) on the same workers."""
         with self._lock:
             self._epoch += 1
-            return self._start_pass(self._source.chunks(self.batch_size or 1,
-                                                        self.drop_remainder), self._epoch - 1)
+            return self._start_pass(self._source.items(), self._epoch - 1, self._options)
 
     def first_result(self) -> Any:
         """fn's result for source index 0 (batched as a batch of one); used to
         infer ``output_signature``."""
-        chunk = Chunk(0, (0,), (self._source.first(),))
-        probe = self._start_pass(iter([chunk]), epoch=0)
+        probe = self._start_pass(iter([self._source.first()]), epoch=0, options=dataclasses.replace(
+            self._options, drop_remainder=False))
         try:
             return next(probe)
         finally:
@@ -206,6 +208,7 @@ class MPLoader:
             "elapsed_s": elapsed,
             "items_per_s": self._stats.items / elapsed if elapsed > 0 else 0.0,
             "consumer_wait_s": self._stats.waited_s,
+            "items_per_task": self._stats.items / self._stats.tasks if self._stats.tasks else 0.0,
             "worker_busy_fraction": [h.busy_s / elapsed for h in workers],
             "slots_leased": sum(h.ring.leased for h in workers),
             "shared_memory_bytes": sum(h.ring.mapped_bytes() for h in workers),

@@ -54,15 +54,17 @@ class Failure:
 class Result:
     """The outcome of one Task.
 
-    ``tree`` is the result nest with every array replaced by a
-    ``layout.ArrayRef`` into ``slot``; it is ``None`` when every item failed.
-    ``indices`` are the source indices the tree holds, in order (a batch with
-    skipped items holds fewer than the task had).  ``capacity`` is the slot's
-    size in bytes after the worker grew it.
+    ``tree`` holds the results with every array replaced by a
+    ``layout.ArrayRef`` into ``slot``: one stacked nest with ``batch_size``,
+    else a tuple with one nest per item; it is ``None`` when every item failed.
+    ``indices`` are the source indices the tree holds, in order (a task with
+    failed items holds fewer than it had).  ``capacity`` is the slot's size in
+    bytes after the worker grew it; ``nbytes`` what this result used of it.
     """
     key: tuple[int, int]
     slot: int
     capacity: int
+    nbytes: int
     tree: Any
     indices: tuple[int, ...]
     failures: tuple[Failure, ...]

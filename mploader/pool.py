@@ -226,7 +226,7 @@ class WorkerPool:
         try:
             data = messages.encode(task)
         except Exception as exc:
-            raise TypeError(f"source indices {list(task.indices)} cannot be pickled to "
+            raise TypeError(f"source index {_unpicklable(task)} cannot be pickled to "
                             f"send to a worker: {exc}") from exc
         handle.outstanding[task.key] = Outstanding(task, time.monotonic())
         try:
@@ -334,6 +334,16 @@ class WorkerPool:
             self._spawner.stop()
             self._spawner = None
             _open_pools.discard(self)
+
+
+def _unpicklable(task: Task) -> int:
+    """The first source index of ``task`` whose item pickle refuses."""
+    for index, item in zip(task.indices, task.items):
+        try:
+            messages.encode(item)
+        except Exception:  # noqa: BLE001 - the culprit
+            return index
+    return task.indices[0]
 
 
 def _give_pill(handle: WorkerHandle) -> None:

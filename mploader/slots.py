@@ -81,8 +81,9 @@ class SlotRing:
         """BUSY -> FREE, for a result that was dropped or copied out."""
         self._free.append(slot)
 
-    def open_result(self, slot: int, capacity: int, tree: Any) -> Any:
-        """Materialise a BUSY slot's result: as views under a lease, else as a copy."""
+    def open_result(self, slot: int, capacity: int, tree: Any, copy: bool = False) -> Any:
+        """Materialise a BUSY slot's result: as views under a lease, else (or
+        with ``copy``) as a copy, and the slot is FREE again at once."""
         if capacity == 0:  # nothing was ever written: the result has no arrays
             self.release(slot)
             return unpack(tree, np.empty(0, np.uint8), copy=True)
@@ -95,7 +96,7 @@ class SlotRing:
         # of every view below, so its death means the result is unreachable.
         anchor = np.frombuffer(mapping, dtype=np.uint8, count=capacity)
         self._collect_returned()
-        if len(self._leases) >= self.max_leases:
+        if copy or len(self._leases) >= self.max_leases:
             value = unpack(tree, anchor, copy=True)
             self.release(slot)
             return value

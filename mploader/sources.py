@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Consecutive items that make one task (one item, or one batch)."""
-    seq: int                      # position of the task in the pass
-    indices: tuple[int, ...]
-    items: tuple[Any, ...]
 
 
 def _is_tf_dataset(source: Any) -> bool:
@@ -27,7 +18,7 @@ def _is_tf_dataset(source: Any) -> bool:
 
 
 class Source:
-    """A re-readable view of the user's source; one ``chunks()`` call per pass."""
+    """A re-readable view of the user's source; one ``items()`` call per pass."""
 
     def __init__(self, source: Any) -> None:
         self._source = source
@@ -55,7 +46,8 @@ class Source:
             raise TypeError(f"source must be a sequence, an int, an iterable or a "
                             f"tf.data.Dataset, not {type(source).__name__}")
 
-    def _items(self) -> Iterator[Any]:
+    def items(self) -> Iterator[Any]:
+        """The items of one pass, in source order."""
         source = self._source
         if isinstance(source, int):
             return iter(range(source))
@@ -76,7 +68,7 @@ class Source:
 
     def first(self) -> Any:
         """Item 0, without losing it from a one-shot iterator."""
-        items = self._items()
+        items = self.items()
         try:
             item = next(items)
         except StopIteration:
@@ -86,14 +78,3 @@ class Source:
             self._read = False  # the next pass may read it: item 0 goes first
             self._pushed_back = [item]
         return item
-
-    def chunks(self, size: int, drop_remainder: bool) -> Iterator[Chunk]:
-        """The next pass over the source, cut into tasks of ``size`` items."""
-        items = self._items()
-        index = 0
-        for seq in itertools.count():
-            batch = tuple(itertools.islice(items, size))
-            if not batch or (drop_remainder and len(batch) < size):
-                return
-            yield Chunk(seq, tuple(range(index, index + len(batch))), batch)
-            index += len(batch)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import cloudpickle
 
 from . import messages
-from .layout import pack_batch, pack_item
+from .layout import pack_batch, pack_items
 from .messages import Bootstrap, Failure, Ready, Result, StartFailed, Task
 from .random_state import item_scope
 from .slots import SlotWriter
@@ -97,17 +97,17 @@ class _TaskRunner:
                 done.append(index)
             except Exception as exc:  # noqa: BLE001 - reported to the consumer
                 failures.append(_failure(exc, index, item))
-        tree, capacity = None, self._slots.capacity(task.slot)
+        tree, nbytes, capacity = None, 0, self._slots.capacity(task.slot)
         if outputs:
             try:
                 tree, writes, nbytes = (pack_batch(outputs, tuple(done)) if self._stack
-                                        else pack_item(outputs[0]))
+                                        else pack_items(outputs))
                 capacity = self._slots.write(task.slot, writes, nbytes)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
                 items = dict(zip(task.indices, task.items))
                 failures.extend(_failure(exc, index, items[index]) for index in done)
-                tree, done = None, []
-        return Result(key=task.key, slot=task.slot, capacity=capacity, tree=tree,
+                tree, done, nbytes = None, [], 0
+        return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=nbytes, tree=tree,
                       indices=tuple(done), failures=tuple(failures),
                       busy_s=time.perf_counter() - start)
 

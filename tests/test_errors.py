@@ -108,7 +108,7 @@ def test_worker_init_runs_once_per_worker_with_its_id():
 
 def test_an_unpicklable_item_names_its_index():
     with MPLoader(lambda x: 1, [1, 2, threading.Lock()], num_workers=1, prefetch=1) as loader:
-        with pytest.raises(TypeError, match=r"source indices \[2\] cannot be pickled"):
+        with pytest.raises(TypeError, match=r"source index 2 cannot be pickled"):
             list(loader)
 
 

@@ -136,3 +136,20 @@ def test_workers_import_functions_from_the_users_modules():
     with MPLoader(helpers.pid_of_worker, range(20), num_workers=2) as loader:
         pids = set(loader)
         assert pids <= set(loader.worker_pids()) and len(pids) >= 1
+
+
+def test_tiny_items_travel_several_per_task_and_slow_ones_alone():
+    with MPLoader(lambda x: x * 3, range(3000), num_workers=2) as loader:
+        assert list(loader) == [x * 3 for x in range(3000)]
+        assert loader.stats()["items_per_task"] > 4
+    with MPLoader(helpers.slow_square, range(40), num_workers=2) as loader:
+        list(loader)
+        assert loader.stats()["items_per_task"] == 1
+
+
+def test_big_results_are_never_chunked_even_when_fast():
+    with MPLoader(lambda x: np.full(200_000, x, np.int64), range(30), num_workers=2) as loader:
+        kept = list(loader)
+        assert loader.stats()["items_per_task"] == 1
+    for x, block in enumerate(kept):
+        assert (block == x).all()
