@@ -23,6 +23,7 @@ from .pool import WorkerPool
 from .sources import Source
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+_MAX_LEASES = 8  # per worker; each slot is one descriptor in the parent and the worker
 
 
 @dataclass
@@ -134,10 +135,9 @@ class MPLoader:
         if self._box[0] is None:
             # One slot per task in flight, plus room for results the consumer
             # still holds as zero-copy views (see slots.py).
-            leases = self._options.prefetch + 1
             self._box[0] = WorkerPool(self.num_workers, self._bootstrap,
-                                      slots_per_worker=self._options.prefetch + leases,
-                                      max_leases=leases)
+                                      slots_per_worker=self._options.prefetch + _MAX_LEASES,
+                                      max_leases=_MAX_LEASES)
         return self._box[0]
 
     def _discard_pool(self, pool: WorkerPool) -> None:

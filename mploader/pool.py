@@ -46,7 +46,11 @@ What each actor does:
   Signals go through pidfds, so a recycled pid is never hit.
 - The owner's normal exit: an ``atexit`` hook closes every pool still open.
   It is registered after ``multiprocessing``'s (we import it first), so it
-  runs before multiprocessing's own exit handlers.  A loader that is garbage
+  runs before multiprocessing's own exit handlers.  (``dataset()`` turns off
+  TensorFlow's injected prefetch for the same reason: a TensorFlow thread
+  inside the generator when the interpreter finalizes needs the GIL, Python
+  ends it, and the iterator's destructor waits for it forever; see
+  tf_adapter.py.)  A loader that is garbage
   collected closes its pool through ``weakref.finalize``.  Both are backstops.
 - The owner's death (SIGKILL, SIGTERM, a crash): each worker set
   ``PR_SET_PDEATHSIG`` = SIGKILL at start and checked that its parent was

@@ -19,9 +19,15 @@ so a worker never overwrites data the user (or a TensorFlow buffer) holds.  A
 lease ends through a weakref callback on the array that every view of the
 result has as its ``base``; the callback only puts the slot number on a
 ``SimpleQueue``, which is safe from any thread and from inside a garbage
-collection.  At most ``max_leases`` slots are leased at once; further results
-are copied out, so a consumer that hoards results can never starve a worker of
-slots (``slots = prefetch + max_leases``).
+collection.  At most ``max_leases`` slots, holding at most
+``LEASE_BUDGET_BYTES``, are leased at once; further results are copied out,
+so a consumer that hoards results (a shuffle buffer, a list) can never starve
+a worker of slots (``slots = prefetch + max_leases``) nor pin much memory.
+TensorFlow drops its references to the arrays it was given some time after
+the tensors die, so a few leases are needed for results to flow without copies.
+
+Slots cost nothing until they grow.  Free slots are reused last-in first-out,
+so only as many slots grow as are in use at once, not the whole ring.
 
 A slot grows when a result does not fit: the worker grows the file with
 ``ftruncate`` and reserves it with ``posix_fallocate``, so a memory shortage
@@ -34,7 +40,6 @@ import mmap
 import os
 import queue
 import weakref
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -42,6 +47,7 @@ import numpy as np
 from .layout import Write, unpack
 
 PAGE_BYTES = mmap.PAGESIZE
+LEASE_BUDGET_BYTES = 128 << 20  # per worker: results handed out as views, at most
 
 
 def _map(fd: int, size: int) -> np.ndarray:
@@ -57,8 +63,9 @@ class SlotRing:
                     for i in range(count)]
         self.max_leases = max_leases
         self._maps: list[mmap.mmap | None] = [None] * count
-        self._free = deque(range(count))
-        self._leases: dict[int, weakref.ref] = {}
+        self._free = list(range(count - 1, -1, -1))  # a stack: see the docstring
+        self._leases: dict[int, tuple[weakref.ref, int]] = {}  # slot -> (ref, bytes)
+        self._leased_bytes = 0
         self._returned: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def _collect_returned(self) -> None:
@@ -69,13 +76,13 @@ class SlotRing:
                 slot = self._returned.get_nowait()
             except queue.Empty:
                 return
-            del self._leases[slot]
+            self._leased_bytes -= self._leases.pop(slot)[1]
             self._free.append(slot)
 
     def acquire(self) -> int | None:
         """A FREE slot made BUSY, or None when every slot is BUSY or LEASED."""
         self._collect_returned()
-        return self._free.popleft() if self._free else None
+        return self._free.pop() if self._free else None
 
     def release(self, slot: int) -> None:
         """BUSY -> FREE, for a result that was dropped or copied out."""
@@ -96,12 +103,14 @@ class SlotRing:
         # of every view below, so its death means the result is unreachable.
         anchor = np.frombuffer(mapping, dtype=np.uint8, count=capacity)
         self._collect_returned()
-        if copy or len(self._leases) >= self.max_leases:
+        if (copy or len(self._leases) >= self.max_leases
+                or self._leased_bytes + capacity > LEASE_BUDGET_BYTES):
             value = unpack(tree, anchor, copy=True)
             self.release(slot)
             return value
         returned = self._returned
-        self._leases[slot] = weakref.ref(anchor, lambda _ref: returned.put(slot))
+        self._leases[slot] = (weakref.ref(anchor, lambda _ref: returned.put(slot)), capacity)
+        self._leased_bytes += capacity
         return unpack(tree, anchor, copy=False)
 
     @property

@@ -52,6 +52,14 @@ def make_dataset(loader: Any) -> Any:
             one_pass.close()
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    # The workers already compute ahead (prefetch tasks each), so TensorFlow's
+    # injected prefetch buys nothing here, and its background thread is what
+    # can be inside the generator when the interpreter finalizes: TensorFlow's
+    # iterator destructor then waits for a thread that waits for the GIL
+    # (a bare from_generator over a slow generator hangs at exit that way).
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False
+    dataset = dataset.with_options(options)
     try:
         count = len(loader)
     except TypeError:
