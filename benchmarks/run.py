@@ -38,7 +38,7 @@ SECTIONS = {
     "c": ("tiny", 6400, 128, ["serial", "bare_from_generator", "mploader", "mploader_tf",
                               "mploader_tf_batch64"],
           "tiny items: the cost per item"),
-    "d": ("big", 40, 3, ["memcpy", "bare_from_generator", "mploader", "mploader_tf"],
+    "d": ("big", 200, 3, ["memcpy", "bare_from_generator", "mploader", "mploader_tf"],
           "32 MiB items: bandwidth"),
 }
 MPLOADER_PEERS = ("mploader",)
