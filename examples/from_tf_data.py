@@ -1,0 +1,133 @@
+"""Three tf.data pipelines people write around Python code, and the same with mploader.
+
+    python examples/from_tf_data.py
+
+1. ``ds.map(lambda p: tf.numpy_function(fn, [p], ...), num_parallel_calls=AUTOTUNE)``
+2. ``ds.map(lambda p: tf.py_function(eager_fn, [p], ...))`` where eager_fn calls ``.numpy()``
+3. A SIGTERM handler that calls ``os._exit`` so that a job killed by its scheduler
+   does not hang in its input pipeline (and, with hand-made multiprocessing,
+   leaves its workers and /dev/shm segments behind).
+
+Each pattern runs both ways on the same data, the outputs are compared, and the
+script checks at the end that no worker process of its own remains.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from mploader import MPLoader
+
+N_ITEMS = 64
+
+
+def augment(index: np.int64) -> np.ndarray:
+    """Python-heavy preprocessing of one item: a loop that holds the GIL."""
+    rng = np.random.default_rng(int(index))
+    image = rng.normal(size=(32, 32)).astype(np.float32)
+    total = 0.0
+    for row in image:                       # pure Python, as real glue code often is
+        total += float(sum(abs(v) for v in row[:16]))
+    return image / np.float32(total)
+
+
+def eager_augment(index: tf.Tensor) -> np.ndarray:
+    """The tf.py_function flavour: receives an EagerTensor."""
+    return augment(index.numpy())
+
+
+def timed(name: str, dataset) -> list:
+    start = time.perf_counter()
+    out = [np.asarray(x) for x in dataset]
+    print(f"  {name:<58} {len(out) / (time.perf_counter() - start):8.1f} items/s")
+    return out
+
+
+def pattern_1_numpy_function(workers: set[int]) -> None:
+    print("1. map(tf.numpy_function(fn), num_parallel_calls=AUTOTUNE)")
+    source = tf.data.Dataset.range(N_ITEMS)
+    before = timed("before: tf.data threads, one GIL", source.map(
+        lambda i: tf.numpy_function(augment, [i], tf.float32),
+        num_parallel_calls=tf.data.AUTOTUNE))
+    with MPLoader(augment, source) as loader:       # the tf.data source is read as numpy
+        workers.update(loader.worker_pids())
+        after = timed(f"after:  MPLoader(fn, ds).dataset(), {loader.num_workers} workers",
+                      loader.dataset())
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def pattern_2_py_function(workers: set[int]) -> None:
+    print("2. map(tf.py_function(eager_fn))")
+    source = tf.data.Dataset.range(N_ITEMS)
+    before = timed("before: tf.py_function, eager tensors", source.map(
+        lambda i: tf.py_function(eager_augment, [i], tf.float32)))
+    # The function only needs numpy: drop the .numpy() wrapper and pass indices.
+    with MPLoader(augment, range(N_ITEMS)) as loader:
+        workers.update(loader.worker_pids())
+        after = timed(f"after:  MPLoader(fn, range(n)).dataset(), {loader.num_workers} workers",
+                      loader.dataset())
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _child_with_exit_handler() -> None:
+    """Pattern 3's training job: a SIGTERM handler that leaves with os._exit."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    loader = MPLoader(lambda i: time.sleep(60) or i, range(8), num_workers=2,
+                      output_signature=tf.TensorSpec((), tf.int64))
+    print(" ".join(map(str, loader.worker_pids())), flush=True)
+    for _ in loader.dataset():          # busy: every worker is inside fn
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"mploader.worker" in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def pattern_3_exit_handler() -> None:
+    print("3. a SIGTERM handler that calls os._exit, while workers are busy")
+    child = subprocess.Popen([sys.executable, __file__, "--child"], stdout=subprocess.PIPE,
+                             text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    pids = [int(p) for p in child.stdout.readline().split()]
+    time.sleep(1.0)
+    child.send_signal(signal.SIGTERM)    # what a cluster scheduler does
+    child.wait(30)
+    start = time.perf_counter()
+    while any(_alive(p) for p in pids) and time.perf_counter() - start < 5:
+        time.sleep(0.01)
+    left = [p for p in pids if _alive(p)]
+    print(f"  the job exited with {child.returncode}; its {len(pids)} workers were gone "
+          f"{time.perf_counter() - start:.3f} s later; left: {left or 'none'}")
+    print("  (os._exit skips every cleanup; the kernel still ends mploader's workers,\n"
+          "   because each set PR_SET_PDEATHSIG, and their shared memory has no name to leak.\n"
+          "   The handler is no longer needed: a plain SIGTERM, or a `with` block, stops them.)")
+    assert not left
+
+
+def main() -> int:
+    if "--child" in sys.argv:
+        _child_with_exit_handler()
+        return 0
+    shm_before = set(os.listdir("/dev/shm"))
+    workers: set[int] = set()
+    pattern_1_numpy_function(workers)
+    pattern_2_py_function(workers)
+    pattern_3_exit_handler()
+    left = [p for p in workers if _alive(p)]
+    new_shm = sorted(set(os.listdir("/dev/shm")) - shm_before)
+    print(f"clean: {len(workers)} workers started by this script, {len(left)} remain; "
+          f"new /dev/shm entries: {new_shm or 'none'}")
+    return 1 if left or new_shm else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
