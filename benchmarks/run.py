@@ -42,6 +42,10 @@ SECTIONS = {
           "32 MiB items: bandwidth"),
 }
 MPLOADER_PEERS = ("mploader",)
+# The peer each section's ratios are taken against (else its first peer):
+# tiny items are judged against from_generator, the consumer-side ceiling.
+BASELINE = {"c": "bare_from_generator"}
+REFERENCES = ("serial", "memcpy", "bare_from_generator")  # ceilings and floors, not loaders
 OPTIONAL = {"torch": "torch", "grain": "grain", "keras": "keras"}
 
 
@@ -113,15 +117,15 @@ def startup(reps: int, workers: int) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def add_ratios(section: dict) -> None:
-    """Steady items/s as a ratio to serial (or the first peer) and to the best non-mploader peer."""
+def add_ratios(name: str, section: dict) -> None:
+    """Steady items/s as a ratio to the section's baseline and to the best non-mploader peer."""
     rows = {k: v for k, v in section["peers"].items() if "steady_items_per_s" in v}
     if not rows:
         return
-    base_name = next(iter(rows))
+    base_name = BASELINE.get(name) if BASELINE.get(name) in rows else next(iter(rows))
     base = rows[base_name]["steady_items_per_s"]
     others = [v["steady_items_per_s"] for k, v in rows.items()
-              if not k.startswith(MPLOADER_PEERS) and k != base_name]
+              if not k.startswith(MPLOADER_PEERS) and k not in REFERENCES]
     best = max(others) if others else None
     section["baseline"] = base_name
     for row in rows.values():
@@ -132,7 +136,7 @@ def add_ratios(section: dict) -> None:
 def table(name: str, section: dict, bytes_per_item: int | None) -> str:
     lines = [f"({name}) {section['title']}: {section['items']} items, {section['workers']} workers",
              f"  {'peer':<22}{'first s':>9}{'steady it/s':>13}{'overall it/s':>14}"
-             f"{'x ' + section.get('baseline', 'base'):>15}{'x best peer':>13}"
+             f"{'x ' + section.get('baseline', 'base'):>24}{'x best peer':>13}"
              + (f"{'GB/s':>8}" if bytes_per_item else "")]
     for peer, row in section["peers"].items():
         if "steady_items_per_s" not in row:
@@ -141,8 +145,33 @@ def table(name: str, section: dict, bytes_per_item: int | None) -> str:
         best = f"{row['x_best_peer']:.2f}" if row.get("x_best_peer") else "-"
         gbs = (f"{row['steady_items_per_s'] * bytes_per_item / 1e9:8.2f}" if bytes_per_item else "")
         lines.append(f"  {peer:<22}{row['first_element_s']:9.3f}{row['steady_items_per_s']:13.1f}"
-                     f"{row['overall_items_per_s']:14.1f}{row['x_baseline']:15.2f}{best:>13}{gbs}")
+                     f"{row['overall_items_per_s']:14.1f}{row['x_baseline']:24.2f}{best:>13}{gbs}")
     return "\n".join(lines)
+
+
+def report(results: dict) -> str:
+    """The tables and figures of a run, as text, from its results alone."""
+    text = []
+    for name, section in results["sections"].items():
+        big = results.get("big_bytes") if section["workload"] == "big" else None
+        text.append(table(name, section, big))
+    if "startup" in results:
+        text.append(f"(e) start-up, script importing TF at top level, 2 workers: first element "
+                    f"{results['startup']['first_element_s']:.3f} s, worker RSS "
+                    f"{results['startup']['worker_rss_mib']:.1f} MiB")
+    if "lifecycle" in results:
+        text.append("(f) lifecycle, seconds:\n" + "\n".join(
+            f"  {k:<45} median {v['median_s']:.3f} s   max {v['max_s']:.3f} s"
+            for k, v in results["lifecycle"].items()))
+    return "\n\n".join(text)
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(
+        f"Machine: {json.dumps(results['machine'])}\n\n```\n{report(results)}\n```\n")
+    if results["sections"]:
+        plot(results, out / "results.png")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -153,7 +182,10 @@ def plot(results: dict, path: Path) -> None:
     for ax, (name, section) in zip(axes.flat, results["sections"].items()):
         rows = {k: v for k, v in section["peers"].items() if "x_baseline" in v}
         colors = ["tab:orange" if k.startswith("mploader") else "tab:gray" for k in rows]
-        ax.barh(list(rows), [v["x_baseline"] for v in rows.values()], color=colors)
+        ratios = [v["x_baseline"] for v in rows.values()]
+        ax.barh(list(rows), ratios, color=colors)
+        if max(ratios) / max(min(ratios), 1e-9) > 20:
+            ax.set_xscale("log")  # tiny items: the serial loop is hundreds of times faster
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"({name}) {section['title']}", fontsize=9)
         ax.set_xlabel(f"steady items/s, x {section.get('baseline')}")
@@ -172,10 +204,20 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--sections", default="abcdef")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: rebuild ratios, results.md and the plot from results.json")
     args = parser.parse_args()
     reps = 1 if args.tiny else args.reps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        results = json.loads((out / "results.json").read_text())
+        for name, section in results["sections"].items():
+            add_ratios(name, section)
+        results.setdefault("big_bytes", 32 * ONE_MIB)
+        write_outputs(results, out)
+        print(report(results))
+        return 0
     started = time.time()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(
         [str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -183,9 +225,9 @@ def main() -> int:
         env.update(MPLOADER_BENCH_GIL_LOOP="2000", MPLOADER_BENCH_BIG_BYTES=str(ONE_MIB))
     if "b" in args.sections:
         env["MPLOADER_BENCH_CASES"] = str(medical_cases(args.tiny))
-    results: dict = {"machine": machine(), "tiny": args.tiny, "reps": reps, "sections": {}}
+    results: dict = {"machine": machine(), "tiny": args.tiny, "reps": reps, "sections": {},
+                     "big_bytes": int(env.get("MPLOADER_BENCH_BIG_BYTES", 32 * ONE_MIB))}
     print(f"machine: {json.dumps(results['machine'])}\n", flush=True)
-    text = []
     for name, (workload, n, n_tiny, peers, title) in SECTIONS.items():
         if name not in args.sections:
             continue
@@ -202,17 +244,13 @@ def main() -> int:
                 print(f"  [{name}/{peer}] loader.stats(): workers busy "
                       f"{[round(b, 2) for b in s['worker_busy_fraction']]}, consumer waited "
                       f"{s['consumer_wait_s']:.2f} of {s['elapsed_s']:.2f} s", flush=True)
-        add_ratios(section)
+        add_ratios(name, section)
         results["sections"][name] = section
-        big = (int(env.get("MPLOADER_BENCH_BIG_BYTES", 32 * ONE_MIB)) if workload == "big" else None)
-        text.append(table(name, section, big))
-        print(text[-1] + "\n", flush=True)
+        big = results["big_bytes"] if workload == "big" else None
+        print(table(name, section, big) + "\n", flush=True)
     if "e" in args.sections:
         results["startup"] = startup(reps, 2)
-        text.append(f"(e) start-up, script importing TF at top level, 2 workers: first element "
-                    f"{results['startup']['first_element_s']:.3f} s, worker RSS "
-                    f"{results['startup']['worker_rss_mib']:.1f} MiB")
-        print(text[-1] + "\n", flush=True)
+        print(f"(e) start-up: {results['startup']}\n", flush=True)
     if "f" in args.sections:
         print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)
         figures = subprocess.run([sys.executable, str(HERE / "lifecycle.py"), "--reps",
@@ -221,13 +259,8 @@ def main() -> int:
         print(figures.stdout, flush=True)
         results["lifecycle"] = json.loads((out / ".lifecycle.json").read_text())
         (out / ".lifecycle.json").unlink()
-        text.append("(f) lifecycle, seconds:\n" + figures.stdout.rstrip())
     results["wall_s"] = time.time() - started
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(
-        f"Machine: {json.dumps(results['machine'])}\n\n```\n" + "\n\n".join(text) + "\n```\n")
-    if results["sections"]:
-        plot(results, out / "results.png")
+    write_outputs(results, out)
     print(f"wrote {out}/results.json, results.md, results.png in {results['wall_s']:.0f} s")
     return 0
 
