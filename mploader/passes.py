@@ -131,6 +131,10 @@ class Pass(Iterator[Any]):
                     "this iteration of the loader was abandoned: the loader was "
                     "closed, or a newer iteration started (each loader runs one "
                     "pass at a time; use a second MPLoader for concurrent passes)")
+            if self._pending:  # items of a chunk already here: no need to dispatch first
+                found = self._take_ready()
+                if found is not None:
+                    return found[0]
             self._dispatch()
             found = self._take_ready()
             if found is not None:
