@@ -23,6 +23,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from clean_exit import leftovers, shm_entries, worker_alive
 from mploader import MPLoader
 
 N_ITEMS = 200
@@ -90,14 +91,6 @@ def _child(keep_handler: bool) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"mploader.worker" in f.read()
-    except FileNotFoundError:
-        return False
-
-
 def _sigterm_job(keep_handler: bool) -> None:
     child = subprocess.Popen([sys.executable, __file__, "--child", str(keep_handler)],
                              stdout=subprocess.PIPE, text=True,
@@ -107,9 +100,9 @@ def _sigterm_job(keep_handler: bool) -> None:
     child.send_signal(signal.SIGTERM)    # what a cluster scheduler does
     child.wait(30)
     start = time.perf_counter()
-    while any(_alive(p) for p in pids) and time.perf_counter() - start < 5:
+    while any(worker_alive(p) for p in pids) and time.perf_counter() - start < 5:
         time.sleep(0.01)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if worker_alive(p)]
     how = "with its os._exit handler" if keep_handler else "with no handler, through dataset()"
     print(f"  {how}: the job exited ({child.returncode}); its {len(pids)} workers were gone "
           f"{time.perf_counter() - start:.3f} s later; left: {left or 'none'}")
@@ -129,13 +122,12 @@ def main() -> int:
     if "--child" in sys.argv:
         _child(keep_handler=sys.argv[-1] == "True")
         return 0
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = shm_entries()
     workers: set[int] = set()
     pattern_1_numpy_function(workers)
     pattern_2_py_function(workers)
     pattern_3_exit_handler()
-    left = [p for p in workers if _alive(p)]
-    new_shm = sorted(set(os.listdir("/dev/shm")) - shm_before)
+    left, new_shm = leftovers(workers, shm_before)
     print(f"clean: {len(workers)} workers started by this script, {len(left)} remain; "
           f"new /dev/shm entries: {new_shm or 'none'}")
     return 1 if left or new_shm else 0

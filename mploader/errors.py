@@ -39,16 +39,22 @@ class WorkerError(MPLoaderError):
             f"Traceback in worker {worker_id}:\n{remote_traceback.rstrip()}")
 
 
+def _signal_name(returncode: int | None) -> str | None:
+    """'SIGKILL' for a Popen returncode of -9; None for an exit code."""
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
 def describe_exit(returncode: int | None) -> str:
     """'killed by SIGKILL' or 'exited with code 3' from a Popen returncode."""
     if returncode is None:
         return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exited with code {returncode}"
+    name = _signal_name(returncode)
+    return f"killed by {name}" if name else f"exited with code {returncode}"
 
 
 class WorkerDied(MPLoaderError):
@@ -65,9 +71,7 @@ class WorkerDied(MPLoaderError):
         self.worker_id = worker_id
         self.pid = pid
         self.returncode = returncode
-        self.signal_name = (signal.Signals(-returncode).name
-                            if returncode is not None and returncode < 0
-                            and -returncode in signal.Signals._value2member_map_ else None)
+        self.signal_name = _signal_name(returncode)
         self.exitcode = returncode if returncode is not None and returncode >= 0 else None
         self.indices = tuple(indices)
         text = (f"worker {worker_id} (pid {pid}) {describe_exit(returncode)} "

@@ -103,8 +103,6 @@ class MPLoader:
         _check(seed is None or isinstance(seed, int), f"seed must be an int or None, not {seed!r}")
         self._source = Source(source)
         self.num_workers = num_workers
-        self.batch_size = batch_size
-        self.drop_remainder = drop_remainder
         self.output_signature = output_signature
         self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
                                 on_error=on_error, on_worker_death=on_worker_death,
@@ -126,6 +124,14 @@ class MPLoader:
         self._box: list[WorkerPool | None] = [None]
         self._finalizer = weakref.finalize(self, _close_pool, self._box, close_timeout)
         self._ensure_pool()  # start now: worker start-up overlaps the caller's set-up
+
+    @property
+    def batch_size(self) -> int | None:
+        return self._options.batch_size
+
+    @property
+    def drop_remainder(self) -> bool:
+        return self._options.drop_remainder
 
     # -- pool --------------------------------------------------------------------
 

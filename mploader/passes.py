@@ -290,10 +290,13 @@ class Pass(Iterator[Any]):
                 for key, o in handle.outstanding.items() if key[0] == self._pass_id]
 
     def _on_death(self, handle: WorkerHandle, returncode: int,
-                  error: WorkerDied | None = None) -> None:
+                  overdue: tuple[int, float, float] | None = None) -> None:
+        """Raise WorkerDied (WorkerTimeout when ``overdue`` = (index, elapsed, limit)),
+        or replace the worker and queue its items again."""
         lost = self._lost_chunks(handle)
         indices = tuple(i for chunk in lost for i in chunk.indices)
-        error = error or WorkerDied(handle.worker_id, handle.pid, returncode, indices)
+        error = (WorkerTimeout(handle.worker_id, handle.pid, *overdue, indices) if overdue
+                 else WorkerDied(handle.worker_id, handle.pid, returncode, indices))
         if self._opt.on_worker_death != "restart":
             raise error
         for index in indices:
@@ -321,7 +324,4 @@ class Pass(Iterator[Any]):
             limit = self._opt.timeout * len(head.task.indices)
             if elapsed > limit:
                 returncode = self._pool.kill(handle)
-                indices = tuple(i for c in self._lost_chunks(handle) for i in c.indices)
-                self._on_death(handle, returncode, WorkerTimeout(
-                    handle.worker_id, handle.pid, head.task.indices[0], elapsed, limit,
-                    indices))
+                self._on_death(handle, returncode, (head.task.indices[0], elapsed, limit))

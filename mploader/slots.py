@@ -47,6 +47,7 @@ import numpy as np
 from .layout import Write, unpack
 
 PAGE_BYTES = mmap.PAGESIZE
+_NO_BYTES = np.empty(0, np.uint8)  # the region of a result that has no arrays
 LEASE_BUDGET_BYTES = 128 << 20  # per worker: results handed out as views, at most
 
 
@@ -93,7 +94,7 @@ class SlotRing:
         with ``copy``) as a copy, and the slot is FREE again at once."""
         if capacity == 0:  # nothing was ever written: the result has no arrays
             self.release(slot)
-            return unpack(tree, np.empty(0, np.uint8), copy=True)
+            return unpack(tree, _NO_BYTES, copy=True)
         mapping = self._maps[slot]
         if mapping is None or len(mapping) < capacity:
             # The worker grew the slot.  The old mapping is dropped, not closed:

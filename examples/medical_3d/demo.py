@@ -19,10 +19,11 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the pipeline, and examples/clean_exit.py
 
 import numpy as np  # noqa: E402
 
+import clean_exit  # noqa: E402
 import pipeline  # noqa: E402
 import synth  # noqa: E402
 from mploader import MPLoader, WorkerError  # noqa: E402
@@ -30,14 +31,6 @@ from mploader import MPLoader, WorkerError  # noqa: E402
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def worker_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"mploader.worker" in f.read()
-    except FileNotFoundError:
-        return False
 
 
 def main() -> int:
@@ -49,7 +42,7 @@ def main() -> int:
     parser.add_argument("--cache", default=str(HERE / ".cache"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = clean_exit.shm_entries()
     workers_seen: set[int] = set()
 
     say("== 1. synthetic CT dataset")
@@ -102,7 +95,7 @@ def main() -> int:
     say(f"   mploader ({n} workers):  {mp_rate:6.1f} cases/s   = {mp_rate / tf_rate:.2f}x tf.data "
         f"({len(os.sched_getaffinity(0))} cores usable)")
 
-    say("== 4. train a tiny 3D U-Net for 2 epochs on MPLoader(preprocess, cases).dataset()")
+    say(f"== 4. train a tiny 3D U-Net for {args.epochs} epochs on MPLoader(preprocess, cases).dataset()")
     say("   (the corrupt case is skipped, and reported with its file name)")
     model = tiny_unet(pipeline.PATCH)
     # on_error="skip" means the number of batches is not known in advance, and
@@ -129,8 +122,7 @@ def main() -> int:
 
     say("== 5. clean exit")
     time.sleep(0.2)
-    left = [pid for pid in workers_seen if worker_alive(pid)]
-    new_shm = sorted(set(os.listdir("/dev/shm")) - shm_before)
+    left, new_shm = clean_exit.leftovers(workers_seen, shm_before)
     say(f"   {len(workers_seen)} worker processes were started; {len(left)} remain")
     say(f"   new entries in /dev/shm: {new_shm if new_shm else 'none'}")
     return 1 if left or new_shm else 0
