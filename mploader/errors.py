@@ -8,6 +8,19 @@ its type may not even be importable in the parent.
 from __future__ import annotations
 
 import signal
+from typing import Any
+
+_ITEM_REPR_CHARS = 300  # enough for a dict of file paths, short enough for a log line
+
+
+def short_repr(item: Any) -> str:
+    """repr(item), cut in the middle if long: paths keep their file names."""
+    try:
+        text = repr(item)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        text = f"<{type(item).__name__} with a failing __repr__>"
+    half = _ITEM_REPR_CHARS // 2
+    return text if len(text) <= _ITEM_REPR_CHARS else f"{text[:half]} ... {text[-half:]}"
 
 
 class MPLoaderError(Exception):

@@ -5,8 +5,9 @@ the main thread sits in TensorFlow's C++ ``GetNext`` while our generator waits
 for workers on a TensorFlow thread, so a Ctrl-C would only be seen once the
 next element arrives: never, if the workers are stuck.  ``signal.set_wakeup_fd``
 makes the C-level handler write the signal number to a pipe that any thread can
-read.  A pass waiting on a thread other than the main one checks that pipe
-after every wait slice; on SIGINT it raises KeyboardInterrupt there, which
+read.  A pass that runs under ``dataset()`` (only those: a user's own thread
+iterating a loader keeps Python's rules) checks that pipe after every wait
+slice when it is not on the main thread; on SIGINT it raises KeyboardInterrupt there, which
 ends the element with an error, so ``GetNext`` returns and the main thread
 raises its own KeyboardInterrupt as usual.
 

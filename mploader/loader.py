@@ -7,35 +7,28 @@ whole life, and starts one pass (passes.py) per iteration on that same pool.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import numbers
 import os
 import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cloudpickle
 
+from . import resources
 from .messages import Bootstrap
-from .passes import Options, Pass, Skipped
+from .passes import Options, Pass, Skipped, Stats
 from .pool import WorkerPool
 from .sources import Source
 
+log = logging.getLogger("mploader")
+
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
-_MAX_LEASES = 8  # per worker; each slot is one descriptor in the parent and the worker
-
-
-@dataclass
-class _Stats:
-    started_at: float = field(default_factory=time.perf_counter)
-    items: int = 0
-    tasks: int = 0
-    waited_s: float = 0.0
-    restarts: int = 0
-
-    def count(self, items: int) -> None:
-        self.items += items
+_MAX_LEASES = 8  # per worker: results the consumer may hold as zero-copy views
+_PROBE_ITEMS = 32  # with on_error="skip", items tried to infer output_signature
 
 
 def _pickled(obj: Callable | None, name: str) -> bytes | None:
@@ -55,6 +48,16 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def _default_workers() -> int:
+    """One worker per core, as many as the descriptor limit allows."""
+    cores, fit = _cpu_count(), resources.workers_that_fit()
+    if fit < cores:
+        log.warning("num_workers=None: using %d workers, not one per core (%d), because the "
+                    "file descriptor limit (RLIMIT_NOFILE) allows no more; raise it with "
+                    "`ulimit -n` to use every core", max(1, fit), cores)
+    return max(1, min(cores, fit))
 
 
 def _check(condition: bool, message: str) -> None:
@@ -87,9 +90,10 @@ class MPLoader:
                  seed: int | None = None, timeout: float | None = None,
                  on_error: str = "raise", on_worker_death: str = "raise",
                  close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
-        num_workers = _cpu_count() if num_workers is None else num_workers
-        _check(isinstance(num_workers, int) and num_workers >= 1,
+        num_workers = _default_workers() if num_workers is None else num_workers
+        _check(isinstance(num_workers, numbers.Integral) and num_workers >= 1,
                f"num_workers must be an int >= 1 or None, not {num_workers!r}")
+        resources.check_workers(int(num_workers))
         _check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
                f"batch_size must be an int >= 1 or None, not {batch_size!r}")
         _check(isinstance(prefetch, int) and prefetch >= 1,
@@ -98,11 +102,15 @@ class MPLoader:
                f"on_error must be 'raise' or 'skip', not {on_error!r}")
         _check(on_worker_death in ("raise", "restart"),
                f"on_worker_death must be 'raise' or 'restart', not {on_worker_death!r}")
-        _check(timeout is None or timeout > 0, f"timeout must be > 0 or None, not {timeout!r}")
-        _check(close_timeout > 0, f"close_timeout must be > 0, not {close_timeout!r}")
-        _check(seed is None or isinstance(seed, int), f"seed must be an int or None, not {seed!r}")
+        _check(timeout is None or (isinstance(timeout, numbers.Real) and timeout > 0),
+               f"timeout must be a number of seconds > 0, or None, not {timeout!r}")
+        _check(isinstance(close_timeout, numbers.Real) and close_timeout > 0,
+               f"close_timeout must be a number of seconds > 0, not {close_timeout!r}")
+        _check(seed is None or isinstance(seed, numbers.Integral),
+               f"seed must be an int or None, not {seed!r}")
+        seed = None if seed is None else int(seed)
         self._source = Source(source)
-        self.num_workers = num_workers
+        self.num_workers = int(num_workers)
         self.output_signature = output_signature
         self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
                                 on_error=on_error, on_worker_death=on_worker_death,
@@ -113,8 +121,9 @@ class MPLoader:
             seed=seed, stack_batches=batch_size is not None)
         self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
-        self._stats = _Stats()
+        self._stats = Stats(started_at=time.perf_counter())
         self._lock = threading.RLock()
+        self._owner_pid = os.getpid()
         self._closed = False
         self._passes = 0   # pass ids, probes included
         self._epoch = 0    # passes over the whole source, the epoch of item_rng()
@@ -136,14 +145,19 @@ class MPLoader:
     # -- pool --------------------------------------------------------------------
 
     def _ensure_pool(self) -> WorkerPool:
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                f"this MPLoader belongs to process {self._owner_pid}; a forked child "
+                "cannot use its workers.  Create a new MPLoader in the child")
         if self._closed:
             raise RuntimeError("this MPLoader is closed")
         if self._box[0] is None:
             # One slot per task in flight, plus room for results the consumer
             # still holds as zero-copy views (see slots.py).
+            prefetch = self._options.prefetch
             self._box[0] = WorkerPool(self.num_workers, self._bootstrap,
-                                      slots_per_worker=self._options.prefetch + _MAX_LEASES,
-                                      max_leases=_MAX_LEASES)
+                                      slots_per_worker=prefetch + _MAX_LEASES,
+                                      max_leases=_MAX_LEASES, keep_free=prefetch)
         return self._box[0]
 
     def _discard_pool(self, pool: WorkerPool) -> None:
@@ -154,28 +168,53 @@ class MPLoader:
 
     # -- iteration -----------------------------------------------------------------
 
-    def _start_pass(self, items: Any, epoch: int, options: Options) -> Pass:
+    def _start_pass(self, items: Any, epoch: int, options: Options,
+                    record_skips: bool = True, route_interrupts: bool = False) -> Pass:
         with self._lock:
             pool = self._ensure_pool()
             if self._current_pass is not None:
-                self._current_pass.close()
+                self._current_pass.abandon()
             self._passes += 1
-            self._current_pass = Pass(self, pool, items, self._passes, epoch, options)
+            self._current_pass = Pass(pool, items, self._passes, epoch, options, self._stats,
+                                      self.skipped if record_skips else None,
+                                      self._discard_pool, route_interrupts)
             return self._current_pass
 
     def __iter__(self) -> Pass:
         """Start a new pass over the source (a new epoch) on the same workers."""
+        return self._iterate()
+
+    def _iterate(self, route_interrupts: bool = False) -> Pass:
+        """A new pass; ``route_interrupts`` for a pass that runs on TensorFlow's
+        threads (see interrupts.py), never for the user's own threads."""
         with self._lock:
+            self._ensure_pool()
             self._epoch += 1
-            return self._start_pass(self._source.items(), self._epoch - 1, self._options)
+            return self._start_pass(self._source.items(), self._epoch - 1, self._options,
+                                    route_interrupts=route_interrupts)
 
     def first_result(self) -> Any:
-        """fn's result for source index 0 (batched as a batch of one); used to
-        infer ``output_signature``."""
-        probe = self._start_pass(iter([self._source.first()]), epoch=0, options=dataclasses.replace(
-            self._options, drop_remainder=False))
+        """fn's result for the first source item that gives one (batched: the
+        first batch); used to infer ``output_signature``.
+
+        With ``on_error="skip"`` it tries up to ``_PROBE_ITEMS`` items, and the
+        ones it skips are not recorded (the pass that follows meets them again).
+        """
+        skip = self._options.on_error == "skip"
+        count = _PROBE_ITEMS if skip else (self.batch_size or 1)
+        head = self._source.head(count)
+        if not head:
+            raise ValueError("the source is empty: there is no first item to infer "
+                             "output_signature from; pass output_signature")
+        options = dataclasses.replace(self._options, drop_remainder=False, prefetch=1)
+        probe = self._start_pass(iter(head), epoch=0, options=options, record_skips=False)
         try:
             return next(probe)
+        except StopIteration:
+            raise ValueError(
+                f"every one of the first {len(head)} items failed in fn (on_error='skip' "
+                "skipped them), so output_signature cannot be inferred from a result: "
+                "pass output_signature, or fix the items") from None
         finally:
             probe.close()
 
@@ -206,9 +245,14 @@ class MPLoader:
 
     def stats(self) -> dict[str, Any]:
         """Throughput and where time goes: are the workers or the consumer the bottleneck?"""
-        elapsed = time.perf_counter() - self._stats.started_at
         pool = self._box[0]
-        workers = pool.live() if pool is not None else []
+        if pool is None:
+            return self._stats_of([])
+        with pool.lock:
+            return self._stats_of(pool.live())
+
+    def _stats_of(self, workers: list[Any]) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._stats.started_at
         return {
             "items": self._stats.items,
             "elapsed_s": elapsed,
@@ -217,7 +261,7 @@ class MPLoader:
             "items_per_task": self._stats.items / self._stats.tasks if self._stats.tasks else 0.0,
             "worker_busy_fraction": [h.busy_s / elapsed for h in workers],
             "slots_leased": sum(h.ring.leased for h in workers),
-            "shared_memory_bytes": sum(h.ring.mapped_bytes() for h in workers),
+            "shared_memory_bytes": sum(h.ring.reserved_bytes() for h in workers),
             "skipped": len(self.skipped),
             "worker_restarts": self._stats.restarts,
         }
@@ -230,8 +274,9 @@ class MPLoader:
         Idempotent and safe from any thread; in a forked child it leaves the
         parent's workers alone.
         """
-        self._closed = True
-        _close_pool(self._box, self._close_timeout if timeout is None else timeout)
+        with self._lock:  # no pass can start a pool while this one closes
+            self._closed = True
+            _close_pool(self._box, self._close_timeout if timeout is None else timeout)
 
     def __enter__(self) -> "MPLoader":
         return self

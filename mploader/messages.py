@@ -1,19 +1,35 @@
-"""The messages that cross the pipes between the parent and a worker.
+"""The messages that cross the pipes between the parent and a worker, and their framing.
 
 Only these small frozen dataclasses cross a pipe; array data never does (it
-lives in the worker's shared-memory slots, see ``slots.py``).  Every message is
-pickled whole with :func:`encode` and read with :func:`decode`.
+lives in the worker's shared-memory slots, see ``slots.py``).
 
 parent -> worker, on the task pipe:  Bootstrap (once), then Task ...; EOF = stop.
 worker -> parent, on the result pipe: Ready or StartFailed (once), then Result ...
+
+Framing: every message is one frame, an 8-byte little-endian length followed by
+the pickled message.  The parent's ends of both pipes are non-blocking (see
+pool.py NOTE [Shutdown], the lock rule), so it cannot use a blocking
+``Connection``: it keeps a per-worker outbound buffer, and parses inbound
+bytes with :class:`FrameReader` as they arrive.  The worker's ends block; it
+uses :func:`read_frame` and :func:`write_frame`.
+
+Items travel with cloudpickle, each item in its own pickle (:func:`encode_items`),
+so a class defined in the user's script reaches a fresh interpreter, and an
+item that cannot be decoded there fails alone, named, instead of the task.
 """
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import struct
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
+
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+_HEADER = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -28,23 +44,28 @@ class Bootstrap:
 
 @dataclass(frozen=True)
 class Task:
-    """Run fn over ``items`` (source ``indices``) and write the results to ``slot``.
+    """Run fn over the items (source ``indices``) and write the results to ``slot``.
 
     ``key`` identifies the task across passes, so results of an abandoned pass
-    can be recognised and dropped.
+    can be recognised and dropped.  ``items`` holds every item's own pickle,
+    back to back; ``ends[i]`` is where item i's pickle ends.  ``capacity`` is
+    how many bytes of the slot are reserved, as the parent knows it (it frees
+    idle slots, see slots.py).
     """
     key: tuple[int, int]        # (pass_id, task_seq)
     slot: int
+    capacity: int
     epoch: int
     indices: tuple[int, ...]
-    items: tuple[Any, ...]
+    items: bytes
+    ends: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Failure:
     """An exception raised by user code, as text (see errors.WorkerError)."""
     index: int | None
-    item: str                   # repr of the source item, shortened; "" for worker_init
+    item: str                   # repr of the source item, shortened; "" when unknown
     exc_type: str
     message: str
     traceback: str
@@ -58,8 +79,9 @@ class Result:
     ``layout.ArrayRef`` into ``slot``: one stacked nest with ``batch_size``,
     else a tuple with one nest per item; it is ``None`` when every item failed.
     ``indices`` are the source indices the tree holds, in order (a task with
-    failed items holds fewer than it had).  ``capacity`` is the slot's size in
-    bytes after the worker grew it; ``nbytes`` what this result used of it.
+    failed items holds fewer than it had).  ``capacity`` is the slot's
+    reserved size in bytes after the worker grew it; ``nbytes`` what this
+    result used of it.
     """
     key: tuple[int, int]
     slot: int
@@ -83,9 +105,106 @@ class StartFailed:
     failure: Failure
 
 
-def encode(message: object) -> bytes:
-    return pickle.dumps(message, protocol=PROTOCOL)
+def frame(message: object) -> bytes:
+    """The bytes that carry ``message`` on a pipe."""
+    data = pickle.dumps(message, protocol=PROTOCOL)
+    return _HEADER.pack(len(data)) + data
 
 
-def decode(data: bytes) -> Any:
+class FrameReader:
+    """Collects bytes read from a non-blocking pipe and cuts them into messages."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[Any, int]]:
+        """Add ``data``; return every message now complete, with its size in bytes."""
+        buffer = self._buffer
+        buffer += data
+        found = []
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            end = start + _HEADER.size + size
+            if end > len(buffer):
+                break
+            found.append((pickle.loads(memoryview(buffer)[start + _HEADER.size:end]),
+                          _HEADER.size + size))
+            start = end
+        if start:
+            del buffer[:start]
+        return found
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from a blocking fd, or None at EOF."""
+    chunks = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> Any:
+    """The next message on a blocking fd; raises EOFError when the writer closed it."""
+    header = _read_exact(fd, _HEADER.size)
+    data = None if header is None else _read_exact(fd, _HEADER.unpack(header)[0])
+    if data is None:
+        raise EOFError
     return pickle.loads(data)
+
+
+def write_frame(fd: int, message: object) -> None:
+    """Write one message to a blocking fd, whole."""
+    view = memoryview(frame(message))
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class ItemEncoder:
+    """Each item's own cloudpickle, back to back, and where each ends.
+
+    One pickler for a whole chunk (making one costs more than pickling a small
+    item); its memo is cleared between items so each decodes alone.
+    """
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._pickler = cloudpickle.CloudPickler(self._out, protocol=PROTOCOL)
+        self._ends: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return self._out.tell()
+
+    def add(self, item: Any) -> None:
+        """Append ``item``; raises ItemNotPicklable (the chunk is unchanged then)."""
+        start = self._out.tell()
+        try:
+            self._pickler.dump(item)
+        except Exception as exc:
+            self._out.seek(start)
+            self._out.truncate()
+            raise ItemNotPicklable(exc) from exc
+        finally:
+            self._pickler.clear_memo()
+        self._ends.append(self._out.tell())
+
+    def finish(self) -> tuple[bytes, tuple[int, ...]]:
+        return self._out.getvalue(), tuple(self._ends)
+
+
+class ItemNotPicklable(TypeError):
+    """An item cannot be pickled (the message says why)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+
+
+def decode_item(task: Task, position: int) -> Any:
+    """Item ``position`` of a task (raises whatever unpickling it raises)."""
+    start = task.ends[position - 1] if position else 0
+    return pickle.loads(memoryview(task.items)[start:task.ends[position]])

@@ -1,13 +1,14 @@
-"""One pass over the source: dispatch tasks, gather results, yield them in order.
+"""One pass over the source: read items, send tasks, gather results, yield them in order.
 
 A ``Pass`` is the iterator behind ``iter(loader)`` and behind every iterator
 of ``loader.dataset()``.  It runs on whatever thread calls ``next()`` and
 holds the pool's lock while it works, waiting in short slices so that a
 ``close()`` from another thread, a Ctrl-C, a dead worker or an overdue item
-are all noticed within one slice.
+are all noticed within one slice (the lock rule: pool.py NOTE [Shutdown]).
 
 Only one pass is current per loader: starting a new pass abandons the previous
-one.  The abandoned pass's tasks still finish in the workers (at most
+one, whose next ``next()`` raises :class:`PassAbandoned` (never a silent,
+short epoch).  The abandoned pass's tasks still finish in the workers (at most
 ``prefetch`` per worker); their results are recognised by the pass id in the
 task key and dropped, so no stale item reaches the new pass.
 
@@ -15,25 +16,34 @@ Tasks are chunks of consecutive source items: ``batch_size`` items with
 batching, else one item, or several when items are tiny.  Each task costs a
 message each way, so when the workers report under ``_TARGET_TASK_S`` of work
 per item and small results, the pass grows its chunks (up to
-``_MAX_CHUNK_ITEMS``) to spend one round trip on that much work.  Results of a
-chunk are copied out; a single item's result can be handed out as views of
-the slot (see slots.py).
+``_MAX_CHUNK_ITEMS`` items and ``_MAX_TASK_BYTES`` of pickled items) to spend
+one round trip on that much work.  Results of a chunk are copied out; a
+single item's result can be handed out as views of the slot (see slots.py).
+
+Ordered output waits for the oldest task; the others may run ahead of it by
+at most ``prefetch`` tasks per worker, so one slow item cannot make the fast
+workers fill every slot with results nobody can take yet.
+
+A pass holds its loader only weakly (the loader holds its current pass), so
+``del loader`` stops the workers at once, without the garbage collector.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import interrupts
-from .errors import WorkerDied, WorkerError, WorkerTimeout
-from .messages import Failure, Ready, Result, StartFailed, Task
-from .pool import Exited, WorkerHandle, WorkerPool
+from .errors import MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, short_repr
+from .messages import Failure, ItemEncoder, ItemNotPicklable, Task
+from .pool import Delivered, Died, WorkerPool
 
 log = logging.getLogger("mploader")
 
@@ -41,16 +51,19 @@ WAIT_SLICE_S = 0.05  # longest blind wait: bounds the reaction to close() and Ct
 _MAX_ITEM_STRIKES = 2  # an item that kills this many workers is reported, not retried
 _TARGET_TASK_S = 0.5e-3  # worker time per task that outweighs its two pipe messages
 _MAX_CHUNK_ITEMS = 64
-_SMALL_RESULT_BYTES = 64 << 10  # chunked results are copied out: only for small ones
+_MAX_TASK_BYTES = 32 << 10  # pickled items per chunk: a task and its result stay small
+_SMALL_RESULT_BYTES = 32 << 10  # result bytes (arrays and message) per item worth chunking
 _LEARN_RATE = 0.25  # weight of the newest result in the moving averages
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Consecutive items that make one task."""
+    """Consecutive items that make one task, encoded once (a retry sends the same bytes)."""
     seq: int                      # position of the task in the pass
     indices: tuple[int, ...]
     items: tuple[Any, ...]
+    encoded: bytes
+    ends: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,16 @@ class Skipped:
     message: str
 
 
+@dataclass
+class Stats:
+    """Counters a loader keeps across its passes (see MPLoader.stats)."""
+    started_at: float
+    items: int = 0
+    tasks: int = 0
+    waited_s: float = 0.0
+    restarts: int = 0
+
+
 class PassAbandoned(RuntimeError):
     """The loader started a newer pass, or was closed, while this one was in use."""
 
@@ -82,14 +105,20 @@ class PassAbandoned(RuntimeError):
 class Pass(Iterator[Any]):
     """Iterator over one pass; see the module docstring."""
 
-    def __init__(self, loader: Any, pool: WorkerPool, items: Iterator[Any],
-                 pass_id: int, epoch: int, options: Options) -> None:
-        self._loader = loader  # for the stats it keeps, and to know the current pass
+    def __init__(self, pool: WorkerPool, items: Iterator[Any], pass_id: int, epoch: int,
+                 options: Options, stats: Stats, skipped: list[Skipped] | None,
+                 discard_pool: Callable[[WorkerPool], None],
+                 route_interrupts: bool = False) -> None:
         self._pool = pool
         self._items = items
         self._pass_id = pass_id
         self._epoch = epoch
         self._opt = options
+        self._stats = stats
+        self._skipped = skipped   # None: skips are not recorded (a probe)
+        self._discard_pool = weakref.WeakMethod(discard_pool)  # see the module docstring
+        self._route_interrupts = route_interrupts
+        self._window = options.prefetch * max(1, len(pool.workers))
         self._chunk_items = options.batch_size or 1  # grows for tiny unbatched items
         # Moving averages of worker time and bytes per item; the time starts
         # high, so chunks grow only after several quick items in a row.
@@ -98,17 +127,23 @@ class Pass(Iterator[Any]):
         self._next_index = 0                  # source index of the next item read
         self._next_task = 0                   # seq of the next new task
         self._retry: deque[Chunk] = deque()   # chunks to run again, after a death
-        self._ready: dict[int, tuple[WorkerHandle, Result]] = {}  # seq -> result
+        self._ready: dict[int, Delivered] = {}  # seq -> its result
         self._pending: deque[tuple[int, Any]] = deque()  # (worker, value or Failure) to hand out
         self._next_seq = 0                    # ordered: the seq to yield next
         self._source_done = False
         self._finished = False
+        self._abandoned = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
+        self._fruitless_restarts = 0          # restarts since the last result
         interrupts.forget_pending()
 
     # -- iteration ---------------------------------------------------------------
 
     def __next__(self) -> Any:
+        if os.getpid() != self._pool.owner_pid:
+            raise RuntimeError(
+                f"this MPLoader's workers belong to process {self._pool.owner_pid}; a "
+                "forked child cannot use them.  Create a new MPLoader in the child")
         if self._finished:
             raise StopIteration
         try:
@@ -120,42 +155,57 @@ class Pass(Iterator[Any]):
                 # A dead worker, a Ctrl-C, an error in the source: the pool's
                 # state is not trusted any more.  Stop it now; the loader
                 # starts a fresh one for its next pass.
-                self._loader._discard_pool(self._pool)
+                discard = self._discard_pool()
+                if discard is not None:
+                    discard(self._pool)
             self.close()
             raise
 
     def _next_locked(self) -> Any:
         while True:
-            if self._pool.closing or self._loader._current_pass is not self:
+            if self._abandoned or self._pool.closing:
                 raise PassAbandoned(
                     "this iteration of the loader was abandoned: the loader was "
-                    "closed, or a newer iteration started (each loader runs one "
-                    "pass at a time; use a second MPLoader for concurrent passes)")
-            if self._pending:  # items of a chunk already here: no need to dispatch first
-                found = self._take_ready()
-                if found is not None:
-                    return found[0]
+                    "closed, or a newer iteration of it started (each loader runs "
+                    "one pass at a time; use a second MPLoader for concurrent passes)")
+            self._pool.raise_if_failed()
+            found = self._take_ready()
+            if found is not None:
+                return found[0]
             self._dispatch()
             found = self._take_ready()
             if found is not None:
                 return found[0]
-            if (self._source_done and not self._retry and not self._ready
-                    and not self._pending and not self._in_flight()):
+            in_flight = self._in_flight()
+            if self._source_done and not self._retry and not self._ready and not in_flight:
                 raise StopIteration
+            if not self._pool.any_pending():
+                raise MPLoaderError("no worker of this loader is alive, and the pass has "
+                                    "work left; start a new iteration")
             started = time.perf_counter()
             events = self._pool.wait(WAIT_SLICE_S)
-            self._loader._stats.waited_s += time.perf_counter() - started
-            for handle, message in events:
-                self._handle(handle, message)
-            self._check_timeouts()
-            interrupts.raise_if_interrupted()
+            self._stats.waited_s += time.perf_counter() - started
+            for event in events:
+                if isinstance(event, Delivered):
+                    self._on_delivered(event)
+                else:
+                    self._on_death(event)
+            if self._opt.timeout is not None:
+                self._pool.kill_overdue(self._opt.timeout)
+            if self._route_interrupts:
+                interrupts.raise_if_interrupted()
+
+    def abandon(self) -> None:
+        """A newer pass started: the next ``next()`` raises PassAbandoned."""
+        self._abandoned = True
+        self.close()
 
     def close(self) -> None:
         """Stop dispatching and give back the slots of results never yielded."""
         self._finished = True
         with self._pool.lock:
-            for handle, result in self._ready.values():
-                handle.ring.release(result.slot)
+            for delivered in self._ready.values():
+                delivered.handle.ring.release(delivered.result.slot)
             self._ready.clear()
             self._pending.clear()
 
@@ -166,25 +216,39 @@ class Pass(Iterator[Any]):
             return self._retry.popleft()
         if self._source_done:
             return None
-        items = tuple(itertools.islice(self._items, self._chunk_items))
-        full = len(items) == self._chunk_items
-        if not items or (self._opt.drop_remainder and not full):
+        batched = self._opt.batch_size is not None
+        encoder, items = ItemEncoder(), []
+        while len(items) < self._chunk_items and (batched or encoder.size < _MAX_TASK_BYTES):
+            item = next(self._items, _END)
+            if item is _END:
+                self._source_done = True
+                break
+            try:
+                encoder.add(item)
+            except ItemNotPicklable as exc:
+                raise TypeError(f"source index {self._next_index + len(items)} cannot be "
+                                f"pickled to send to a worker: {exc}") from exc
+            items.append(item)
+        if not items or (self._opt.drop_remainder and len(items) < self._chunk_items):
             self._source_done = True
             return None
-        self._source_done = not full
         first, self._next_index = self._next_index, self._next_index + len(items)
         self._next_task += 1
-        return Chunk(self._next_task - 1, tuple(range(first, self._next_index)), items)
+        return Chunk(self._next_task - 1, tuple(range(first, self._next_index)), tuple(items),
+                     *encoder.finish())
 
-    def _learn_chunk_size(self, result: Result) -> None:
+    def _learn_chunk_size(self, delivered: Delivered) -> None:
         """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
 
         Moving averages per item, so one quick item among slow ones does not
-        make a chunk of slow items.
+        make a chunk of slow items.  Bytes count the arrays and the message
+        (strings and bytes travel in it).
         """
+        result = delivered.result
         count = len(result.indices) + len(result.failures)
         self._item_s += _LEARN_RATE * (result.busy_s / count - self._item_s)
-        self._item_bytes += _LEARN_RATE * (result.nbytes / count - self._item_bytes)
+        per_item = (result.nbytes + delivered.wire_bytes) / count
+        self._item_bytes += _LEARN_RATE * (per_item - self._item_bytes)
         if self._item_bytes > _SMALL_RESULT_BYTES or self._item_s <= 0:
             self._chunk_items = 1
         else:
@@ -197,6 +261,9 @@ class Pass(Iterator[Any]):
             for handle in self._pool.live():
                 if len(handle.outstanding) >= self._opt.prefetch:
                     continue
+                if (self._opt.ordered and not self._retry
+                        and self._next_task >= self._next_seq + self._window):
+                    return  # far enough ahead of the item the consumer waits for
                 slot = handle.ring.acquire()
                 if slot is None:
                     continue
@@ -204,9 +271,10 @@ class Pass(Iterator[Any]):
                 if chunk is None:
                     handle.ring.release(slot)
                     return
-                self._pool.send(handle, Task((self._pass_id, chunk.seq), slot, self._epoch,
-                                             chunk.indices, chunk.items))
-                self._loader._stats.tasks += 1
+                task = Task((self._pass_id, chunk.seq), slot, handle.ring.capacity[slot],
+                            self._epoch, chunk.indices, chunk.encoded, chunk.ends)
+                self._pool.send(handle, task, chunk)
+                self._stats.tasks += 1
                 sent = True
             if not sent:
                 return
@@ -233,95 +301,92 @@ class Pass(Iterator[Any]):
                 return None
             if self._opt.ordered:
                 self._next_seq += 1
-            self._unpack(*self._ready.pop(seq))
+            self._unpack(self._ready.pop(seq))
 
-    def _unpack(self, handle: WorkerHandle, result: Result) -> None:
+    def _unpack(self, delivered: Delivered) -> None:
         """Queue a task's values and failures, in source order, and free or lease its slot."""
-        ring, worker_id = handle.ring, handle.worker_id
-        failures = [(f.index, f) for f in result.failures]
+        result, chunk = delivered.result, delivered.sent
+        ring, worker_id = delivered.handle.ring, delivered.handle.worker_id
+        failures = [(f.index, _named(f, chunk)) for f in result.failures]
         if result.tree is None:
             ring.release(result.slot)
             values = []
         elif self._opt.batch_size is not None:  # one stacked batch; its failures first
-            batch = ring.open_result(result.slot, result.capacity, result.tree)
+            batch = ring.open_result(result.slot, result.nbytes, result.tree)
             values, failures = [(math.inf, batch)], [(-1, f) for _, f in failures]
         elif len(result.indices) == 1 and not failures:  # a lone item: views may do
-            value = ring.open_result(result.slot, result.capacity, result.tree[0])
+            value = ring.open_result(result.slot, result.nbytes, result.tree[0])
             values = [(result.indices[0], value)]
         else:
-            trees = ring.open_result(result.slot, result.capacity, result.tree, copy=True)
+            trees = ring.open_result(result.slot, result.nbytes, result.tree, copy=True)
             values = list(zip(result.indices, trees))
-        self._loader._stats.count(len(result.indices))
-        for _, outcome in sorted(values + failures, key=lambda pair: pair[0]):
-            self._pending.append((worker_id, outcome))
+        self._stats.items += len(result.indices)
+        outcomes = sorted(values + failures, key=lambda pair: pair[0]) if failures else values
+        self._pending.extend((worker_id, outcome) for _, outcome in outcomes)
 
     def _report(self, worker_id: int, failure: Failure) -> None:
         if self._opt.on_error == "raise":
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
                               worker_id, failure.index, failure.item)
+        if self._skipped is None:
+            return
         log.warning("skipped source index %s (item %s): %s: %s (worker %d)",
                     failure.index, failure.item, failure.exc_type, failure.message, worker_id)
-        self._loader.skipped.append(Skipped(failure.index, failure.item, worker_id,
-                                            failure.exc_type, failure.message))
+        self._skipped.append(Skipped(failure.index, failure.item, worker_id,
+                                     failure.exc_type, failure.message))
 
-    def _handle(self, handle: WorkerHandle, message: Any) -> None:
-        if isinstance(message, Result):
-            handle.outstanding.pop(message.key, None)
-            handle.last_result_at = time.monotonic()
-            handle.busy_s += message.busy_s
-            if message.key[0] == self._pass_id:
-                self._ready[message.key[1]] = (handle, message)
-                if self._opt.batch_size is None:
-                    self._learn_chunk_size(message)
-            else:
-                handle.ring.release(message.slot)  # from an abandoned pass
-        elif isinstance(message, StartFailed):
-            f = message.failure
-            raise WorkerError(f.exc_type, f.message, f.traceback, handle.worker_id, None)
-        elif isinstance(message, Exited):
-            self._on_death(handle, message.returncode)
-        else:
-            assert isinstance(message, Ready), message
+    def _on_delivered(self, delivered: Delivered) -> None:
+        key = delivered.result.key
+        if key[0] != self._pass_id:
+            delivered.handle.ring.release(delivered.result.slot)  # from an abandoned pass
+            return
+        self._ready[key[1]] = delivered
+        self._fruitless_restarts = 0
+        if self._opt.batch_size is None:
+            self._learn_chunk_size(delivered)
 
     # -- deaths and timeouts ------------------------------------------------------------
 
-    def _lost_chunks(self, handle: WorkerHandle) -> list[Chunk]:
-        return [Chunk(key[1], o.task.indices, o.task.items)
-                for key, o in handle.outstanding.items() if key[0] == self._pass_id]
-
-    def _on_death(self, handle: WorkerHandle, returncode: int,
-                  overdue: tuple[int, float, float] | None = None) -> None:
-        """Raise WorkerDied (WorkerTimeout when ``overdue`` = (index, elapsed, limit)),
+    def _on_death(self, died: Died) -> None:
+        """Raise WorkerDied (WorkerTimeout when the pool killed it for a timeout),
         or replace the worker and queue its items again."""
-        lost = self._lost_chunks(handle)
+        handle = died.handle
+        lost = [sent.payload for sent in died.lost if sent.task.key[0] == self._pass_id]
         indices = tuple(i for chunk in lost for i in chunk.indices)
-        error = (WorkerTimeout(handle.worker_id, handle.pid, *overdue, indices) if overdue
-                 else WorkerDied(handle.worker_id, handle.pid, returncode, indices))
+        overdue = died.overdue
+        error = (WorkerTimeout(handle.worker_id, handle.pid, overdue.index, overdue.elapsed,
+                               overdue.limit, indices) if overdue
+                 else WorkerDied(handle.worker_id, handle.pid, died.returncode, indices))
+        self._pool.raise_if_failed()  # it died before it was ready: fatal to the pool
         if self._opt.on_worker_death != "restart":
             raise error
-        for index in indices:
+        blamed = died.blamed if died.blamed_key and died.blamed_key[0] == self._pass_id else ()
+        for index in blamed:
             self._strikes[index] = self._strikes.get(index, 0) + 1
             if self._strikes[index] >= _MAX_ITEM_STRIKES:
-                raise WorkerDied(handle.worker_id, handle.pid, returncode, indices,
+                raise WorkerDied(handle.worker_id, handle.pid, died.returncode, (index,),
                                  detail=f"source index {index} has now ended "
                                         f"{_MAX_ITEM_STRIKES} workers, so it is not "
                                         "retried again") from error
+        self._fruitless_restarts += 1
+        if self._fruitless_restarts > 2 * len(self._pool.workers) + _MAX_ITEM_STRIKES:
+            raise WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
+                             detail="workers keep dying between items with no result "
+                                    "in between, so they are not restarted again") from error
         log.warning("%s; starting a new worker %d and running its items again",
                     error, handle.worker_id)
         self._pool.replace(handle)
         self._retry.extend(sorted(lost, key=lambda c: c.seq))
-        self._loader._stats.restarts += 1
+        self._stats.restarts += 1
 
-    def _check_timeouts(self) -> None:
-        if self._opt.timeout is None:
-            return
-        now = time.monotonic()
-        for handle in self._pool.live():
-            if not handle.outstanding:
-                continue
-            head = next(iter(handle.outstanding.values()))  # the one it is running
-            elapsed = now - max(head.sent_at, handle.last_result_at)
-            limit = self._opt.timeout * len(head.task.indices)
-            if elapsed > limit:
-                returncode = self._pool.kill(handle)
-                self._on_death(handle, returncode, (head.task.indices[0], elapsed, limit))
+
+_END = object()  # the source is exhausted
+
+
+def _named(failure: Failure, chunk: Chunk | None) -> Failure:
+    """The failure with its item's repr, when the worker could not decode the item."""
+    if failure.item or failure.index is None or chunk is None:
+        return failure
+    item = chunk.items[chunk.indices.index(failure.index)]
+    return Failure(failure.index, short_repr(item), failure.exc_type, failure.message,
+                   failure.traceback)

@@ -2,31 +2,58 @@
 
 Data flow (one loader)::
 
-    consumer (passes.py) --Task--> task pipe ----> worker 0..N-1 (worker.py)
-         ^                                              | writes arrays into
-         |                                              v its slot ring (slots.py)
-         +----------- Result (small) <-- result pipe ---+
+    consumer (passes.py) --Task--> outbound buffer --> task pipe ----> worker 0..N-1
+         ^                                                               | writes arrays into
+         |                                                               v its arena (slots.py)
+         +------ events (Delivered, Died) <-- wait() <-- result pipe ----+
+                                                  ^---- pidfd (exit) ----+
 
 Actors:
 - the consumer thread (whoever calls ``next()``: the main thread, or a
-  TensorFlow thread under ``from_generator``) sends tasks, and waits in short
-  slices on every result pipe *and* every worker's pidfd at once, so a worker's
-  death wakes it like a result does;
+  TensorFlow thread under ``from_generator``) queues tasks, and calls
+  :meth:`WorkerPool.wait`, one ``poll`` over every result pipe, every pidfd
+  and every task pipe with bytes still to send, so a worker's death wakes it
+  like a result does;
 - the spawner thread starts every worker process and lives as long as the pool
   (see NOTE [Shutdown], requirement 3);
 - each worker runs ``worker.main``.
+
+Worker states (:class:`State`); every transition happens in this module::
+
+    STARTING --Ready-->          READY
+    STARTING, READY --timeout--> KILLED      (SIGKILL sent; exit not seen yet)
+    any live --pidfd readable--> DEAD        (reaped; its last messages read)
+    DEAD --replace() or close()--> RELEASED  (the parent's descriptors closed)
+
+A worker that exits while STARTING (``worker_init`` raised, fn cannot be
+unpickled, the interpreter crashed) makes the pool *failed*: every pass raises
+that error (:meth:`WorkerPool.raise_if_failed`), since a replacement would
+fail the same way.
 
 NOTE [Shutdown]
 ===============
 Requirements:
 1. ``close()`` is bounded in time whatever the workers do (idle, busy in C,
-   busy in Python, ignoring SIGTERM), idempotent, safe from any thread, and a
-   no-op in a process that is not the owner (a forked child must not touch its
-   parent's workers).
+   busy in Python, ignoring SIGTERM, holding a pipe through a child of their
+   own), idempotent, safe from any thread, and a no-op in a process that is
+   not the owner (a forked child must not touch its parent's workers).
 2. Nothing outlives the owner: not if it ends normally without ``close()``,
    not on SIGTERM or SIGKILL, not on Ctrl-C, not if the loader is garbage
    collected.
 3. No worker process is orphaned, and none holds shared memory by name.
+
+The lock rule.  ``WorkerPool.lock`` is held only across bounded waits: every
+descriptor the parent touches under it is non-blocking.  Tasks and the
+Bootstrap go into a per-worker outbound buffer, written as far as the pipe
+takes them and flushed when ``poll`` says the pipe is writable; results are
+read as far as they have arrived; a dead worker's pipe is drained of what is
+in it, never waited on for EOF (a child that fn started may hold it open);
+reaping happens only once a pidfd says the process has exited.  So the lock
+is held for at most one ``poll`` slice plus bookkeeping, and ``close()``,
+timeouts and Ctrl-C get it within a slice, everywhere.  (The alternative a
+reader would try, a blocking write under the lock, deadlocks as soon as a
+task and its result are both larger than a pipe's buffer: the parent waits
+for the worker to read while the worker waits for the parent to read.)
 
 Why not multiprocessing: its workers import the user's ``__main__`` (spawn,
 forkserver) or inherit TensorFlow's threads (fork, which can hang in the
@@ -37,35 +64,40 @@ for an iterator still alive at interpreter exit.
 
 What each actor does:
 - ``close(timeout)`` escalates across *all* workers at once, against one
-  deadline: (a) the pill: close every task pipe, so an idle worker reads EOF
+  deadline: (a) the pill: close every task pipe, so an idle worker sees EOF
   and exits 0.  A worker that still owes results is inside fn and would only
-  read the pill after its item, whose result nobody wants now, so it gets
+  see the pill after its item, whose result nobody wants now, so it gets
   SIGTERM at once; wait up to ``_PILL_GRACE_S`` for the idle ones; (b) SIGTERM
   whoever is left; wait up to ``_TERM_GRACE_S``; (c) SIGKILL whoever is left
-  (a worker whose fn handles SIGTERM); reap.  Then close every descriptor.
-  Signals go through pidfds, so a recycled pid is never hit.
+  (a worker whose fn handles SIGTERM); reap what has exited.  Then close every
+  descriptor.  Signals go through pidfds, so a recycled pid is never hit.
+  The loader calls it under its own lock, so no pass can start a new pool
+  while one is being closed.
 - The owner's normal exit: an ``atexit`` hook closes every pool still open.
   It is registered after ``multiprocessing``'s (we import it first), so it
   runs before multiprocessing's own exit handlers.  (``dataset()`` turns off
   TensorFlow's injected prefetch for the same reason: a TensorFlow thread
   inside the generator when the interpreter finalizes needs the GIL, Python
   ends it, and the iterator's destructor waits for it forever; see
-  tf_adapter.py.)  A loader that is garbage
-  collected closes its pool through ``weakref.finalize``.  Both are backstops.
+  tf_adapter.py.)  A loader that is garbage collected closes its pool through
+  ``weakref.finalize``; a pass holds its loader only weakly, so ``del loader``
+  is enough.  Both are backstops.
 - The owner's death (SIGKILL, SIGTERM, a crash): each worker set
   ``PR_SET_PDEATHSIG`` = SIGKILL at start and checked that its parent was
   still the one that started it; the kernel kills it when the parent *thread*
   that spawned it ends.  That is why a dedicated spawner thread, which lives
   as long as the pool, starts every worker: ``from_generator`` calls the
   generator on TensorFlow threads that come and go.  As a portable fallback
-  every worker watches a lifeline pipe whose only write end the owner holds:
-  EOF means the owner is gone.
+  every worker watches its task pipe for hang-up (only the owner holds the
+  write end): the owner is gone, or gave the pill.
 - Shared memory is anonymous (``memfd_create``, see slots.py): the kernel
   frees it with the last process that maps it, so no death leaves any.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
+import enum
 import json
 import os
 import queue
@@ -78,54 +110,97 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from multiprocessing import connection
-from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from . import messages
-from .messages import Task
-from .slots import SlotRing
+from . import messages, resources
+from .errors import MPLoaderError, WorkerDied, WorkerError
+from .messages import FrameReader, Ready, Result, StartFailed, Task
+from .slots import PACKING, SlotRing
 
 _PILL_GRACE_S = 0.25  # an idle worker exits on EOF within milliseconds
 _TERM_GRACE_S = 0.5   # SIGTERM's default action is immediate; this covers handlers
+_READ_BYTES = 1 << 20  # one read of a result pipe
+_READS_PER_WAKE = 16  # bounds one wake's reading while a worker keeps writing
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                      "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ``python -m`` and ``-c`` put the working directory first on sys.path, where a
+# stray module could shadow one the worker imports; the worker drops it first.
+_WORKER_MAIN = ("import sys\nif sys.path[:1] == ['']: del sys.path[0]\n"
+                "from mploader.worker import main\nsys.exit(main(sys.argv))")
 
 
-@dataclass(frozen=True)
-class Exited:
-    """Event: a worker process ended (``returncode`` as subprocess reports it)."""
-    returncode: int
+class State(enum.Enum):
+    """Where one worker is in its life; see the module docstring."""
+    STARTING = "starting"
+    READY = "ready"
+    KILLED = "killed"
+    DEAD = "dead"
+    RELEASED = "released"
+
+
+_LIVE = (State.STARTING, State.READY)
 
 
 @dataclass(frozen=True)
 class Outstanding:
     """A task sent to a worker whose Result has not been read yet."""
     task: Task
-    sent_at: float
+    payload: Any  # the sender's own record of it, handed back with its result or death
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """Why the pool killed a worker: source ``index`` ran ``elapsed`` s > ``limit``."""
+    index: int
+    elapsed: float
+    limit: float
 
 
 @dataclass(eq=False)
 class WorkerHandle:
-    """The parent's end of one worker: its process, pipes and slots."""
+    """The parent's end of one worker: its process, pipes, arena and state."""
     worker_id: int
     process: subprocess.Popen
     pidfd: int
-    tasks: Connection | None       # None once the pill was given
-    results: Connection
-    lifeline: int                  # write end; never written, see NOTE [Shutdown]
+    task_fd: int                   # -1 once the pill was given
+    result_fd: int                 # -1 once its EOF was read
     ring: SlotRing
-    # Invariant: holds exactly the tasks sent and not yet answered, in send
-    # order; the worker runs them in that order.
+    state: State = State.STARTING
+    # Invariant: holds exactly the tasks queued or sent and not yet answered,
+    # in send order; the worker runs them in that order.
     outstanding: dict[tuple[int, int], Outstanding] = field(default_factory=dict)
-    results_eof: bool = False
-    exited: bool = False
-    last_result_at: float = 0.0
+    outbound: bytearray = field(default_factory=bytearray)  # framed, not yet written
+    inbound: FrameReader = field(default_factory=FrameReader)
+    killed_for: Overdue | None = None
     busy_s: float = 0.0
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Event: a worker's Result.  Holding ``handle`` keeps the slot's memory valid."""
+    handle: WorkerHandle
+    result: Result
+    sent: Any                # the payload given to send(), None if unknown
+    wire_bytes: int          # size of the message on the pipe
+
+
+@dataclass(frozen=True)
+class Died:
+    """Event: a worker exited.  ``lost`` are the tasks it owed, in send order;
+    ``blamed`` the source indices it was running, of task ``blamed_key`` (empty
+    when it died between items); ``overdue`` is set when the pool killed it for
+    a timeout."""
+    handle: WorkerHandle
+    returncode: int
+    lost: tuple[Outstanding, ...]
+    blamed_key: tuple[int, int] | None
+    blamed: tuple[int, ...]
+    overdue: Overdue | None
 
 
 class _Spawner:
@@ -168,18 +243,24 @@ def _worker_env() -> dict[str, str]:
 
 
 class WorkerPool:
-    """Owns the worker processes of one loader; see NOTE [Shutdown] above."""
+    """Owns the worker processes of one loader; see the module docstring."""
 
     def __init__(self, num_workers: int, bootstrap: messages.Bootstrap,
-                 slots_per_worker: int, max_leases: int) -> None:
+                 slots_per_worker: int, max_leases: int, keep_free: int) -> None:
+        resources.check_workers(num_workers)
+        # The lock rule (NOTE [Shutdown]): held only across bounded waits; every
+        # descriptor touched under it is non-blocking.
         self.lock = threading.RLock()
         self.closing = False  # set before taking the lock in close(): consumers yield it
-        self._owner_pid = os.getpid()
-        self._bootstrap = messages.encode(bootstrap)
+        self.owner_pid = os.getpid()
+        self._failure: Callable[[], MPLoaderError] | None = None
+        self._bootstrap = messages.frame(bootstrap)
         self._slots = slots_per_worker
+        self._stride = resources.slot_stride(num_workers, slots_per_worker)
         self._max_leases = max_leases
+        self._keep_free = keep_free
         self._env = _worker_env()
-        self._spawner = _Spawner()
+        self._spawner: _Spawner | None = _Spawner()
         self.workers: list[WorkerHandle] = []
         self._poller = select.poll()
         self._watched: dict[int, WorkerHandle] = {}  # fd -> its worker, for wait()
@@ -192,118 +273,203 @@ class WorkerPool:
             raise
 
     def _start_worker(self, worker_id: int) -> WorkerHandle:
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
-        life_r, life_w = os.pipe()
-        ring = SlotRing(self._slots, self._max_leases, f"w{worker_id}")
-        config = {"worker_id": worker_id, "parent_pid": os.getpid(), "task_fd": task_r,
-                  "result_fd": result_w, "lifeline_fd": life_r, "slot_fds": ring.fds}
-        try:
+        """Spawn one worker; on any failure, everything made here is closed again."""
+        with contextlib.ExitStack() as undo:
+            task_r, task_w = os.pipe2(os.O_CLOEXEC)
+            undo.callback(os.close, task_r)
+            undo.callback(os.close, task_w)
+            result_r, result_w = os.pipe2(os.O_CLOEXEC)
+            undo.callback(os.close, result_r)
+            undo.callback(os.close, result_w)
+            ring = SlotRing(self._slots, self._stride, self._max_leases, self._keep_free,
+                            f"w{worker_id}")
+            undo.callback(ring.close)
+            config = {"worker_id": worker_id, "parent_pid": os.getpid(), "task_fd": task_r,
+                      "result_fd": result_w, "arena_fd": ring.fd, "slots": self._slots,
+                      "stride": self._stride}
             process = self._spawner.spawn(
-                args=[sys.executable, "-m", "mploader.worker", json.dumps(config)],
-                pass_fds=(task_r, result_w, life_r, *ring.fds), env=self._env,
+                args=[sys.executable, "-c", _WORKER_MAIN, json.dumps(config)],
+                pass_fds=(task_r, result_w, ring.fd), env=self._env,
                 stdin=subprocess.DEVNULL)
-        except BaseException:
-            for fd in (task_r, task_w, result_r, result_w, life_r, life_w):
-                os.close(fd)
-            ring.close()
-            raise
-        for fd in (task_r, result_w, life_r):  # the worker's ends
+            undo.callback(process.wait)
+            undo.callback(process.kill)
+            pidfd = os.pidfd_open(process.pid)
+            undo.pop_all()
+        for fd in (task_r, result_w):  # the worker's ends
             os.close(fd)
-        handle = WorkerHandle(worker_id, process, os.pidfd_open(process.pid),
-                              Connection(task_w, readable=False),
-                              Connection(result_r, writable=False), life_w, ring,
-                              last_result_at=time.monotonic())
-        self._watch(handle)
-        try:
-            handle.tasks.send_bytes(self._bootstrap)
-        except BrokenPipeError:
-            pass  # it died at start; its pidfd reports that as an Exited event
+        ring.close_fd()
+        for fd in (task_w, result_r):
+            os.set_blocking(fd, False)
+        handle = WorkerHandle(worker_id, process, pidfd, task_w, result_r, ring)
+        for fd in (result_r, pidfd):
+            self._poller.register(fd, select.POLLIN)
+            self._watched[fd] = handle
+        self._queue(handle, self._bootstrap)
         return handle
 
     # -- used by the consumer (passes.py), always under self.lock -----------------
 
     def live(self) -> list[WorkerHandle]:
-        return [h for h in self.workers if not h.exited]
+        """Workers that take tasks (STARTING or READY)."""
+        return [h for h in self.workers if h.state in _LIVE]
 
-    def send(self, handle: WorkerHandle, task: Task) -> None:
-        try:
-            data = messages.encode(task)
-        except Exception as exc:
-            raise TypeError(f"source index {_unpicklable(task)} cannot be pickled to "
-                            f"send to a worker: {exc}") from exc
-        handle.outstanding[task.key] = Outstanding(task, time.monotonic())
-        try:
-            handle.tasks.send_bytes(data)
-        except BrokenPipeError:
-            pass  # the worker died; wait() reports it with this task in flight
+    def any_pending(self) -> bool:
+        """True while some worker may still produce an event."""
+        return any(h.state in (*_LIVE, State.KILLED) for h in self.workers)
 
-    def wait(self, timeout: float) -> list[tuple[WorkerHandle, Any]]:
-        """Block up to ``timeout`` s for results or deaths: [(worker, message or Exited)].
+    def raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure()
 
-        One ``poll`` over every result pipe and pidfd, registered once per
-        worker (building a selector per call cost more than the rest of an
-        item's bookkeeping).  A readable pipe yields one message per call.
+    def send(self, handle: WorkerHandle, task: Task, payload: Any) -> None:
+        handle.outstanding[task.key] = Outstanding(task, payload)
+        self._queue(handle, messages.frame(task))
+
+    def _queue(self, handle: WorkerHandle, data: bytes) -> None:
+        handle.outbound += data
+        self._flush(handle)
+
+    def _flush(self, handle: WorkerHandle) -> None:
+        """Write what the task pipe takes now; poll for writability while bytes remain."""
+        if handle.outbound and handle.task_fd >= 0:
+            try:
+                del handle.outbound[:os.write(handle.task_fd, handle.outbound)]
+            except BlockingIOError:
+                pass
+            except OSError:  # the worker died: its pidfd reports it, with its tasks
+                handle.outbound.clear()
+        if handle.task_fd < 0:
+            return
+        if handle.outbound:
+            self._poller.register(handle.task_fd, select.POLLOUT)
+            self._watched[handle.task_fd] = handle
+        else:
+            self._unwatch(handle.task_fd)
+
+    def wait(self, timeout: float) -> list[Delivered | Died]:
+        """Wait up to ``timeout`` s; return the events that arrived, state already updated.
+
+        One ``poll`` over every result pipe, pidfd and task pipe with bytes to
+        send (building a selector per call cost more than the rest of an
+        item's bookkeeping).
         """
-        events: list[tuple[WorkerHandle, Any]] = []
+        events: list[Delivered | Died] = []
         for fd, _mask in self._poller.poll(timeout * 1000):
             handle = self._watched.get(fd)
-            if handle is None or handle.exited:
+            if handle is None or handle.state not in (*_LIVE, State.KILLED):
                 continue  # its pidfd and pipe were both ready: already handled
-            if fd == handle.pidfd:
-                # Results sent before a death are reported first, then the death.
-                events.extend((handle, message) for message in self._drain(handle))
-                events.append((handle, self._exited(handle)))
-                continue
-            try:
-                events.append((handle, messages.decode(handle.results.recv_bytes())))
-            except (EOFError, OSError):
-                # The worker is exiting; its pidfd reports the exit.
-                handle.results_eof = True
-                self._unwatch(handle.results.fileno())
+            if fd == handle.task_fd:
+                self._flush(handle)
+            elif fd == handle.pidfd:
+                events.extend(self._read(handle))
+                events.append(self._on_exit(handle))
+            else:
+                events.extend(self._read(handle))
         return events
 
-    def _watch(self, handle: WorkerHandle) -> None:
-        for fd in (handle.results.fileno(), handle.pidfd):
-            self._poller.register(fd, select.POLLIN)
-            self._watched[fd] = handle
+    def _read(self, handle: WorkerHandle) -> list[Delivered]:
+        """Every whole message that has arrived from ``handle``; never blocks."""
+        events = []
+        for _ in range(_READS_PER_WAKE):
+            if handle.result_fd < 0:
+                break
+            try:
+                data = os.read(handle.result_fd, _READ_BYTES)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:  # EOF: the worker is exiting; its pidfd reports the exit
+                self._unwatch(handle.result_fd)
+                os.close(handle.result_fd)
+                handle.result_fd = -1
+                break
+            for message, size in handle.inbound.feed(data):
+                event = self._on_message(handle, message, size)
+                if event is not None:
+                    events.append(event)
+        return events
 
-    def _unwatch(self, fd: int) -> None:
-        if self._watched.pop(fd, None) is not None:
-            self._poller.unregister(fd)
+    def _on_message(self, handle: WorkerHandle, message: Any, size: int) -> Delivered | None:
+        if isinstance(message, Result):
+            sent = handle.outstanding.pop(message.key, None)
+            handle.busy_s += message.busy_s
+            handle.ring.grown(message.slot, message.capacity)
+            return Delivered(handle, message, sent.payload if sent else None, size)
+        if isinstance(message, Ready):
+            if handle.state is State.STARTING:
+                handle.state = State.READY
+            return None
+        assert isinstance(message, StartFailed), message
+        f, worker_id = message.failure, handle.worker_id
+        self._failure = lambda: WorkerError(f.exc_type, f.message, f.traceback, worker_id, None)
+        return None
 
-    def _exited(self, handle: WorkerHandle) -> Exited:
-        handle.exited = True
-        self._unwatch(handle.results.fileno())
-        self._unwatch(handle.pidfd)
-        return Exited(handle.process.wait())
+    def _on_exit(self, handle: WorkerHandle) -> Died:
+        """A live or KILLED worker's process has exited (its pidfd is readable)."""
+        was = handle.state
+        returncode = handle.process.wait()  # the pidfd said it exited: no blocking
+        lost = tuple(handle.outstanding.values())
+        blamed_key, blamed = self._blame(handle, lost)
+        for sent in lost:
+            handle.ring.release(sent.task.slot)
+        handle.outstanding.clear()
+        handle.outbound.clear()
+        handle.state = State.DEAD
+        for fd in (handle.result_fd, handle.pidfd, handle.task_fd):
+            self._unwatch(fd)
+        if was is State.STARTING and self._failure is None:
+            worker_id, pid = handle.worker_id, handle.pid
+            self._failure = lambda: WorkerDied(
+                worker_id, pid, returncode, (),
+                detail="it died before it was ready (starting the interpreter, "
+                       "unpickling fn or running worker_init); its stderr says why")
+        return Died(handle, returncode, lost, blamed_key, blamed, handle.killed_for)
 
     @staticmethod
-    def _drain(handle: WorkerHandle) -> list[Any]:
-        """Every message left in the pipe of a worker that has exited (no blocking:
-        its write end is closed, so reads end in EOF)."""
-        found = []
-        while not handle.results_eof:
-            try:
-                found.append(messages.decode(handle.results.recv_bytes()))
-            except (EOFError, OSError):
-                handle.results_eof = True
-        return found
+    def _blame(handle: WorkerHandle, lost: tuple[Outstanding, ...]
+               ) -> tuple[tuple[int, int] | None, tuple[int, ...]]:
+        """(task key, source indices) the worker was running when it died, from
+        its status page; the whole task if it died laying out the results."""
+        key, index, _started = handle.ring.status.read()
+        for sent in lost:
+            if sent.task.key == key:
+                if index >= 0:
+                    return key, (index,)
+                if index == PACKING:
+                    return key, sent.task.indices
+        return None, ()
 
-    def kill(self, handle: WorkerHandle) -> int:
-        """SIGKILL one worker and reap it; returns its returncode."""
-        if not handle.exited:
-            _signal(handle, signal.SIGKILL)
-            return self._exited(handle).returncode
-        return handle.process.wait()
+    def kill_overdue(self, limit: float) -> None:
+        """SIGKILL every worker whose current item has run over ``limit`` s.
+
+        Ready starts nothing: the clock is the item's own start, which the
+        worker writes to its status page, so start-up and ``worker_init`` never
+        count, and a chunk of tiny items gets ``limit`` per item.  The exit
+        arrives as a Died event carrying the reason.
+        """
+        now = time.monotonic_ns()
+        for handle in self.workers:
+            if handle.state is not State.READY or not handle.outstanding:
+                continue
+            key, index, started = handle.ring.status.read()
+            elapsed = (now - started) / 1e9
+            if index >= 0 and key in handle.outstanding and elapsed > limit:
+                handle.killed_for = Overdue(index, elapsed, limit)
+                handle.state = State.KILLED
+                _signal(handle, signal.SIGKILL)
 
     def replace(self, handle: WorkerHandle) -> WorkerHandle:
-        """Start a new worker with the same id in place of a dead one."""
-        self.kill(handle)
+        """Start a new worker with the same id in place of a DEAD one."""
+        assert handle.state is State.DEAD, handle.state
         _release(handle)
         fresh = self._start_worker(handle.worker_id)
         self.workers[self.workers.index(handle)] = fresh
         return fresh
+
+    def _unwatch(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None:
+            self._poller.unregister(fd)
 
     def pids(self) -> list[int]:
         return [h.pid for h in self.live()]
@@ -312,14 +478,15 @@ class WorkerPool:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every worker within ``timeout`` seconds; idempotent, any thread."""
-        if os.getpid() != self._owner_pid:
+        if os.getpid() != self.owner_pid:
             return  # a forked child: the workers belong to the parent
         self.closing = True
         with self.lock:
             if self._spawner is None:
                 return
             deadline = time.monotonic() + timeout
-            for handle in self.workers:
+            running = [h for h in self.workers if h.state is not State.RELEASED]
+            for handle in running:
                 _give_pill(handle)
                 if handle.outstanding:
                     _signal(handle, signal.SIGTERM)
@@ -328,32 +495,24 @@ class WorkerPool:
                 (min(_TERM_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGKILL)),
             ]
             for grace, escalate in steps:
-                for handle in _wait_exit(self.workers, time.monotonic() + grace):
+                for handle in _wait_exit(running, time.monotonic() + grace):
                     escalate(handle)
-            _wait_exit(self.workers, deadline)
+            _wait_exit(running, deadline)
             for fd in list(self._watched):
                 self._unwatch(fd)
-            for handle in self.workers:
+            for handle in running:
+                handle.state = State.DEAD
                 _release(handle)
             self._spawner.stop()
             self._spawner = None
             _open_pools.discard(self)
 
 
-def _unpicklable(task: Task) -> int:
-    """The first source index of ``task`` whose item pickle refuses."""
-    for index, item in zip(task.indices, task.items):
-        try:
-            messages.encode(item)
-        except Exception:  # noqa: BLE001 - the culprit
-            return index
-    return task.indices[0]
-
-
 def _give_pill(handle: WorkerHandle) -> None:
-    if handle.tasks is not None:
-        handle.tasks.close()
-        handle.tasks = None
+    if handle.task_fd >= 0:
+        os.close(handle.task_fd)
+        handle.task_fd = -1
+    handle.outbound.clear()
 
 
 def _signal(handle: WorkerHandle, signum: int) -> None:
@@ -373,15 +532,16 @@ def _wait_exit(handles: list[WorkerHandle], deadline: float) -> list[WorkerHandl
 
 
 def _release(handle: WorkerHandle) -> None:
-    """Close the parent's descriptors of a worker that has exited (or is killed)."""
+    """DEAD -> RELEASED: close the parent's descriptors of a worker that has exited
+    (or could not be stopped within the deadline: the kernel reaps it with us)."""
     _give_pill(handle)
-    if handle.pidfd >= 0:
-        handle.process.poll()
-        handle.results.close()
-        for fd in (handle.pidfd, handle.lifeline):
+    handle.process.poll()
+    for fd in (handle.result_fd, handle.pidfd):
+        if fd >= 0:
             os.close(fd)
-        handle.pidfd = handle.lifeline = -1
-        handle.ring.close()
+    handle.result_fd = handle.pidfd = -1
+    handle.ring.close()
+    handle.state = State.RELEASED
 
 
 _open_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()

@@ -1,16 +1,26 @@
 """The shared-memory slot ring: where results live between a worker and the consumer.
 
-Each worker owns a fixed ring of slots.  A slot is an anonymous memory file
-(``os.memfd_create``) created by the parent and inherited by the worker at
-start, so it has no name in ``/dev/shm``: nothing can be left there, even after
-SIGKILL of every process, and Docker's 64 MB ``/dev/shm`` does not cap it.  The
-memory is freed by the kernel when the last descriptor and mapping are gone.
+Each worker owns one anonymous memory file (``os.memfd_create``), its *arena*,
+created by the parent and inherited by the worker at start, so it has no name
+in ``/dev/shm``: nothing can be left there, even after SIGKILL of every
+process, and Docker's 64 MB ``/dev/shm`` does not cap it.  The kernel frees
+it with the last descriptor and mapping.  Layout::
+
+    [ status page | slot 0 ... | slot 1 ... | ... ]      slot i at HEADER_BYTES + i * stride
+
+The file is sparse: its size only reserves address space; memory is used by
+the bytes a worker reserves (``posix_fallocate``) for results.  The parent maps
+the whole arena once, so a worker costs the parent one descriptor for all its
+slots (the mapping's own), whatever ``prefetch`` is (see resources.py).
+
+The status page holds what the worker is doing now (:class:`Status`), so the
+parent can time each item and blame the right one when a worker dies, without
+a message per item.
 
 Ownership contract (who may touch a slot, and when):
 
     FREE   --parent assigns it to a Task-->            BUSY (worker writes it)
-    BUSY   --Result read, pass abandoned-->            FREE
-    BUSY   --Result yielded as a copy-->               FREE
+    BUSY   --Result dropped, or yielded as a copy-->   FREE
     BUSY   --Result yielded as views (a lease)-->      LEASED
     LEASED --last view of the result is collected-->   FREE
 
@@ -21,18 +31,21 @@ result has as its ``base``; the callback only puts the slot number on a
 ``SimpleQueue``, which is safe from any thread and from inside a garbage
 collection.  At most ``max_leases`` slots, holding at most
 ``LEASE_BUDGET_BYTES``, are leased at once; further results are copied out,
-so a consumer that hoards results (a shuffle buffer, a list) can never starve
-a worker of slots (``slots = prefetch + max_leases``) nor pin much memory.
-TensorFlow drops its references to the arrays it was given some time after
-the tensors die, so a few leases are needed for results to flow without copies.
+so a consumer that hoards results can never starve a worker of slots nor pin
+much memory.
 
-Slots cost nothing until they grow.  Free slots are reused last-in first-out,
-so only as many slots grow as are in use at once, not the whole ring.
+Results keep their memory valid: a Result waiting to be handed out holds its
+worker's handle, and so this ring and its mapping.  Closing the ring (its
+worker died or was replaced) only stops reuse; the mapping goes when the last
+result or view of it does.
 
-A slot grows when a result does not fit: the worker grows the file with
-``ftruncate`` and reserves it with ``posix_fallocate``, so a memory shortage
-is an ``OSError`` naming the size (never a SIGBUS on first write), and reports
-the new capacity in its Result; the parent maps the larger file then.
+Memory: free slots are reused last-in first-out, so only as many slots hold
+memory as are in use at once; beyond ``keep_free`` reserved free slots, the
+least recently used ones give their memory back (``MADV_REMOVE``), so a burst
+(one slow item in ordered output lets the others run ahead) does not stay
+reserved.  A worker grows a slot when a result does not fit, reserving it with
+``posix_fallocate`` so a shortage is an ``OSError`` naming the size (never a
+SIGBUS on first write).
 """
 from __future__ import annotations
 
@@ -44,30 +57,84 @@ from typing import Any
 
 import numpy as np
 
-from .layout import Write, unpack
+from .layout import UnsupportedResult, Write, unpack
 
 PAGE_BYTES = mmap.PAGESIZE
+HEADER_BYTES = PAGE_BYTES
 _NO_BYTES = np.empty(0, np.uint8)  # the region of a result that has no arrays
 LEASE_BUDGET_BYTES = 128 << 20  # per worker: results handed out as views, at most
 
+# Status words (int64) at the start of the arena.  The worker is the only
+# writer; the parent reads with a sequence check (a seqlock: odd while writing).
+_SEQ, _PASS, _TASK, _INDEX, _STARTED_NS = range(5)
+IDLE = -1      # _INDEX: between tasks
+PACKING = -2   # _INDEX: laying out a task's results
+_READ_TRIES = 1000  # a write takes well under a microsecond; a dead writer never finishes
 
-def _map(fd: int, size: int) -> np.ndarray:
-    """A writable uint8 array over the first ``size`` bytes of ``fd``."""
-    return np.frombuffer(mmap.mmap(fd, size), dtype=np.uint8)
+
+class Status:
+    """The worker's status page, seen from either side."""
+
+    def __init__(self, buffer: Any) -> None:
+        self._words = memoryview(buffer)[:HEADER_BYTES].cast("q")
+
+    def set(self, key: tuple[int, int], index: int, started_ns: int) -> None:
+        """(worker) Now running ``index`` of task ``key`` (or IDLE, PACKING)."""
+        words = self._words
+        words[_SEQ] += 1
+        words[_PASS], words[_TASK] = key
+        words[_INDEX], words[_STARTED_NS] = index, started_ns
+        words[_SEQ] += 1
+
+    def read(self) -> tuple[tuple[int, int], int, int]:
+        """(parent) (task key, index or IDLE/PACKING, started at, monotonic ns)."""
+        words = self._words
+        for _ in range(_READ_TRIES):
+            seq = words[_SEQ]
+            found = ((words[_PASS], words[_TASK]), words[_INDEX], words[_STARTED_NS])
+            if seq % 2 == 0 and words[_SEQ] == seq:
+                break
+        return found  # after _READ_TRIES, a worker that died mid-write: best effort
+
+    def release(self) -> None:
+        self._words.release()
+
+
+def _map(fd: int, size: int, offset: int = 0) -> mmap.mmap:
+    return mmap.mmap(fd, size, offset=offset)
 
 
 class SlotRing:
-    """The parent's side of one worker's slots (see the module docstring)."""
+    """The parent's side of one worker's arena (see the module docstring)."""
 
-    def __init__(self, count: int, max_leases: int, label: str) -> None:
-        self.fds = [os.memfd_create(f"mploader-{label}-slot{i}", os.MFD_CLOEXEC)
-                    for i in range(count)]
+    def __init__(self, count: int, stride: int, max_leases: int, keep_free: int,
+                 label: str) -> None:
+        self.stride = stride
+        self.fd = os.memfd_create(f"mploader-{label}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, HEADER_BYTES + count * stride)
+            self._arena: mmap.mmap | None = _map(self.fd, HEADER_BYTES + count * stride)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.status = Status(self._arena)
+        self.status.set((0, 0), IDLE, 0)
         self.max_leases = max_leases
-        self._maps: list[mmap.mmap | None] = [None] * count
+        self._keep_free = keep_free
+        self.capacity = [0] * count  # bytes reserved per slot, as the worker last reported
         self._free = list(range(count - 1, -1, -1))  # a stack: see the docstring
         self._leases: dict[int, tuple[weakref.ref, int]] = {}  # slot -> (ref, bytes)
         self._leased_bytes = 0
         self._returned: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._busy: set[int] = set()  # Invariant: slots handed to a task and not yet FREE or LEASED
+        self._closed = False
+
+    def close_fd(self) -> None:
+        """Close the parent's descriptor once the worker has its copy (the
+        mapping keeps its own)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _collect_returned(self) -> None:
         if self._returned.empty():  # the common case, without raising queue.Empty
@@ -78,40 +145,56 @@ class SlotRing:
             except queue.Empty:
                 return
             self._leased_bytes -= self._leases.pop(slot)[1]
-            self._free.append(slot)
+            self.release(slot)
 
     def acquire(self) -> int | None:
         """A FREE slot made BUSY, or None when every slot is BUSY or LEASED."""
         self._collect_returned()
-        return self._free.pop() if self._free else None
+        if not self._free or self._closed:
+            return None
+        slot = self._free.pop()
+        self._busy.add(slot)
+        return slot
 
     def release(self, slot: int) -> None:
-        """BUSY -> FREE, for a result that was dropped or copied out."""
+        """BUSY or LEASED -> FREE, for a result that was dropped or copied out."""
+        self._busy.discard(slot)
+        if self._closed:
+            if not self._busy:
+                self._unmap()
+            return
         self._free.append(slot)
+        reserved = [s for s in self._free if self.capacity[s]]
+        for idle in reserved[:max(0, len(reserved) - self._keep_free)]:  # least recent first
+            self._arena.madvise(mmap.MADV_REMOVE, self.offset(idle), self.capacity[idle])
+            self.capacity[idle] = 0
 
-    def open_result(self, slot: int, capacity: int, tree: Any, copy: bool = False) -> Any:
+    def offset(self, slot: int) -> int:
+        return HEADER_BYTES + slot * self.stride
+
+    def grown(self, slot: int, capacity: int) -> None:
+        """The worker reports the slot's reservation after writing a result."""
+        self.capacity[slot] = capacity
+
+    def open_result(self, slot: int, nbytes: int, tree: Any, copy: bool = False) -> Any:
         """Materialise a BUSY slot's result: as views under a lease, else (or
         with ``copy``) as a copy, and the slot is FREE again at once."""
-        if capacity == 0:  # nothing was ever written: the result has no arrays
+        if nbytes == 0:  # the result has no arrays
             self.release(slot)
             return unpack(tree, _NO_BYTES, copy=True)
-        mapping = self._maps[slot]
-        if mapping is None or len(mapping) < capacity:
-            # The worker grew the slot.  The old mapping is dropped, not closed:
-            # it is unmapped when nothing refers to it any more.
-            mapping = self._maps[slot] = mmap.mmap(self.fds[slot], capacity)
         # A fresh array straight over the mapping: numpy makes it the ``base``
         # of every view below, so its death means the result is unreachable.
-        anchor = np.frombuffer(mapping, dtype=np.uint8, count=capacity)
+        anchor = np.frombuffer(self._arena, dtype=np.uint8, count=nbytes, offset=self.offset(slot))
         self._collect_returned()
-        if (copy or len(self._leases) >= self.max_leases
-                or self._leased_bytes + capacity > LEASE_BUDGET_BYTES):
+        if (copy or self._closed or len(self._leases) >= self.max_leases
+                or self._leased_bytes + nbytes > LEASE_BUDGET_BYTES):
             value = unpack(tree, anchor, copy=True)
             self.release(slot)
             return value
         returned = self._returned
-        self._leases[slot] = (weakref.ref(anchor, lambda _ref: returned.put(slot)), capacity)
-        self._leased_bytes += capacity
+        self._busy.discard(slot)
+        self._leases[slot] = (weakref.ref(anchor, lambda _ref: returned.put(slot)), nbytes)
+        self._leased_bytes += nbytes
         return unpack(tree, anchor, copy=False)
 
     @property
@@ -119,49 +202,67 @@ class SlotRing:
         self._collect_returned()
         return len(self._leases)
 
-    def mapped_bytes(self) -> int:
-        return sum(len(m) for m in self._maps if m is not None)
+    def reserved_bytes(self) -> int:
+        return sum(self.capacity)
 
     def close(self) -> None:
-        """Close the descriptors; mappings still leased stay valid until collected."""
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        self._maps = []
+        """No more reuse.  The mapping stays valid while a result waiting to be
+        handed out (a BUSY slot) or a leased view uses it, and goes, with its
+        descriptor, when the last of them does."""
+        self.close_fd()
+        self._closed = True
+        if not self._busy:
+            self._unmap()
+
+    def _unmap(self) -> None:
+        if self._arena is None:
+            return
+        self.status.release()
+        try:
+            self._arena.close()
+        except BufferError:
+            pass  # leased views still export it: unmapped when the last one dies
+        self._arena = None
 
 
 class SlotWriter:
     """The worker's side: write a laid-out result into a slot, growing it if needed."""
 
-    def __init__(self, fds: list[int]) -> None:
-        self._fds = fds
-        self._maps: list[np.ndarray | None] = [None] * len(fds)
+    def __init__(self, fd: int, count: int, stride: int) -> None:
+        self._fd = fd
+        self._stride = stride
+        self._maps: list[np.ndarray | None] = [None] * count
+        self.status = Status(_map(fd, HEADER_BYTES))
 
-    def capacity(self, slot: int) -> int:
+    def write(self, slot: int, capacity: int, writes: list[Write], nbytes: int) -> int:
+        """Copy ``writes`` into ``slot`` (``capacity`` bytes reserved); returns
+        the reservation afterwards."""
+        if nbytes > capacity:
+            capacity = self._reserve(slot, nbytes)
         region = self._maps[slot]
-        return 0 if region is None else region.size
-
-    def write(self, slot: int, writes: list[Write], nbytes: int) -> int:
-        """Copy ``writes`` into ``slot``; returns the slot's capacity afterwards."""
-        if nbytes > self.capacity(slot):
-            self._grow(slot, nbytes)
-        region = self._maps[slot]
+        if region is None or region.size < nbytes:
+            self._maps[slot] = None  # drop the old mapping before making the new one
+            region = self._maps[slot] = np.frombuffer(
+                _map(self._fd, capacity, HEADER_BYTES + slot * self._stride), dtype=np.uint8)
         for offset, array in writes:
             np.copyto(np.ndarray(array.shape, array.dtype, buffer=region, offset=offset),
                       array, casting="no")
-        return self.capacity(slot)
+        return capacity
 
-    def _grow(self, slot: int, nbytes: int) -> None:
+    def _reserve(self, slot: int, nbytes: int) -> int:
+        if nbytes > self._stride:
+            raise UnsupportedResult(
+                f"the result needs {nbytes} bytes of shared memory, more than a slot "
+                f"of this loader holds ({self._stride} bytes, set by how many workers "
+                "and slots share the address space); return less per item, or use "
+                "fewer workers")
         # An eighth of headroom, so results that vary a little in size do not
         # regrow the slot every time.
-        size = -(-(nbytes + nbytes // 8) // PAGE_BYTES) * PAGE_BYTES
-        fd = self._fds[slot]
-        os.ftruncate(fd, size)
+        size = min(self._stride, -(-(nbytes + nbytes // 8) // PAGE_BYTES) * PAGE_BYTES)
         try:
-            os.posix_fallocate(fd, 0, size)
+            os.posix_fallocate(self._fd, HEADER_BYTES + slot * self._stride, size)
         except OSError as exc:
             raise MemoryError(
                 f"cannot reserve {size} bytes of shared memory for a result "
                 f"({exc.strerror}); results need {nbytes} bytes each") from None
-        self._maps[slot] = None  # drop the old mapping before making the new one
-        self._maps[slot] = _map(fd, size)
+        return size

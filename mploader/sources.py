@@ -8,6 +8,7 @@ their source index.  A ``tf.data.Dataset`` is read as numpy
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,9 @@ class Source:
         self._one_shot = False
         self._read = False  # a one-shot iterator was handed to a pass or to first()
         self._pushed_back: list[Any] = []
+        if isinstance(source, (str, bytes, os.PathLike)):
+            raise TypeError(f"source={source!r} is a single path; a source is a collection "
+                            f"of items: pass [{source!r}] for one item")
         if isinstance(source, bool):
             raise TypeError("source must be a sequence, an int, an iterable or a "
                             "tf.data.Dataset, not a bool")
@@ -56,25 +60,26 @@ class Source:
         if self.length is not None:
             return (source[i] for i in range(self.length))
         if self._one_shot:
-            if self._read:
-                raise RuntimeError(
-                    "the source is an iterator (a generator?), which can be read only "
-                    "once, and a pass already read it; give MPLoader a sequence or a "
-                    "re-iterable object to iterate it more than once")
+            self._check_unread()
             self._read = True
             pushed, self._pushed_back = self._pushed_back, []
             return itertools.chain(pushed, source)
         return iter(source)
 
-    def first(self) -> Any:
-        """Item 0, without losing it from a one-shot iterator."""
-        items = self.items()
-        try:
-            item = next(items)
-        except StopIteration:
-            raise ValueError("the source is empty: there is no first item to infer "
-                             "output_signature from; pass output_signature") from None
-        if self._one_shot:
-            self._read = False  # the next pass may read it: item 0 goes first
-            self._pushed_back = [item]
-        return item
+    def _check_unread(self) -> None:
+        if self._read:
+            raise RuntimeError(
+                "the source is an iterator (a generator?), which can be read only "
+                "once, and a pass already read it; give MPLoader a sequence or a "
+                "re-iterable object to iterate it more than once")
+
+    def head(self, count: int) -> list[Any]:
+        """The first ``count`` items (fewer if the source is shorter), without
+        losing them from a one-shot iterator: they go first in the next pass."""
+        if not self._one_shot:
+            return list(itertools.islice(self.items(), count))
+        self._check_unread()
+        missing = count - len(self._pushed_back)
+        if missing > 0:
+            self._pushed_back += itertools.islice(self._source, missing)
+        return self._pushed_back[:count]

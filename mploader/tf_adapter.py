@@ -45,7 +45,7 @@ def make_dataset(loader: Any) -> Any:
     signature = loader.output_signature or infer_signature(loader)
 
     def generate() -> Iterator[Any]:
-        one_pass = iter(loader)
+        one_pass = loader._iterate(route_interrupts=True)
         try:
             yield from one_pass
         finally:
