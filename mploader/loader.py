@@ -103,9 +103,9 @@ class MPLoader:
         _check(on_worker_death in ("raise", "restart"),
                f"on_worker_death must be 'raise' or 'restart', not {on_worker_death!r}")
         _check(timeout is None or (isinstance(timeout, numbers.Real) and timeout > 0),
-               f"timeout must be a number of seconds > 0, or None, not {timeout!r}")
+               f"timeout must be > 0 (seconds) or None, not {timeout!r}")
         _check(isinstance(close_timeout, numbers.Real) and close_timeout > 0,
-               f"close_timeout must be a number of seconds > 0, not {close_timeout!r}")
+               f"close_timeout must be > 0 (seconds), not {close_timeout!r}")
         _check(seed is None or isinstance(seed, numbers.Integral),
                f"seed must be an int or None, not {seed!r}")
         seed = None if seed is None else int(seed)

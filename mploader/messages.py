@@ -164,44 +164,59 @@ def write_frame(fd: int, message: object) -> None:
         view = view[os.write(fd, view):]
 
 
-class ItemEncoder:
-    """Each item's own cloudpickle, back to back, and where each ends.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
-    One pickler for a whole chunk (making one costs more than pickling a small
-    item); its memo is cleared between items so each decodes alone.
+
+class ItemEncoder:
+    """Each item's own pickle, back to back, and where each ends.
+
+    One cloudpickler for a whole chunk (making one costs more than pickling a
+    small item); its memo is cleared between items so each decodes alone.
+    Items of plain types decode anywhere, so they take plain pickle, five
+    times cheaper.
     """
 
     def __init__(self) -> None:
         self._out = io.BytesIO()
-        self._pickler = cloudpickle.CloudPickler(self._out, protocol=PROTOCOL)
+        self._pickler: cloudpickle.CloudPickler | None = None
         self._ends: list[int] = []
 
-    @property
-    def size(self) -> int:
-        return self._out.tell()
+    def add(self, items: list[Any], max_bytes: float) -> int:
+        """Append items until ``max_bytes`` are reached; returns how many were taken.
 
-    def add(self, item: Any) -> None:
-        """Append ``item``; raises ItemNotPicklable (the chunk is unchanged then)."""
-        start = self._out.tell()
+        Raises ItemNotPicklable naming the item's position in ``items``.
+        """
+        out, ends, dumps = self._out, self._ends, pickle.dumps
+        for position, item in enumerate(items):
+            if out.tell() >= max_bytes:
+                return position
+            if type(item) in _PLAIN:
+                out.write(dumps(item, PROTOCOL))
+            else:
+                self._add_by_value(item, position)
+            ends.append(out.tell())
+        return len(items)
+
+    def _add_by_value(self, item: Any, position: int) -> None:
+        if self._pickler is None:
+            self._pickler = cloudpickle.CloudPickler(self._out, protocol=PROTOCOL)
         try:
             self._pickler.dump(item)
         except Exception as exc:
-            self._out.seek(start)
-            self._out.truncate()
-            raise ItemNotPicklable(exc) from exc
+            raise ItemNotPicklable(position, exc) from exc
         finally:
             self._pickler.clear_memo()
-        self._ends.append(self._out.tell())
 
     def finish(self) -> tuple[bytes, tuple[int, ...]]:
         return self._out.getvalue(), tuple(self._ends)
 
 
 class ItemNotPicklable(TypeError):
-    """An item cannot be pickled (the message says why)."""
+    """Item ``position`` of a chunk cannot be pickled (the message says why)."""
 
-    def __init__(self, cause: Exception) -> None:
+    def __init__(self, position: int, cause: Exception) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
+        self.position = position
 
 
 def decode_item(task: Task, position: int) -> Any:

@@ -21,7 +21,7 @@ one round trip on that much work.  Results of a chunk are copied out; a
 single item's result can be handed out as views of the slot (see slots.py).
 
 Ordered output waits for the oldest task; the others may run ahead of it by
-at most ``prefetch`` tasks per worker, so one slow item cannot make the fast
+at most ``2 * prefetch`` tasks per worker, so one slow item cannot make the fast
 workers fill every slot with results nobody can take yet.
 
 A pass holds its loader only weakly (the loader holds its current pass), so
@@ -118,7 +118,7 @@ class Pass(Iterator[Any]):
         self._skipped = skipped   # None: skips are not recorded (a probe)
         self._discard_pool = weakref.WeakMethod(discard_pool)  # see the module docstring
         self._route_interrupts = route_interrupts
-        self._window = options.prefetch * max(1, len(pool.workers))
+        self._window = 2 * options.prefetch * max(1, len(pool.workers))
         self._chunk_items = options.batch_size or 1  # grows for tiny unbatched items
         # Moving averages of worker time and bytes per item; the time starts
         # high, so chunks grow only after several quick items in a row.
@@ -140,7 +140,7 @@ class Pass(Iterator[Any]):
     # -- iteration ---------------------------------------------------------------
 
     def __next__(self) -> Any:
-        if os.getpid() != self._pool.owner_pid:
+        if _forked and os.getpid() != self._pool.owner_pid:
             raise RuntimeError(
                 f"this MPLoader's workers belong to process {self._pool.owner_pid}; a "
                 "forked child cannot use them.  Create a new MPLoader in the child")
@@ -178,6 +178,8 @@ class Pass(Iterator[Any]):
                 return found[0]
             in_flight = self._in_flight()
             if self._source_done and not self._retry and not self._ready and not in_flight:
+                for handle in self._pool.live():
+                    handle.ring.shrink()  # the pass's bursts are over (see slots.py)
                 raise StopIteration
             if not self._pool.any_pending():
                 raise MPLoaderError("no worker of this loader is alive, and the pass has "
@@ -216,19 +218,18 @@ class Pass(Iterator[Any]):
             return self._retry.popleft()
         if self._source_done:
             return None
-        batched = self._opt.batch_size is not None
-        encoder, items = ItemEncoder(), []
-        while len(items) < self._chunk_items and (batched or encoder.size < _MAX_TASK_BYTES):
-            item = next(self._items, _END)
-            if item is _END:
-                self._source_done = True
-                break
-            try:
-                encoder.add(item)
-            except ItemNotPicklable as exc:
-                raise TypeError(f"source index {self._next_index + len(items)} cannot be "
-                                f"pickled to send to a worker: {exc}") from exc
-            items.append(item)
+        items = list(itertools.islice(self._items, self._chunk_items))
+        encoder = ItemEncoder()
+        try:  # a batch is batch_size items, whatever their bytes
+            taken = encoder.add(items, math.inf if self._opt.batch_size else _MAX_TASK_BYTES)
+        except ItemNotPicklable as exc:
+            raise TypeError(f"source index {self._next_index + exc.position} cannot be "
+                            f"pickled to send to a worker: {exc}") from exc
+        if taken < len(items):  # enough bytes for one task: the rest go in the next
+            self._items = itertools.chain(items[taken:], self._items)
+            items = items[:taken]
+        elif len(items) < self._chunk_items:
+            self._source_done = True
         if not items or (self._opt.drop_remainder and len(items) < self._chunk_items):
             self._source_done = True
             return None
@@ -380,7 +381,15 @@ class Pass(Iterator[Any]):
         self._stats.restarts += 1
 
 
-_END = object()  # the source is exhausted
+_forked = False  # True in a child forked from this process: only then ask for the pid
+
+
+def _note_fork() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
 
 
 def _named(failure: Failure, chunk: Chunk | None) -> Failure:

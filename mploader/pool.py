@@ -119,7 +119,7 @@ from .slots import PACKING, SlotRing
 
 _PILL_GRACE_S = 0.25  # an idle worker exits on EOF within milliseconds
 _TERM_GRACE_S = 0.5   # SIGTERM's default action is immediate; this covers handlers
-_READ_BYTES = 1 << 20  # one read of a result pipe
+_READ_BYTES = 64 << 10  # a pipe's default capacity; small enough to come from the heap, not fresh pages
 _READS_PER_WAKE = 16  # bounds one wake's reading while a worker keeps writing
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                      "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")

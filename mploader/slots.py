@@ -40,10 +40,12 @@ worker died or was replaced) only stops reuse; the mapping goes when the last
 result or view of it does.
 
 Memory: free slots are reused last-in first-out, so only as many slots hold
-memory as are in use at once; beyond ``keep_free`` reserved free slots, the
-least recently used ones give their memory back (``MADV_REMOVE``), so a burst
-(one slow item in ordered output lets the others run ahead) does not stay
-reserved.  A worker grows a slot when a result does not fit, reserving it with
+memory as are in use at once.  Beyond ``keep_free`` reserved free slots, the
+least recently used ones give their memory back (``MADV_REMOVE``) once idle for
+``IDLE_SHRINK_S``, and at the end of every pass, so a burst (the consumer held
+many results at once, or one slow item let the others run ahead) does not
+stay reserved; the delay keeps a steady stream from refaulting fresh pages,
+which costs far more than the copy into them.  A worker grows a slot when a result does not fit, reserving it with
 ``posix_fallocate`` so a shortage is an ``OSError`` naming the size (never a
 SIGBUS on first write).
 """
@@ -52,6 +54,7 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+import time
 import weakref
 from typing import Any
 
@@ -63,6 +66,7 @@ PAGE_BYTES = mmap.PAGESIZE
 HEADER_BYTES = PAGE_BYTES
 _NO_BYTES = np.empty(0, np.uint8)  # the region of a result that has no arrays
 LEASE_BUDGET_BYTES = 128 << 20  # per worker: results handed out as views, at most
+IDLE_SHRINK_S = 2.0  # a spare slot unused this long gives its memory back (refaulting is slow)
 
 # Status words (int64) at the start of the arena.  The worker is the only
 # writer; the parent reads with a sequence check (a seqlock: odd while writing).
@@ -81,10 +85,12 @@ class Status:
     def set(self, key: tuple[int, int], index: int, started_ns: int) -> None:
         """(worker) Now running ``index`` of task ``key`` (or IDLE, PACKING)."""
         words = self._words
-        words[_SEQ] += 1
+        seq = words[_SEQ] + 1
+        words[_SEQ] = seq
         words[_PASS], words[_TASK] = key
-        words[_INDEX], words[_STARTED_NS] = index, started_ns
-        words[_SEQ] += 1
+        words[_INDEX] = index
+        words[_STARTED_NS] = started_ns
+        words[_SEQ] = seq + 1
 
     def read(self) -> tuple[tuple[int, int], int, int]:
         """(parent) (task key, index or IDLE/PACKING, started at, monotonic ns)."""
@@ -122,6 +128,7 @@ class SlotRing:
         self.max_leases = max_leases
         self._keep_free = keep_free
         self.capacity = [0] * count  # bytes reserved per slot, as the worker last reported
+        self._freed_at = [0.0] * count  # when each slot last became FREE
         self._free = list(range(count - 1, -1, -1))  # a stack: see the docstring
         self._leases: dict[int, tuple[weakref.ref, int]] = {}  # slot -> (ref, bytes)
         self._leased_bytes = 0
@@ -164,10 +171,20 @@ class SlotRing:
                 self._unmap()
             return
         self._free.append(slot)
-        reserved = [s for s in self._free if self.capacity[s]]
-        for idle in reserved[:max(0, len(reserved) - self._keep_free)]:  # least recent first
-            self._arena.madvise(mmap.MADV_REMOVE, self.offset(idle), self.capacity[idle])
-            self.capacity[idle] = 0
+        self._freed_at[slot] = time.monotonic()
+        self.shrink(idle_for=IDLE_SHRINK_S)
+
+    def shrink(self, idle_for: float = 0.0) -> None:
+        """Give back the memory of reserved FREE slots beyond ``keep_free`` that
+        have been idle for ``idle_for`` seconds, least recently used first."""
+        if self._closed:
+            return
+        reserved = [s for s in self._free if self.capacity[s]]  # the stack's bottom first
+        now = time.monotonic()
+        for idle in reserved[:len(reserved) - self._keep_free]:
+            if now - self._freed_at[idle] >= idle_for:
+                self._arena.madvise(mmap.MADV_REMOVE, self.offset(idle), self.capacity[idle])
+                self.capacity[idle] = 0
 
     def offset(self, slot: int) -> int:
         return HEADER_BYTES + slot * self.stride

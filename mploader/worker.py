@@ -5,10 +5,8 @@ fork, never by multiprocessing), so it imports neither the user's ``__main__``
 nor TensorFlow: only this module, numpy, cloudpickle and whatever ``fn``
 itself needs.  Its life:
 
-1. Tie its life to the parent's: ``PR_SET_PDEATHSIG`` = SIGKILL (then check that
-   the parent did not die before that), and a thread that waits for hang-up
-   on the task pipe, whose write end only the parent holds (see pool.py NOTE
-   [Shutdown]).
+1. Tie its life to the parent's: ``PR_SET_PDEATHSIG`` = SIGKILL, then check that
+   the parent did not die before that (see pool.py NOTE [Shutdown]).
 2. Read the Bootstrap, unpickle ``fn``, run ``worker_init(worker_id)``; answer
    Ready, or StartFailed and exit.
 3. Loop: read a Task; for each item, say on the status page which item runs
@@ -22,10 +20,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import select
 import signal
 import sys
-import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -42,24 +38,17 @@ from .slots import IDLE, PACKING, SlotWriter
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _die_with_parent(parent_pid: int, task_fd: int) -> None:
-    """Exit as soon as the parent is gone, even while fn is busy in C code."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit as soon as the parent is gone, even while fn is busy in C code.
+
+    The kernel does it (the package is Linux-only: memfd, pidfd).  No thread
+    watches a pipe for the parent's end: a waiter on the task pipe would be
+    woken by every task written to it, one more context switch per task.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-
-    def watch() -> None:
-        # No events asked for: poll still reports hang-up (no writer left),
-        # and never the data the main loop reads.
-        hangup = select.poll()
-        hangup.register(task_fd, 0)
-        while not hangup.poll():
-            pass
-        os._exit(0)  # the parent gave the pill, or is gone: nobody wants our work
-
-    threading.Thread(target=watch, name="mploader-lifeline", daemon=True).start()
 
 
 _UNKNOWN_ITEM = object()  # an item that could not be decoded: the parent names it
@@ -140,7 +129,7 @@ def _serve(config: dict[str, Any]) -> int:
 
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
-    _die_with_parent(config["parent_pid"], config["task_fd"])
+    _die_with_parent(config["parent_pid"])
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what happens (it stops us), so a worker must not die with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -128,4 +128,4 @@ def test_large_results_live_in_anonymous_memory_not_dev_shm():
             assert block.shape == (100 * 2**20,) and block[0] == i and block[-1] == i
         with open(f"/proc/{loader.worker_pids()[0]}/maps") as f:
             maps = f.read()
-    assert "/memfd:mploader-w0-slot" in maps
+    assert "/memfd:mploader-w0" in maps
