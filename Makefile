@@ -1,26 +1,61 @@
-# Two commands on a fresh machine: `make demo` and `make test`.  Each creates
-# .venv and installs what it needs (the package, tensorflow-cpu, test tools).
+# Commands on a fresh machine: `make demo`, `make test`, `make bench`.  Each
+# creates .venv and installs what it needs, and only that; a stamp per set of
+# packages lets a later target just add its own (`make bench` after `make test`
+# adds the bench extra to the same .venv).
+#
+#   make demo        .[demo] + tensorflow-cpu, then the medical 3D demo
+#   make test        + .[test]; the whole suite but the `bench` test on .venv,
+#                    then `pytest -m "not tf and not slow"` on each of
+#                    OTHER_PYTHONS, each in its own .venv-3.X holding only
+#                    .[test] (tests/other_pythons.sh)
+#   make bench       + .[bench]; the benchmark
+#   make test-bench  the `bench` test (the benchmark's tiny mode)
 PYTHON ?= python3
+OTHER_PYTHONS ?= 3.10 3.12 3.13
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+PIP := $(PY) -m pip install -q
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -rfEs
+VENV_STAMP := $(VENV)/.stamp-venv
+DEMO_STAMP := $(VENV)/.stamp-demo
+TEST_STAMP := $(VENV)/.stamp-test
+BENCH_STAMP := $(VENV)/.stamp-bench
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-bench bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(VENV_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,bench,demo]" tensorflow-cpu
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	touch $@
 
-demo: $(STAMP)
+$(DEMO_STAMP): $(VENV_STAMP)
+	$(PIP) -e ".[demo]" tensorflow-cpu
+	touch $@
+
+$(TEST_STAMP): $(DEMO_STAMP)
+	$(PIP) -e ".[test]"
+	touch $@
+
+$(BENCH_STAMP): $(DEMO_STAMP)
+	$(PIP) -e ".[bench]"
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(PY) -u examples/medical_3d/demo.py
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+# Every run happens, and the target fails at the end if any of them failed.
+test: $(TEST_STAMP)
+	@status=0; \
+	echo "== Python $$($(PY) -c 'import platform; print(platform.python_version())') ($(VENV)): pytest -m \"not bench\" tests"; \
+	$(PYTEST) -m "not bench" tests || status=1; \
+	OTHER_PYTHONS="$(OTHER_PYTHONS)" bash tests/other_pythons.sh || status=1; \
+	exit $$status
 
-bench: $(STAMP)
+test-bench: $(TEST_STAMP) $(BENCH_STAMP)
+	$(PYTEST) -m bench tests
+
+bench: $(BENCH_STAMP)
 	$(PY) -u benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV)-3.* build *.egg-info

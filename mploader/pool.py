@@ -87,9 +87,10 @@ What each actor does:
   still the one that started it; the kernel kills it when the parent *thread*
   that spawned it ends.  That is why a dedicated spawner thread, which lives
   as long as the pool, starts every worker: ``from_generator`` calls the
-  generator on TensorFlow threads that come and go.  As a portable fallback
-  every worker watches its task pipe for hang-up (only the owner holds the
-  write end): the owner is gone, or gave the pill.
+  generator on TensorFlow threads that come and go.  (No thread in the
+  worker waits on a pipe for the owner's end: a waiter on the task pipe is
+  woken by every task, which cost a context switch per task; the package is
+  Linux-only anyway, for memfd and pidfd.)
 - Shared memory is anonymous (``memfd_create``, see slots.py): the kernel
   frees it with the last process that maps it, so no death leaves any.
 """

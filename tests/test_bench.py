@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# benchmarks/run.py imports TensorFlow and matplotlib (the bench extra): `make test-bench`
+pytestmark = [pytest.mark.tf, pytest.mark.bench]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

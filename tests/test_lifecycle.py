@@ -31,6 +31,7 @@ def assert_clean_exit(result, pids):
     assert not wait_gone(pids, BOUND_S), "workers outlived the script"
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize("run", range(3))  # the hazard below is a race: try it more than once
 def test_normal_end_without_close_and_a_live_tf_iterator(script, run):
     """TensorFlow destroys a live iterator during interpreter finalization; if a
@@ -159,6 +160,7 @@ def test_close_in_a_forked_child_leaves_the_parents_workers_alone(script):
     assert report == {"same_workers": True, "works": True}
 
 
+@pytest.mark.tf
 def test_take_and_break_reuse_the_pool_and_never_leak_stale_items(script):
     s = script("""
         import json
@@ -189,6 +191,7 @@ def test_take_and_break_reuse_the_pool_and_never_leak_stale_items(script):
     assert report["pids"] == pids
 
 
+@pytest.mark.tf
 def test_model_fit_for_three_epochs_then_the_script_ends(script):
     s = script("""
         import json, time
@@ -211,7 +214,7 @@ def test_model_fit_for_three_epochs_then_the_script_ends(script):
     assert exited - last_json(result.stdout)["end"] < 10
 
 
-@pytest.mark.parametrize("path", ["numpy", "tf_eager"])
+@pytest.mark.parametrize("path", ["numpy", pytest.param("tf_eager", marks=pytest.mark.tf)])
 def test_ctrl_c_while_waiting_for_slow_workers(script, path):
     """numpy path: a plain KeyboardInterrupt.  TF path: TensorFlow's C++ GetNext
     holds the main thread, so the pass notices Ctrl-C on its own thread and ends
@@ -299,6 +302,7 @@ def test_a_loader_collected_without_close_stops_its_workers(script):
     proc.communicate(timeout=30)
 
 
+@pytest.mark.slow  # 25-40 s on the 2-core CI machine: run on the main Python only
 def test_sixty_loaders_in_a_loop_leave_no_process_and_no_descriptor(script):
     s = script("""
         import json, os

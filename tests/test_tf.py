@@ -5,12 +5,17 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from mploader import MPLoader
 
 from . import helpers
 from .procs import wait_gone
+
+pytestmark = pytest.mark.tf
+try:
+    import tensorflow as tf
+except ModuleNotFoundError:  # a venv without TensorFlow: `pytest -m "not tf"` deselects this module
+    tf = None
 
 
 def test_signature_is_inferred_for_dicts_tuples_and_batches():

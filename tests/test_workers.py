@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mploader import MPLoader
 
 from .procs import wait_gone
@@ -52,6 +54,7 @@ def test_a_function_from_a_module_next_to_the_script_imports_in_workers(tmp_path
     assert not wait_gone(report["pids"])
 
 
+@pytest.mark.tf  # examples/from_tf_data.py imports TensorFlow
 def test_from_tf_data_example_runs_and_exits_clean():
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "from_tf_data.py")],
                           capture_output=True, text=True, timeout=300,
