@@ -19,6 +19,7 @@ share ``_ADDRESS_BUDGET_BYTES``.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import resource
 
@@ -27,7 +28,6 @@ START_FDS = 6
 _SPARE_FDS = 32  # for the rest of the program: files it opens, TensorFlow's own
 _ADDRESS_BUDGET_BYTES = 16 << 40  # of the 128 TiB a 64-bit Linux process can map
 _MAX_STRIDE_BYTES = 64 << 30
-_MIN_STRIDE_BYTES = 256 << 20
 
 
 def open_fds() -> int:
@@ -74,10 +74,14 @@ def check_workers(num_workers: int) -> None:
 
 
 def slot_stride(num_workers: int, slots_per_worker: int) -> int:
-    """Bytes of address space per slot: the largest result a task may return."""
-    share = _ADDRESS_BUDGET_BYTES // max(1, num_workers * slots_per_worker)
+    """Bytes of address space per slot: the largest result a task may return.
+
+    Under an ``RLIMIT_AS`` cap, the arenas take at most a quarter of it; a
+    result larger than the stride is an error that names both sizes.
+    """
+    slots = max(1, num_workers * slots_per_worker)
+    share = min(_MAX_STRIDE_BYTES, _ADDRESS_BUDGET_BYTES // slots)
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if limit != resource.RLIM_INFINITY:  # leave most of a capped address space to the program
-        share = min(share, limit // (4 * max(1, num_workers * slots_per_worker)))
-    stride = max(_MIN_STRIDE_BYTES, min(_MAX_STRIDE_BYTES, share))
-    return stride - stride % (2 << 20)
+    if limit != resource.RLIM_INFINITY:
+        share = min(share, limit // (4 * slots))
+    return max(mmap.PAGESIZE, share - share % mmap.PAGESIZE)

@@ -270,9 +270,10 @@ class SlotWriter:
         if nbytes > self._stride:
             raise UnsupportedResult(
                 f"the result needs {nbytes} bytes of shared memory, more than a slot "
-                f"of this loader holds ({self._stride} bytes, set by how many workers "
-                "and slots share the address space); return less per item, or use "
-                "fewer workers")
+                f"of this loader holds ({self._stride} bytes: the address space the "
+                "loader may use, a quarter of RLIMIT_AS when that is set, shared by "
+                "every slot of every worker); return less per task, or use fewer "
+                "workers or a smaller prefetch")
         # An eighth of headroom, so results that vary a little in size do not
         # regrow the slot every time.
         size = min(self._stride, -(-(nbytes + nbytes // 8) // PAGE_BYTES) * PAGE_BYTES)
