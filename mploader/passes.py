@@ -135,6 +135,7 @@ class Pass(Iterator[Any]):
         self._abandoned = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
         self._fruitless_restarts = 0          # restarts since the last result
+        self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
         interrupts.forget_pending()
 
     # -- iteration ---------------------------------------------------------------
@@ -159,6 +160,8 @@ class Pass(Iterator[Any]):
                 if discard is not None:
                     discard(self._pool)
             self.close()
+            if self.interrupted:  # the workers are stopped; the main thread raises
+                raise StopIteration from None
             raise
 
     def _next_locked(self) -> Any:
@@ -194,8 +197,9 @@ class Pass(Iterator[Any]):
                     self._on_death(event)
             if self._opt.timeout is not None:
                 self._pool.kill_overdue(self._opt.timeout)
-            if self._route_interrupts:
-                interrupts.raise_if_interrupted()
+            if self._route_interrupts and interrupts.sigint_pending():
+                self.interrupted = True
+                raise KeyboardInterrupt("Ctrl-C while waiting for mploader workers")
 
     def abandon(self) -> None:
         """A newer pass started: the next ``next()`` raises PassAbandoned."""

@@ -37,21 +37,64 @@ def infer_signature(loader: Any) -> Any:
     return map_nest(lambda v, _p: _spec(v, batch_dim, batched), loader.first_result())
 
 
+class _Stream:
+    """What one dataset remembers between calls of its generator function.
+
+    A pass that ended on Ctrl-C ends the element stream *normally*: TensorFlow
+    returns end-of-sequence to the main thread, which then runs Python's own
+    SIGINT handler and raises a plain KeyboardInterrupt that ``except
+    KeyboardInterrupt`` catches.  Raising on TensorFlow's thread instead makes
+    TensorFlow convert an error while the main thread's signal is pending,
+    and pybind11 reports ``RuntimeError: ... MISMATCH ... REPLACED BY
+    KeyboardInterrupt``.  The count of elements is therefore given by
+    ``repeat().take(n)``, not ``assert_cardinality`` (whose error on a short
+    stream meets the same mismatch): after an interrupted pass ``repeat`` calls
+    the generator again, which ends at once, and an empty repetition ends
+    ``repeat``.
+    """
+
+    def __init__(self, loader: Any, expected: int | None) -> None:
+        self.loader = loader
+        self.expected = expected
+        self.interrupted = False
+        self.short: str | None = None   # a pass ended early without an interrupt
+
+    def generate(self) -> Iterator[Any]:
+        if self.interrupted:
+            self.interrupted = False
+            return
+        if self.short is not None:
+            raise RuntimeError(self.short)
+        one_pass = self.loader._iterate(route_interrupts=True)
+        count = 0
+        try:
+            for element in one_pass:
+                count += 1
+                yield element
+        finally:
+            one_pass.close()
+        if one_pass.interrupted:
+            self.interrupted = True
+        elif self.expected is not None and count < self.expected:
+            self.short = (f"a pass of the loader gave {count} elements where len(loader) "
+                          f"says {self.expected}: the source's len() does not match "
+                          "what iterating it gives")
+
+
 def make_dataset(loader: Any) -> Any:
     import tensorflow as tf
 
     from . import interrupts
     interrupts.install()
     signature = loader.output_signature or infer_signature(loader)
-
-    def generate() -> Iterator[Any]:
-        one_pass = loader._iterate(route_interrupts=True)
-        try:
-            yield from one_pass
-        finally:
-            one_pass.close()
-
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    try:
+        count: int | None = len(loader)
+    except TypeError:
+        count = None
+    if loader._options.on_error != "raise":
+        count = None  # skips make a pass shorter than len()
+    stream = _Stream(loader, count)
+    dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
     # The workers already compute ahead (prefetch tasks each), so TensorFlow's
     # injected prefetch buys nothing here, and its background thread is what
     # can be inside the generator when the interpreter finalizes: TensorFlow's
@@ -60,10 +103,6 @@ def make_dataset(loader: Any) -> Any:
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False
     dataset = dataset.with_options(options)
-    try:
-        count = len(loader)
-    except TypeError:
-        return dataset
-    if loader._options.on_error == "raise":
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(count))
+    if count is not None:
+        dataset = dataset.repeat().take(count)  # see _Stream
     return dataset
