@@ -195,7 +195,11 @@ class MPLoader:
 
     def first_result(self) -> Any:
         """fn's result for the first source item that gives one (batched: the
-        first batch); used to infer ``output_signature``.
+        first batch); used to infer ``output_signature``."""
+        return self._first_result()[1]
+
+    def _first_result(self) -> tuple[int | None, Any]:
+        """(source index, result) of :meth:`first_result`.
 
         With ``on_error="skip"`` it tries up to ``_PROBE_ITEMS`` items, and the
         ones it skips are not recorded (the pass that follows meets them again).
@@ -209,7 +213,8 @@ class MPLoader:
         options = dataclasses.replace(self._options, drop_remainder=False, prefetch=1)
         probe = self._start_pass(iter(head), epoch=0, options=options, record_skips=False)
         try:
-            return next(probe)
+            value = next(probe)
+            return probe.last_index, value
         except StopIteration:
             raise ValueError(
                 f"every one of the first {len(head)} items failed in fn (on_error='skip' "

@@ -128,7 +128,9 @@ class Pass(Iterator[Any]):
         self._next_task = 0                   # seq of the next new task
         self._retry: deque[Chunk] = deque()   # chunks to run again, after a death
         self._ready: dict[int, Delivered] = {}  # seq -> its result
-        self._pending: deque[tuple[int, Any]] = deque()  # (worker, value or Failure) to hand out
+        # (worker, source index, value or Failure) to hand out, in order
+        self._pending: deque[tuple[int, int | None, Any]] = deque()
+        self.last_index: int | None = None    # source index of the last value (a batch's first)
         self._next_seq = 0                    # ordered: the seq to yield next
         self._source_done = False
         self._finished = False
@@ -294,10 +296,11 @@ class Pass(Iterator[Any]):
         """(value,) for the next value to yield, or None; raises for a failed item."""
         while True:
             if self._pending:
-                worker_id, outcome = self._pending.popleft()
+                worker_id, index, outcome = self._pending.popleft()
                 if isinstance(outcome, Failure):
                     self._report(worker_id, outcome)
                     continue
+                self.last_index = index
                 return (outcome,)
             if not self._ready:
                 return None
@@ -318,7 +321,8 @@ class Pass(Iterator[Any]):
             values = []
         elif self._opt.batch_size is not None:  # one stacked batch; its failures first
             batch = ring.open_result(result.slot, result.nbytes, result.tree)
-            values, failures = [(math.inf, batch)], [(-1, f) for _, f in failures]
+            values = [(result.indices[0], batch)]
+            failures = [(-1, f) for _, f in failures]
         elif len(result.indices) == 1 and not failures:  # a lone item: views may do
             value = ring.open_result(result.slot, result.nbytes, result.tree[0])
             values = [(result.indices[0], value)]
@@ -327,7 +331,7 @@ class Pass(Iterator[Any]):
             values = list(zip(result.indices, trees))
         self._stats.items += len(result.indices)
         outcomes = sorted(values + failures, key=lambda pair: pair[0]) if failures else values
-        self._pending.extend((worker_id, outcome) for _, outcome in outcomes)
+        self._pending.extend((worker_id, index, outcome) for index, outcome in outcomes)
 
     def _report(self, worker_id: int, failure: Failure) -> None:
         if self._opt.on_error == "raise":

@@ -11,7 +11,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .layout import map_nest
+from .layout import map_nest, path_text
+from .signature import Leaf, SignatureCheck
 
 
 def _spec(value: Any, batch_dim: int | None, batched: bool) -> Any:
@@ -24,8 +25,8 @@ def _spec(value: Any, batch_dim: int | None, batched: bool) -> Any:
     return tf.TensorSpec(shape=shape, dtype=dtype)
 
 
-def infer_signature(loader: Any) -> Any:
-    """TensorSpecs from fn's result on source index 0.
+def infer_signature(loader: Any) -> tuple[Any, str]:
+    """TensorSpecs from fn's first result, and where they came from.
 
     Shapes are taken as they are: give ``output_signature`` with ``None``
     dimensions when they vary between items.  The batch dimension is fixed
@@ -34,7 +35,39 @@ def infer_signature(loader: Any) -> Any:
     batched = loader.batch_size is not None
     full = loader.drop_remainder and loader._options.on_error == "raise"
     batch_dim = loader.batch_size if full else None
-    return map_nest(lambda v, _p: _spec(v, batch_dim, batched), loader.first_result())
+    index, result = loader._first_result()
+    _check_keys(result, ())
+    origin = ("inferred from fn's result on " +
+              (f"the batch starting at source index {index}" if batched else f"source index {index}"))
+    return map_nest(lambda v, _p: _spec(v, batch_dim, batched), result), origin
+
+
+def _check_keys(value: Any, path: tuple) -> None:
+    """tf.data sorts dict keys, so they must all be str."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"fn's result has a dict key {key!r} ({type(key).__name__}) at "
+                    f"{path_text(path)}; TensorFlow needs str keys: use {str(key)!r}")
+            _check_keys(sub, path + (key,))
+    elif isinstance(value, (tuple, list)):
+        for i, sub in enumerate(value):
+            _check_keys(sub, path + (i,))
+
+
+def _leaves(spec: Any) -> Any:
+    """The signature as signature.Leaf specs (TensorFlow-free, for the check)."""
+    import tensorflow as tf
+    if isinstance(spec, dict):
+        return {key: _leaves(sub) for key, sub in spec.items()}
+    if isinstance(spec, (tuple, list)):
+        return tuple(_leaves(sub) for sub in spec)
+    if not isinstance(spec, tf.TensorSpec):
+        return None  # ragged, sparse...: left to TensorFlow
+    dtype = None if spec.dtype == tf.string else np.dtype(spec.dtype.as_numpy_dtype)
+    shape = None if spec.shape.rank is None else tuple(spec.shape.as_list())
+    return Leaf(dtype, shape)
 
 
 class _Stream:
@@ -53,9 +86,10 @@ class _Stream:
     ``repeat``.
     """
 
-    def __init__(self, loader: Any, expected: int | None) -> None:
+    def __init__(self, loader: Any, expected: int | None, check: SignatureCheck) -> None:
         self.loader = loader
         self.expected = expected
+        self.check = check
         self.interrupted = False
         self.short: str | None = None   # a pass ended early without an interrupt
 
@@ -69,6 +103,7 @@ class _Stream:
         count = 0
         try:
             for element in one_pass:
+                self.check.check(element, f"source index {one_pass.last_index}")
                 count += 1
                 yield element
         finally:
@@ -86,14 +121,17 @@ def make_dataset(loader: Any) -> Any:
 
     from . import interrupts
     interrupts.install()
-    signature = loader.output_signature or infer_signature(loader)
+    if loader.output_signature is not None:
+        signature, origin = loader.output_signature, "given as output_signature"
+    else:
+        signature, origin = infer_signature(loader)
     try:
         count: int | None = len(loader)
     except TypeError:
         count = None
     if loader._options.on_error != "raise":
         count = None  # skips make a pass shorter than len()
-    stream = _Stream(loader, count)
+    stream = _Stream(loader, count, SignatureCheck(_leaves(signature), origin))
     dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
     # The workers already compute ahead (prefetch tasks each), so TensorFlow's
     # injected prefetch buys nothing here, and its background thread is what
