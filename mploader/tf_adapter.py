@@ -7,10 +7,17 @@ of the loader on the same workers.
 """
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
 
+from . import pool as pool_module
+from .passes import PassAbandoned
 from .layout import map_nest, path_text
 from .signature import Leaf, SignatureCheck
 
@@ -94,6 +101,8 @@ class _Stream:
         self.short: str | None = None   # a pass ended early without an interrupt
 
     def generate(self) -> Iterator[Any]:
+        if _exiting:
+            return  # see _let_tensorflow_threads_out
         if self.interrupted:
             self.interrupted = False
             return
@@ -106,6 +115,10 @@ class _Stream:
                 self.check.check(element, f"source index {one_pass.last_index}")
                 count += 1
                 yield element
+        except PassAbandoned:
+            if not _exiting:
+                raise
+            return  # closed at exit: end the stream, so TensorFlow stops asking
         finally:
             one_pass.close()
         if one_pass.interrupted:
@@ -116,11 +129,64 @@ class _Stream:
                           "what iterating it gives")
 
 
+_exiting = False
+_exit_hook_registered = False
+_EXIT_WAIT_S = 3.0  # for TensorFlow threads to leave Python at exit
+# A thread that ended its stream comes back once more, to finalize the
+# generator's iterator: no thread inside for this long means all are done.
+_EXIT_QUIET_S = 0.1
+_TF_PY_FUNC_FILE = os.path.join("tensorflow", "python", "ops", "script_ops.py")
+
+
+def _let_tensorflow_threads_out() -> None:
+    """At exit: stop every pool, then wait until no TensorFlow thread runs Python.
+
+    TensorFlow destroys an iterator still alive at exit during finalization,
+    and waits for its threads (a ``.prefetch()`` after ``dataset()``, Keras's
+    own); a thread that is inside the generator then needs the GIL, Python
+    ends it, and the exit hangs.  So, first, every pool closes: a thread
+    waiting in a pass ends it (PassAbandoned) and leaves; a thread that comes
+    back for more finds ``_exiting`` and ends its stream at once.  Then this
+    hook waits, with the GIL released, until no other thread is inside
+    TensorFlow's Python function wrapper (where ``from_generator`` runs the
+    generator) for ``_EXIT_QUIET_S`` in a row, ``_EXIT_WAIT_S`` at most.  A
+    thread in TensorFlow's C++ holds no Python frame, so
+    ``sys._current_frames`` shows exactly those inside.  The streams end
+    normally rather than with an error, so TensorFlow's threads see their end
+    and stop asking; what remains is a hazard of timing, not a certainty.
+    """
+    global _exiting
+    _exiting = True
+    pool_module._close_open_pools()
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    quiet_since = time.monotonic()
+    me = threading.get_ident()
+    while time.monotonic() < deadline:
+        if any(ident != me and _in_py_func(frame)
+               for ident, frame in sys._current_frames().items()):
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= _EXIT_QUIET_S:
+            return
+        time.sleep(0.002)
+
+
+def _in_py_func(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_TF_PY_FUNC_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def make_dataset(loader: Any) -> Any:
     import tensorflow as tf
 
     from . import interrupts
     interrupts.install()
+    global _exit_hook_registered
+    if not _exit_hook_registered:  # after TensorFlow's import: runs before its hooks
+        atexit.register(_let_tensorflow_threads_out)
+        _exit_hook_registered = True
     if loader.output_signature is not None:
         signature, origin = loader.output_signature, "given as output_signature"
     else:
