@@ -147,7 +147,7 @@ class Pass(Iterator[Any]):
             raise RuntimeError(
                 f"this MPLoader's workers belong to process {self._pool.owner_pid}; a "
                 "forked child cannot use them.  Create a new MPLoader in the child")
-        if self._finished:
+        if self._finished and not self._abandoned:
             raise StopIteration
         try:
             with self._pool.lock:

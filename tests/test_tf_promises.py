@@ -1,0 +1,152 @@
+"""The TensorFlow side keeps the promise: values never silently changed, Ctrl-C
+the user can catch, no hang at exit with a prefetched iterator alive.
+
+Every scenario is a child script with real TensorFlow and real workers, run
+under a hard bound (tests/bounded.py).  Hazards of timing are repeated: the
+Ctrl-C scenario 20 times inside one script (each round a fresh pass and pool),
+the exit scenario in 20 separate interpreters.
+"""
+from __future__ import annotations
+
+import pytest
+
+from .bounded import assert_no_worker_left, assert_quiet, joined, report, run_bounded
+
+pytestmark = pytest.mark.tf
+
+PRELUDE = """
+    import json, os, signal, threading, time
+    import numpy as np
+    import tensorflow as tf
+    from mploader import MPLoader
+"""
+
+
+def test_dtype_drift_is_an_error_naming_the_item_not_a_silent_cast(script):
+    s = script(joined(PRELUDE, """
+        def fn(i):
+            return (np.zeros(2, np.int64) if i == 0 else np.full(2, 0.5)), (1 if i % 3 == 0 else 0.5)
+        got = {}
+        with MPLoader(fn, 4, num_workers=2) as loader:
+            report_pids(loader)
+            try:
+                got["values"] = [(a.numpy().tolist(), float(b)) for a, b in loader.dataset()]
+            except Exception as e:
+                got["error"] = str(e)
+        def varying(i):
+            return np.zeros((20, 31) if i < 2 else (31, 27), np.float32)
+        with MPLoader(varying, 4, num_workers=2) as loader:
+            try:
+                list(loader.dataset())
+            except Exception as e:
+                got["shape_error"] = str(e)
+            sig = tf.TensorSpec((None, None), tf.float32)
+            got["with_none_dims"] = [tuple(x.shape) for x in
+                                     MPLoader(varying, 4, num_workers=1, output_signature=sig).dataset()]
+        print(json.dumps(got))
+    """))
+    got = report(run_bounded(s, within=120))
+    assert "values" not in got, f"values were silently cast: {got['values']}"
+    first_line = got["error"].split("\n")[0]
+    assert "source index 1: result[0] is float64 of shape (2,)" in first_line
+    assert "int64" in first_line and "inferred from fn's result on source index 0" in first_line
+    assert "output_signature" in first_line
+    shape_line = got["shape_error"].split("\n")[0]
+    assert "source index 2" in shape_line and "(31, 27)" in shape_line and "None" in shape_line
+    assert got["with_none_dims"] == [[20, 31], [20, 31], [31, 27], [31, 27]]
+    assert_no_worker_left(s.wait_for_pids())
+
+
+ROUNDS = 20
+
+
+@pytest.mark.parametrize("consumer", ["fit", "custom_loop", "predict"])
+def test_ctrl_c_in_keras_and_loops_is_a_keyboard_interrupt_the_script_catches(script, consumer):
+    """The pattern the README recommends, `.batch(8).prefetch(2)` after dataset()."""
+    rounds = ROUNDS if consumer == "fit" else ROUNDS // 4
+    s = script(joined(PRELUDE, f"""
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal
+        def sample(i):
+            time.sleep(0.02)
+            return np.full(4, i % 7, np.float32), np.float32(i % 2)
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+        loader = MPLoader(sample, range(10_000), num_workers=2)
+        report_pids(loader)
+        caught, other, leftover = 0, [], []
+        for round in range({rounds}):
+            ds = loader.dataset().batch(8).prefetch(2)
+            pids = loader.worker_pids()
+            timer = threading.Timer(0.3 + 0.05 * (round % 5), os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            try:
+                if {consumer!r} == "fit":
+                    model.fit(ds, epochs=5, verbose=0)
+                elif {consumer!r} == "predict":
+                    model.predict(ds, verbose=0)
+                else:
+                    for x, y in ds:
+                        model.train_on_batch(x, y)
+                other.append("finished without an interrupt")
+            except KeyboardInterrupt:
+                caught += 1
+            except BaseException as e:
+                other.append(f"{{type(e).__name__}}: {{str(e)[:200]}}")
+            timer.join()
+            time.sleep(0.2)
+            leftover += [p for p in pids if os.path.exists(f"/proc/{{p}}")
+                         and b"mploader" in open(f"/proc/{{p}}/cmdline", "rb").read()
+                         and open(f"/proc/{{p}}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        loader.close()
+        print(json.dumps({{"caught": caught, "other": other, "leftover": leftover}}))
+    """))
+    got = report(run_bounded(s, within=240))
+    assert got["other"] == [] and got["caught"] == rounds, got
+    assert got["leftover"] == [], "workers of an interrupted pass kept running"
+
+
+EXIT_RUNS = 10  # x 6 s a run here; the other patterns 3 each (the suite stays under 10 min)
+
+
+@pytest.mark.parametrize("tail", ["batch(4).prefetch(2)", "shuffle(16).prefetch(1)",
+                                  "repeat().batch(2).prefetch(3)"])
+def test_exit_with_a_live_prefetched_iterator_never_hangs(script, tail):
+    """TensorFlow destroys a live iterator during finalization and waits for its
+    threads; mploader's exit hook makes sure none is inside Python then.  Each
+    pattern runs in fresh interpreters: the first EXIT_RUNS times, the others 3."""
+    runs = EXIT_RUNS if tail.startswith("batch") else 3
+    s = script(joined(PRELUDE, f"""
+        loader = MPLoader(lambda i: (time.sleep(0.01), np.full((8,), i, np.float32))[1],
+                          range(1000), num_workers=2)
+        report_pids(loader)
+        it = iter(loader.dataset().{tail})
+        next(it)
+        print(json.dumps({{"end": time.time()}}))
+    """))
+    for run in range(runs):
+        result = run_bounded(s, within=30)
+        assert_quiet(result)
+        assert_no_worker_left(s.wait_for_pids())
+        s.pid_file.unlink()
+
+
+def test_a_second_pass_makes_the_first_raise_not_end_silently(script):
+    s = script(joined(PRELUDE, """
+        from mploader import PassAbandoned
+        loader = MPLoader(lambda i: i, range(10), num_workers=2)
+        report_pids(loader)
+        train = iter(loader)
+        head = [next(train) for _ in range(3)]
+        whole = list(loader)
+        try:
+            rest = list(train)
+            got = {"rest": rest}
+        except PassAbandoned as e:
+            got = {"abandoned": str(e)}
+        got.update(head=head, whole=whole)
+        loader.close()
+        print(json.dumps(got))
+    """))
+    got = report(run_bounded(s, within=60))
+    assert got["head"] == [0, 1, 2] and got["whole"] == list(range(10))
+    assert "rest" not in got and "newer iteration" in got["abandoned"]
