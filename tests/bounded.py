@@ -42,6 +42,33 @@ _WATCHDOG = (
 _WATCHDOG_FIRED = "Timeout ("  # how faulthandler's dump begins: "Timeout (0:00:30)!"
 
 
+# Snippets for scripts (insert with ``joined``): counting by /proc, as a test would.
+NFDS = """
+def nfds():
+    return len(os.listdir("/proc/self/fd"))
+"""
+
+LIVE_WORKERS = """
+def live_workers():
+    '''The mploader workers among this process's children, zombies excluded.'''
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) != os.getpid() or state == "Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"mploader.worker" in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+"""
+
+
 def last_json(stdout: str) -> dict:
     lines = stdout.strip().splitlines()
     assert lines, "the script printed no report"

@@ -7,7 +7,7 @@ the script's stacks instead of hanging the suite.
 """
 from __future__ import annotations
 
-from .bounded import (assert_no_worker_left, assert_quiet, kill_pid_if_alive, report,
+from .bounded import (LIVE_WORKERS, joined, assert_no_worker_left, assert_quiet, kill_pid_if_alive, report,
                       run_bounded)
 
 
@@ -233,31 +233,13 @@ TRIALS = 16  # each trial starts two workers; the race was lost in about half of
 
 
 def test_close_racing_a_pass_start_in_another_thread_never_leaves_a_worker(script):
-    s = script(f"""
+    s = script(joined(f"""
         import json, os, sys, threading, time
         from mploader import MPLoader, PassAbandoned, WorkerDied
         sys.setswitchinterval(1e-6)      # switch threads as often as possible
         MARKERS = os.environ["PID_FILE"] + ".died"
         os.makedirs(MARKERS)
-
-        def live_workers():
-            '''The mploader workers among this process's children, zombies excluded.'''
-            found = []
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{{entry}}/stat") as f:
-                        state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-                    if int(ppid) != os.getpid() or state == "Z":
-                        continue
-                    with open(f"/proc/{{entry}}/cmdline", "rb") as f:
-                        if b"mploader.worker" in f.read():
-                            found.append(int(entry))
-                except (OSError, ValueError):
-                    pass
-            return found
-
+    """, LIVE_WORKERS, f"""
         leaks, after_close, unexpected = [], set(), []
         for trial in range({TRIALS}):
             marker = os.path.join(MARKERS, str(trial))
@@ -299,7 +281,7 @@ def test_close_racing_a_pass_start_in_another_thread_never_leaves_a_worker(scrip
                 after_close.add(type(e).__name__)
         print(json.dumps({{"leaks": leaks, "after_close": sorted(after_close),
                           "unexpected": unexpected, "left_at_end": live_workers()}}))
-    """)
+    """))
     result = run_bounded(s, within=120)
     got = report(result)
     assert_quiet(result)

@@ -12,32 +12,9 @@ import resource
 
 import pytest
 
-from .bounded import assert_no_worker_left, assert_quiet, joined, report, run_bounded
+from .bounded import (LIVE_WORKERS, NFDS, assert_no_worker_left, assert_quiet, joined, report,
+                      run_bounded)
 
-NFDS = """
-def nfds():
-    return len(os.listdir("/proc/self/fd"))
-"""
-
-LIVE_WORKERS = """
-def live_workers():
-    '''The mploader workers among this process's children, zombies excluded.'''
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-            if int(ppid) != os.getpid() or state == "Z":
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"mploader.worker" in f.read():
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            pass
-    return found
-"""
 
 _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 needs_a_hard_limit_of = lambda n: pytest.mark.skipif(  # noqa: E731
