@@ -5,13 +5,14 @@
 #
 #   make demo        .[demo] + tensorflow-cpu, then the medical 3D demo
 #   make test        + .[test]; the whole suite but the `bench` test on .venv,
-#                    then `pytest -m "not tf and not slow"` on each of
+#                    then `pytest -m "$(OTHER_PYTHONS_MARKS)"` on each of
 #                    OTHER_PYTHONS, each in its own .venv-3.X holding only
 #                    .[test] (tests/other_pythons.sh)
 #   make bench       + .[bench]; the benchmark
 #   make test-bench  the `bench` test (the benchmark's tiny mode)
 PYTHON ?= python3
 OTHER_PYTHONS ?= 3.10 3.12 3.13
+OTHER_PYTHONS_MARKS ?= not tf and not slow
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
@@ -48,7 +49,8 @@ test: $(TEST_STAMP)
 	@status=0; \
 	echo "== Python $$($(PY) -c 'import platform; print(platform.python_version())') ($(VENV)): pytest -m \"not bench\" tests"; \
 	$(PYTEST) -m "not bench" tests || status=1; \
-	OTHER_PYTHONS="$(OTHER_PYTHONS)" bash tests/other_pythons.sh || status=1; \
+	OTHER_PYTHONS="$(OTHER_PYTHONS)" OTHER_PYTHONS_MARKS="$(OTHER_PYTHONS_MARKS)" \
+		bash tests/other_pythons.sh || status=1; \
 	exit $$status
 
 test-bench: $(TEST_STAMP) $(BENCH_STAMP)

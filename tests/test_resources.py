@@ -27,6 +27,7 @@ needs_a_hard_limit_of = lambda n: pytest.mark.skipif(  # noqa: E731
 
 # The finding as stated: 128 workers under the common soft limit of 1024 (about
 # 20 s here: 128 interpreters start on two cores).
+@pytest.mark.slow
 @needs_a_hard_limit_of(1024)
 def test_128_workers_fit_a_soft_limit_of_1024_descriptors_and_give_them_all_back(script):
     s = script(joined("""
