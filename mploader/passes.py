@@ -136,6 +136,7 @@ class Pass(Iterator[Any]):
         self._finished = False
         self._abandoned = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
+        self._empty: set[int] = set()         # seqs whose every item was skipped
         self._fruitless_restarts = 0          # restarts since the last result
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
         interrupts.forget_pending()
@@ -302,6 +303,10 @@ class Pass(Iterator[Any]):
                     continue
                 self.last_index = index
                 return (outcome,)
+            if self._opt.ordered and self._next_seq in self._empty:
+                self._empty.discard(self._next_seq)
+                self._next_seq += 1
+                continue
             if not self._ready:
                 return None
             seq = self._next_seq if self._opt.ordered else next(iter(self._ready))
@@ -337,12 +342,15 @@ class Pass(Iterator[Any]):
         if self._opt.on_error == "raise":
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
                               worker_id, failure.index, failure.item)
+        self._skip(Skipped(failure.index, failure.item, worker_id, failure.exc_type,
+                           failure.message))
+
+    def _skip(self, skipped: Skipped) -> None:
         if self._skipped is None:
-            return
-        log.warning("skipped source index %s (item %s): %s: %s (worker %d)",
-                    failure.index, failure.item, failure.exc_type, failure.message, worker_id)
-        self._skipped.append(Skipped(failure.index, failure.item, worker_id,
-                                     failure.exc_type, failure.message))
+            return  # a probe: the pass that follows meets the item again
+        log.warning("skipped source index %s (item %s): %s: %s (worker %d)", skipped.index,
+                    skipped.item, skipped.exc_type, skipped.message, skipped.worker_id)
+        self._skipped.append(skipped)
 
     def _on_delivered(self, delivered: Delivered) -> None:
         key = delivered.result.key
@@ -370,13 +378,20 @@ class Pass(Iterator[Any]):
         if self._opt.on_worker_death != "restart":
             raise error
         blamed = died.blamed if died.blamed_key and died.blamed_key[0] == self._pass_id else ()
+        doomed = set()
         for index in blamed:
             self._strikes[index] = self._strikes.get(index, 0) + 1
             if self._strikes[index] >= _MAX_ITEM_STRIKES:
-                raise WorkerDied(handle.worker_id, handle.pid, died.returncode, (index,),
-                                 detail=f"source index {index} has now ended "
-                                        f"{_MAX_ITEM_STRIKES} workers, so it is not "
-                                        "retried again") from error
+                final = WorkerDied(handle.worker_id, handle.pid, died.returncode, (index,),
+                                   detail=f"source index {index} has now ended "
+                                          f"{_MAX_ITEM_STRIKES} workers, so it is not "
+                                          "retried again")
+                if self._opt.on_error != "skip":
+                    raise final from error
+                doomed.add(index)
+                chunk = next(c for c in lost if index in c.indices)
+                self._skip(Skipped(index, short_repr(chunk.items[chunk.indices.index(index)]),
+                                   handle.worker_id, "WorkerDied", str(final)))
         self._fruitless_restarts += 1
         if self._fruitless_restarts > 2 * len(self._pool.workers) + _MAX_ITEM_STRIKES:
             raise WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
@@ -385,7 +400,12 @@ class Pass(Iterator[Any]):
         log.warning("%s; starting a new worker %d and running its items again",
                     error, handle.worker_id)
         self._pool.replace(handle)
-        self._retry.extend(sorted(lost, key=lambda c: c.seq))
+        for chunk in sorted(lost, key=lambda c: c.seq):
+            chunk = _without(chunk, doomed)
+            if chunk.indices:
+                self._retry.append(chunk)
+            else:
+                self._empty.add(chunk.seq)  # every item skipped: nothing to wait for
         self._stats.restarts += 1
 
 
@@ -398,6 +418,17 @@ def _note_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_note_fork)
+
+
+def _without(chunk: Chunk, indices: set[int]) -> Chunk:
+    """``chunk`` less the items at ``indices`` (encoded again)."""
+    if not indices.intersection(chunk.indices):
+        return chunk
+    kept = [(i, item) for i, item in zip(chunk.indices, chunk.items) if i not in indices]
+    encoder = ItemEncoder()
+    encoder.add([item for _, item in kept], math.inf)
+    return Chunk(chunk.seq, tuple(i for i, _ in kept), tuple(item for _, item in kept),
+                 *encoder.finish())
 
 
 def _named(failure: Failure, chunk: Chunk | None) -> Failure:

@@ -201,3 +201,27 @@ def test_item_that_kills_every_worker_is_named_alone_after_restarts(script):
     assert named == {1000}, f"the message names other source indices {sorted(named)}: {message}"
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert_no_worker_left(s.wait_for_pids())
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_skip_also_covers_an_item_that_kills_every_worker_after_its_retry(script, ordered):
+    s = script(f"""
+        import json, logging, os
+        from mploader import MPLoader
+        logging.disable(logging.WARNING)
+        def fn(i):
+            if i in (5, 300):
+                os._exit(9)
+            return i
+        with MPLoader(fn, range(400), num_workers=2, ordered={ordered},
+                      on_worker_death="restart", on_error="skip") as loader:
+            report_pids(loader)
+            out = list(loader)
+            print(json.dumps({{"out": out, "skipped": [(k.index, k.exc_type, k.message)
+                                                       for k in loader.skipped]}}))
+    """)
+    got = report(run_bounded(s, within=90))
+    expected = [i for i in range(400) if i not in (5, 300)]
+    assert (got["out"] if ordered else sorted(got["out"])) == expected
+    assert [(i, kind) for i, kind, _ in sorted(got["skipped"])] == [(5, "WorkerDied"), (300, "WorkerDied")]
+    assert all("exited with code 9" in message for _, _, message in got["skipped"])
