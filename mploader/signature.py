@@ -80,32 +80,32 @@ class SignatureCheck:
         self._spec = spec
         self._origin = origin
 
-    def check(self, element: Any, where: str) -> None:
-        """Raise SignatureMismatch if ``element`` does not fit; ``where`` names it."""
-        self._check(element, self._spec, (), where)
+    def check(self, element: Any, index: int | None) -> None:
+        """Raise SignatureMismatch if ``element`` (of source ``index``) does not fit."""
+        self._check(element, self._spec, (), index)
 
-    def _check(self, value: Any, spec: Any, path: tuple, where: str) -> None:
+    def _check(self, value: Any, spec: Any, path: tuple, index: int | None) -> None:
         if spec is None:
             return  # a spec TensorFlow checks itself (ragged, sparse)
         if isinstance(spec, dict):
             if not isinstance(value, dict) or value.keys() != spec.keys():
-                self._fail(where, path, f"a dict with keys {sorted(spec)}", _keys(value))
+                self._fail(index, path, f"a dict with keys {sorted(spec)}", _keys(value))
             for key, sub in spec.items():
-                self._check(value[key], sub, path + (key,), where)
+                self._check(value[key], sub, path + (key,), index)
         elif isinstance(spec, tuple):
             if not isinstance(value, (tuple, list)) or len(value) != len(spec):
-                self._fail(where, path, f"a tuple of {len(spec)}", _keys(value))
+                self._fail(index, path, f"a tuple of {len(spec)}", _keys(value))
             for i, sub in enumerate(spec):
-                self._check(value[i], sub, path + (i,), where)
+                self._check(value[i], sub, path + (i,), index)
         elif isinstance(value, (np.ndarray, np.generic)):
             if not _fits_array(value, spec):
-                self._fail(where, path, spec.describe(), _got(value))
+                self._fail(index, path, spec.describe(), _got(value))
         elif not _fits_scalar(value, spec):
-            self._fail(where, path, spec.describe(), _got(value))
+            self._fail(index, path, spec.describe(), _got(value))
 
-    def _fail(self, where: str, path: tuple, expected: str, got: str) -> None:
+    def _fail(self, index: int | None, path: tuple, expected: str, got: str) -> None:
         raise SignatureMismatch(
-            f"{where}: {path_text(path)} is {got}, but the dataset's signature says "
+            f"source index {index}: {path_text(path)} is {got}, but the dataset's signature says "
             f"{expected} ({self._origin}).  TensorFlow would cast or reject it, so "
             "mploader stops here rather than change your data.  Fix: give "
             "output_signature with the dtype you want and None for dimensions that "

@@ -112,7 +112,7 @@ class _Stream:
         count = 0
         try:
             for element in one_pass:
-                self.check.check(element, f"source index {one_pass.last_index}")
+                self.check.check(element, one_pass.last_index)
                 count += 1
                 yield element
         except PassAbandoned:
