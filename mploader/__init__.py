@@ -7,12 +7,16 @@ Modules, one job each:
     loader.py        the public MPLoader
     sources.py       reading the source (sequence, int, iterable, tf.data) in passes
     passes.py        one pass: dispatch tasks, gather results, order, errors, timeouts
-    pool.py          the worker processes' lifecycle: start, watch, stop (NOTE [Shutdown])
+    pool.py          the worker processes: one state machine each, start, watch, stop
+                     (NOTE [Shutdown], the lock rule)
+    resources.py     the descriptor and address-space budget of a pool
     worker.py        the worker process and its main loop
-    slots.py         the shared-memory slot ring
+    slots.py         a worker's shared-memory arena: status page and slots
     layout.py        how a result nest is laid out in a slot
-    messages.py      the wire messages
+    messages.py      the wire messages and their framing
     random_state.py  per-item random state (item_rng)
+    signature.py     every element checked against the dataset's signature
+    interrupts.py    Ctrl-C while TensorFlow's threads run the consumer
     tf_adapter.py    the TensorFlow adapter (the only module that imports TensorFlow)
     errors.py        the errors users catch
 """
@@ -20,7 +24,8 @@ from .errors import MPLoaderError, WorkerDied, WorkerError, WorkerTimeout
 from .loader import MPLoader
 from .passes import PassAbandoned, Skipped
 from .random_state import item_rng, item_scope
+from .signature import SignatureMismatch
 
 __all__ = ["MPLoader", "MPLoaderError", "WorkerError", "WorkerDied", "WorkerTimeout",
-           "PassAbandoned", "Skipped", "item_rng", "item_scope"]
+           "PassAbandoned", "Skipped", "SignatureMismatch", "item_rng", "item_scope"]
 __version__ = "0.1.0"

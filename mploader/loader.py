@@ -16,12 +16,11 @@ import time
 import weakref
 from typing import Any, Callable
 
-import cloudpickle
-
 from . import resources
 from .messages import Bootstrap
 from .passes import Options, Pass, Skipped, Stats
 from .pool import WorkerPool
+from .shipping import ship
 from .sources import Source
 
 log = logging.getLogger("mploader")
@@ -29,18 +28,6 @@ log = logging.getLogger("mploader")
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 _MAX_LEASES = 8  # per worker: results the consumer may hold as zero-copy views
 _PROBE_ITEMS = 32  # with on_error="skip", items tried to infer output_signature
-
-
-def _pickled(obj: Callable | None, name: str) -> bytes | None:
-    if obj is None:
-        return None
-    if not callable(obj):
-        raise TypeError(f"{name} must be callable, not {type(obj).__name__}")
-    try:
-        return cloudpickle.dumps(obj)
-    except Exception as exc:
-        raise TypeError(f"{name} ({obj!r}) cannot be sent to the worker processes: "
-                        f"cloudpickle failed with {type(exc).__name__}: {exc}") from exc
 
 
 def _cpu_count() -> int:
@@ -115,9 +102,11 @@ class MPLoader:
         self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
                                 on_error=on_error, on_worker_death=on_worker_death,
                                 batch_size=batch_size, drop_remainder=drop_remainder)
+        fn_payload, fn_files = ship(fn, "fn")
+        init_payload, init_files = ship(worker_init, "worker_init")
         self._bootstrap = Bootstrap(
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
-            fn=_pickled(fn, "fn"), worker_init=_pickled(worker_init, "worker_init"),
+            fn=fn_payload, worker_init=init_payload, code_files={**init_files, **fn_files},
             seed=seed, stack_batches=batch_size is not None)
         self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"

@@ -38,6 +38,7 @@ class Bootstrap:
     sys_path: tuple[str, ...]
     fn: bytes                   # cloudpickled user function
     worker_init: bytes | None   # cloudpickled worker_init, or None
+    code_files: dict[str, str]  # the file names cloudpickle drops (see shipping.py)
     seed: int | None            # None: item_rng() is not reproducible
     stack_batches: bool         # True when batch_size is set
 

@@ -152,7 +152,7 @@ class SlotRing:
             except queue.Empty:
                 return
             self._leased_bytes -= self._leases.pop(slot)[1]
-            self.release(slot)
+            self._make_free(slot)
 
     def acquire(self) -> int | None:
         """A FREE slot made BUSY, or None when every slot is BUSY or LEASED."""
@@ -164,7 +164,11 @@ class SlotRing:
         return slot
 
     def release(self, slot: int) -> None:
-        """BUSY or LEASED -> FREE, for a result that was dropped or copied out."""
+        """BUSY -> FREE, for a result that was dropped or copied out."""
+        self._make_free(slot)
+        self.shrink(idle_for=IDLE_SHRINK_S)
+
+    def _make_free(self, slot: int) -> None:
         self._busy.discard(slot)
         if self._closed:
             if not self._busy:
@@ -172,13 +176,13 @@ class SlotRing:
             return
         self._free.append(slot)
         self._freed_at[slot] = time.monotonic()
-        self.shrink(idle_for=IDLE_SHRINK_S)
 
     def shrink(self, idle_for: float = 0.0) -> None:
         """Give back the memory of reserved FREE slots beyond ``keep_free`` that
         have been idle for ``idle_for`` seconds, least recently used first."""
         if self._closed:
             return
+        self._collect_returned()
         reserved = [s for s in self._free if self.capacity[s]]  # the stack's bottom first
         now = time.monotonic()
         for idle in reserved[:len(reserved) - self._keep_free]:

@@ -19,7 +19,8 @@ import numpy as np
 from . import pool as pool_module
 from .passes import PassAbandoned
 from .layout import map_nest, path_text
-from .signature import Leaf, SignatureCheck
+from .errors import MPLoaderError
+from .signature import Leaf, SignatureCheck, SignatureMismatch
 
 
 def _spec(value: Any, batch_dim: int | None, batched: bool) -> Any:
@@ -119,6 +120,10 @@ class _Stream:
             if not _exiting:
                 raise
             return  # closed at exit: end the stream, so TensorFlow stops asking
+        except (MPLoaderError, SignatureMismatch) as exc:
+            # TensorFlow prints the traceback under the message: mploader's
+            # own frames say nothing to the user, the message says it all.
+            raise exc.with_traceback(None) from None
         finally:
             one_pass.close()
         if one_pass.interrupted:

@@ -26,13 +26,12 @@ import time
 import traceback
 from typing import Any, Callable
 
-import cloudpickle
-
 from .errors import short_repr
 from .layout import pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
                        read_frame, write_frame)
 from .random_state import item_scope
+from .shipping import land
 from .slots import IDLE, PACKING, SlotWriter
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -108,9 +107,9 @@ def _serve(config: dict[str, Any]) -> int:
     boot: Bootstrap = read_frame(task_fd)
     sys.path[:] = boot.sys_path
     try:
-        fn = cloudpickle.loads(boot.fn)
+        fn = land(boot.fn, boot.code_files)
         if boot.worker_init is not None:
-            cloudpickle.loads(boot.worker_init)(config["worker_id"])
+            land(boot.worker_init, boot.code_files)(config["worker_id"])
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
         write_frame(result_fd, StartFailed(_failure(exc, None)))
         return 1

@@ -119,6 +119,9 @@ def test_an_unpicklable_item_names_its_index():
     ({"on_error": "ignore"}, "on_error must be 'raise' or 'skip'"),
     ({"on_worker_death": "retry"}, "on_worker_death must be 'raise' or 'restart'"),
     ({"timeout": 0}, "timeout must be > 0"),
+    ({"timeout": "5"}, "timeout must be > 0"),
+    ({"close_timeout": "1"}, "close_timeout must be > 0"),
+    ({"seed": 1.5}, "seed must be an int"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -130,3 +133,14 @@ def test_bad_sources_are_named():
         MPLoader(lambda x: x, 3.5)
     with pytest.raises(ValueError, match="an int source must be >= 0"):
         MPLoader(lambda x: x, -1)
+
+
+def test_a_single_path_as_source_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"single path.*pass \['/data/case_000.nii.gz'\]"):
+        MPLoader(lambda x: x, "/data/case_000.nii.gz")
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    import numpy as np
+    with MPLoader(lambda x: x, range(4), num_workers=np.int64(1), seed=np.int64(3)) as loader:
+        assert list(loader) == [0, 1, 2, 3] and loader.num_workers == 1

@@ -335,3 +335,21 @@ def test_sigkill_of_the_program_while_workers_are_busy_leaves_no_worker_and_no_t
     assert_no_worker_left(pids, within=max(0.0, 2.0 - eof_s))
     assert eof_s < 2.0, f"the last worker exited {eof_s:.2f} s after the program was killed"
     assert "BrokenPipeError" not in err and "Traceback" not in err, err[-4000:]
+
+
+def test_traceback_of_a_function_in_the_users_script_names_its_file_and_line(script):
+    s = script("""
+        import json
+        from mploader import MPLoader, WorkerError
+        def load_case(path):
+            raise ValueError(f"cannot read {path}")   # the line users look for
+        with MPLoader(load_case, ["case_007.nii.gz"], num_workers=1) as loader:
+            report_pids(loader)
+            try:
+                list(loader)
+            except WorkerError as e:
+                print(json.dumps({"tb": e.remote_traceback}))
+    """)
+    got = report(run_bounded(s, within=60))
+    assert 'user_script.py", line' in got["tb"] and ", in load_case" in got["tb"], got["tb"]
+    assert "# the line users look for" in got["tb"], got["tb"]

@@ -1,0 +1,92 @@
+"""How the user's functions travel to the workers: cloudpickle, with their file names.
+
+cloudpickle ships functions of ``__main__``, lambdas and closures by value.
+To make its payloads deterministic it replaces every shipped code object's
+file name with ``"<dynamic-code>"``, so a worker's traceback would read
+``File "<dynamic-code>", line 13, in load_case``, without the file or its
+source line.  The parent therefore sends the real file names alongside
+(:func:`ship`), keyed by function name and first line, and the worker puts
+them back into the code objects (:func:`land`); ``traceback`` then shows the
+file, the line and, when the file exists, the source line.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import cloudpickle
+
+_DYNAMIC = "<dynamic-code>"  # what cloudpickle writes as co_filename
+_DEPTH = 3  # functions reached through globals and closures, no further
+
+Files = dict[str, str]  # "name:first line" -> file name
+
+
+def _key(code: types.CodeType) -> str:
+    return f"{code.co_name}:{code.co_firstlineno}"
+
+
+def _functions(fn: Any, depth: int = _DEPTH) -> list[types.FunctionType]:
+    """fn, and the functions it reaches through its globals and closure."""
+    found: list[types.FunctionType] = []
+    todo: list[tuple[Any, int]] = [(fn, depth)]
+    seen: set[int] = set()
+    while todo:
+        obj, left = todo.pop()
+        if not isinstance(obj, types.FunctionType) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        if left == 0:
+            continue
+        names = obj.__code__.co_names
+        todo += [(obj.__globals__.get(name), left - 1) for name in names]
+        todo += [(cell.cell_contents, left - 1) for cell in obj.__closure__ or ()
+                 if _filled(cell)]
+    return found
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _codes(code: types.CodeType) -> list[types.CodeType]:
+    """A code object and every code object nested in it."""
+    nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return [code] + [inner for c in nested for inner in _codes(c)]
+
+
+def ship(fn: Callable | None, name: str) -> tuple[bytes | None, Files]:
+    """(cloudpickle of ``fn``, the file names of the code it carries)."""
+    if fn is None:
+        return None, {}
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
+    try:
+        payload = cloudpickle.dumps(fn)
+    except Exception as exc:
+        raise TypeError(f"{name} ({fn!r}) cannot be sent to the worker processes: "
+                        f"cloudpickle failed with {type(exc).__name__}: {exc}") from exc
+    files = {_key(code): code.co_filename for f in _functions(fn) for code in _codes(f.__code__)}
+    return payload, files
+
+
+def _restored(code: types.CodeType, files: Files) -> types.CodeType:
+    consts = tuple(_restored(c, files) if isinstance(c, types.CodeType) else c
+                   for c in code.co_consts)
+    filename = files.get(_key(code), code.co_filename) if code.co_filename == _DYNAMIC \
+        else code.co_filename
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def land(payload: bytes, files: Files) -> Any:
+    """(worker) Unpickle a shipped function and give its code its file names back."""
+    fn = cloudpickle.loads(payload)
+    for function in _functions(fn):
+        if any(c.co_filename == _DYNAMIC for c in _codes(function.__code__)):
+            function.__code__ = _restored(function.__code__, files)
+    return fn
