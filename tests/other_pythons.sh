@@ -42,7 +42,8 @@ find_python() {
     done
 }
 
-failed=() summary=()
+failed=() summary=() runs=()
+# First every venv, one after another (pip's output stays readable) ...
 for version in $versions; do
     python=$(find_python "$version")
     if [ -z "$python" ]; then
@@ -52,8 +53,6 @@ for version in $versions; do
     fi
     venv=.venv-$version
     stamp=$venv/.stamp-test
-    echo
-    echo "== Python $("$python" -c 'import platform; print(platform.python_version())') ($python, $venv): pytest -m \"$marks\" tests"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
         start=$SECONDS
         rm -rf "$venv"
@@ -67,19 +66,36 @@ for version in $versions; do
         touch "$stamp"
         echo "   ($venv set up in $((SECONDS - start)) s)"
     fi
-    start=$SECONDS
-    log=$(mktemp)
-    "$venv/bin/python" -m pytest "${pytest_args[@]}" 2>&1 | tee "$log"
-    status=${PIPESTATUS[0]}
+    runs+=("$version")
+done
+
+# ... then the versions' suites at the same time (each is mostly waiting on
+# its workers' start-up; run one after another they took 4-5 minutes), each
+# into its own log, printed whole when all are done.
+start=$SECONDS
+declare -A pids logs
+for version in "${runs[@]}"; do
+    logs[$version]=$(mktemp)
+    ".venv-$version/bin/python" -m pytest "${pytest_args[@]}" >"${logs[$version]}" 2>&1 &
+    pids[$version]=$!
+done
+for version in "${runs[@]}"; do
+    wait "${pids[$version]}"
+    status=$?
+    log=${logs[$version]}
+    echo
+    echo "== Python $(".venv-$version/bin/python" -c 'import platform, sys; print(platform.python_version(), sys.executable)') (.venv-$version): pytest -m \"$marks\" tests"
+    cat "$log"
     result=$(grep -E '^=* ?[0-9]+ [a-z]+.* in [0-9.]+s' "$log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
     rm -f "$log"
     if [ "$status" -eq 0 ]; then
-        summary+=("$version: ok ($result; $((SECONDS - start)) s)")
+        summary+=("$version: ok ($result)")
     else
         failed+=("$version")
-        summary+=("$version: FAILED, pytest exit $status (${result:-no summary line}; $((SECONDS - start)) s)")
+        summary+=("$version: FAILED, pytest exit $status (${result:-no summary line})")
     fi
 done
+[ ${#runs[@]} -gt 0 ] && echo "   (the versions ran side by side in $((SECONDS - start)) s)"
 
 echo
 echo "== Other Python versions, pytest -m \"$marks\":"

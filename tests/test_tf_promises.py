@@ -94,7 +94,11 @@ def test_ctrl_c_in_keras_and_loops_is_a_keyboard_interrupt_the_script_catches(sc
                 other.append(f"{{type(e).__name__}}: {{str(e)[:200]}}")
             timer.join()
             time.sleep(0.2)
-            leftover += [p for p in pids if os.path.exists(f"/proc/{{p}}")
+            # The interrupted pass's pool is stopped, unless the main thread took
+            # the Ctrl-C itself (between elements): then the pool goes on serving
+            # this loader.  Any other live worker is a leak.
+            current = set(loader.worker_pids())
+            leftover += [p for p in pids if p not in current and os.path.exists(f"/proc/{{p}}")
                          and b"mploader" in open(f"/proc/{{p}}/cmdline", "rb").read()
                          and open(f"/proc/{{p}}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
         loader.close()
@@ -102,14 +106,17 @@ def test_ctrl_c_in_keras_and_loops_is_a_keyboard_interrupt_the_script_catches(sc
     """))
     got = report(run_bounded(s, within=240))
     assert got["other"] == [] and got["caught"] == rounds, got
-    assert got["leftover"] == [], "workers of an interrupted pass kept running"
+    assert got["leftover"] == [], "workers outside the loader's pool kept running"
+    assert_no_worker_left(s.wait_for_pids())
 
 
 EXIT_RUNS = 10  # x 6 s a run here; the other patterns 3 each (the suite stays under 10 min)
 
 
-@pytest.mark.parametrize("tail", ["batch(4).prefetch(2)", "shuffle(16).prefetch(1)",
-                                  "repeat().batch(2).prefetch(3)"])
+@pytest.mark.parametrize("tail", [
+    "batch(4).prefetch(2)", "shuffle(16).prefetch(1)", "repeat().batch(2).prefetch(3)",
+    "interleave(lambda x: tf.data.Dataset.from_tensors(x).repeat(2), cycle_length=2, "
+    "num_parallel_calls=2).prefetch(2)"])
 def test_exit_with_a_live_prefetched_iterator_never_hangs(script, tail):
     """TensorFlow destroys a live iterator during finalization and waits for its
     threads; mploader's exit hook makes sure none is inside Python then.  Each
@@ -150,3 +157,45 @@ def test_a_second_pass_makes_the_first_raise_not_end_silently(script):
     got = report(run_bounded(s, within=60))
     assert got["head"] == [0, 1, 2] and got["whole"] == list(range(10))
     assert "rest" not in got and "newer iteration" in got["abandoned"]
+
+
+def test_keras_fit_then_predict_then_the_script_ends_with_iterators_alive(script):
+    """Keras keeps its own iterators and threads; the script ends right after."""
+    s = script(joined(PRELUDE, """
+        def sample(i):
+            time.sleep(0.005)
+            return np.full(4, i % 7, np.float32), np.float32(i % 2)
+        loader = MPLoader(sample, range(64), num_workers=2)
+        report_pids(loader)
+        ds = loader.dataset().batch(8).prefetch(2)
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+        model.fit(ds, epochs=2, verbose=0)
+        model.evaluate(ds, verbose=0)
+        model.predict(ds.map(lambda x, y: x), verbose=0)
+        it = iter(ds)
+        next(it)
+        print(json.dumps({"end": time.time()}))
+    """))
+    for run in range(3):
+        result = run_bounded(s, within=60)
+        assert_quiet(result)
+        assert_no_worker_left(s.wait_for_pids())
+        s.pid_file.unlink()
+
+
+def test_zip_of_one_loaders_dataset_with_itself_fails_saying_why(script):
+    s = script(joined(PRELUDE, """
+        loader = MPLoader(lambda i: i, range(8), num_workers=2)
+        report_pids(loader)
+        ds = loader.dataset()
+        try:
+            got = {"pairs": [(int(a), int(b)) for a, b in tf.data.Dataset.zip((ds, ds))]}
+        except Exception as e:
+            got = {"error": str(e).split("\\n")[0][:400]}
+        loader.close()
+        print(json.dumps(got))
+    """))
+    got = report(run_bounded(s, within=60))
+    # Either each side saw the whole source, or the error says one loader runs one pass.
+    assert got.get("pairs") == [(i, i) for i in range(8)] or "one pass at a time" in got["error"], got
