@@ -133,6 +133,7 @@ class Pass(Iterator[Any]):
         self.last_index: int | None = None    # source index of the last value (a batch's first)
         self._next_seq = 0                    # ordered: the seq to yield next
         self._source_done = False
+        self._source_error: Exception | None = None  # raised once the items before it are out
         self._finished = False
         self._abandoned = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
@@ -155,7 +156,8 @@ class Pass(Iterator[Any]):
                 return self._next_locked()
         except BaseException as exc:
             self._finished = True
-            if not isinstance(exc, (StopIteration, WorkerError, PassAbandoned)):
+            if (not isinstance(exc, (StopIteration, WorkerError, PassAbandoned))
+                    and exc is not self._source_error):
                 # A dead worker, a Ctrl-C, an error in the source: the pool's
                 # state is not trusted any more.  Stop it now; the loader
                 # starts a fresh one for its next pass.
@@ -170,10 +172,7 @@ class Pass(Iterator[Any]):
     def _next_locked(self) -> Any:
         while True:
             if self._abandoned or self._pool.closing:
-                raise PassAbandoned(
-                    "this iteration of the loader was abandoned: the loader was "
-                    "closed, or a newer iteration of it started (each loader runs "
-                    "one pass at a time; use a second MPLoader for concurrent passes)")
+                raise _abandoned()
             self._pool.raise_if_failed()
             found = self._take_ready()
             if found is not None:
@@ -186,7 +185,11 @@ class Pass(Iterator[Any]):
             if self._source_done and not self._retry and not self._ready and not in_flight:
                 for handle in self._pool.live():
                     handle.ring.shrink()  # the pass's bursts are over (see slots.py)
+                if self._source_error is not None:
+                    raise self._source_error  # at its position: every item before it is out
                 raise StopIteration
+            if self._pool.closing:  # closed re-entrantly (a signal handler) during a wait
+                raise _abandoned()
             if not self._pool.any_pending():
                 raise MPLoaderError("no worker of this loader is alive, and the pass has "
                                     "work left; start a new iteration")
@@ -225,7 +228,13 @@ class Pass(Iterator[Any]):
             return self._retry.popleft()
         if self._source_done:
             return None
-        items = list(itertools.islice(self._items, self._chunk_items))
+        items: list[Any] = []
+        try:  # item by item, so the items read before a failing one are kept
+            for item in itertools.islice(self._items, self._chunk_items):
+                items.append(item)
+        except Exception as exc:  # the user's source raised: at its position, later
+            self._source_error = exc
+            self._source_done = True
         encoder = ItemEncoder()
         try:  # a batch is batch_size items, whatever their bytes
             taken = encoder.add(items, math.inf if self._opt.batch_size else _MAX_TASK_BYTES)
@@ -236,7 +245,7 @@ class Pass(Iterator[Any]):
             self._items = itertools.chain(items[taken:], self._items)
             items = items[:taken]
         elif len(items) < self._chunk_items:
-            self._source_done = True
+            self._source_done = True  # (also after a source error: see above)
         if not items or (self._opt.drop_remainder and len(items) < self._chunk_items):
             self._source_done = True
             return None
@@ -288,8 +297,9 @@ class Pass(Iterator[Any]):
                 return
 
     def _in_flight(self) -> bool:
+        # Every worker, KILLED ones too: a timed-out item's death is still to come.
         return any(key[0] == self._pass_id
-                   for h in self._pool.live() for key in h.outstanding)
+                   for h in self._pool.workers for key in h.outstanding)
 
     # -- results ---------------------------------------------------------------------
 
@@ -418,6 +428,13 @@ def _note_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_note_fork)
+
+
+def _abandoned() -> PassAbandoned:
+    return PassAbandoned(
+        "this iteration of the loader was abandoned: the loader was closed, or a "
+        "newer iteration of it started (each loader runs one pass at a time; use a "
+        "second MPLoader for concurrent passes)")
 
 
 def _without(chunk: Chunk, indices: set[int]) -> Chunk:

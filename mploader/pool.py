@@ -487,26 +487,34 @@ class WorkerPool:
                 return
             deadline = time.monotonic() + timeout
             running = [h for h in self.workers if h.state is not State.RELEASED]
-            for handle in running:
-                _give_pill(handle)
-                if handle.outstanding:
-                    _signal(handle, signal.SIGTERM)
-            steps: list[tuple[float, Callable[[WorkerHandle], None]]] = [
-                (min(_PILL_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGTERM)),
-                (min(_TERM_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGKILL)),
-            ]
-            for grace, escalate in steps:
-                for handle in _wait_exit(running, time.monotonic() + grace):
-                    escalate(handle)
-            _wait_exit(running, deadline)
-            for fd in list(self._watched):
-                self._unwatch(fd)
-            for handle in running:
-                handle.state = State.DEAD
-                _release(handle)
-            self._spawner.stop()
-            self._spawner = None
-            _open_pools.discard(self)
+            try:
+                for handle in running:
+                    _give_pill(handle)
+                    if handle.outstanding:
+                        _signal(handle, signal.SIGTERM)
+                steps: list[tuple[float, Callable[[WorkerHandle], None]]] = [
+                    (min(_PILL_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGTERM)),
+                    (min(_TERM_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGKILL)),
+                ]
+                for grace, escalate in steps:
+                    for handle in _wait_exit(running, time.monotonic() + grace):
+                        escalate(handle)
+                _wait_exit(running, deadline)
+            finally:
+                # Also when a second Ctrl-C lands in the waits above: nothing
+                # here blocks, and a worker still running is killed outright.
+                for handle in running:
+                    if handle.process.poll() is None:
+                        _signal(handle, signal.SIGKILL)
+                for fd in list(self._watched):
+                    self._unwatch(fd)
+                for handle in running:
+                    handle.state = State.DEAD
+                    handle.outstanding.clear()
+                    _release(handle, unmap=True)
+                self._spawner.stop()
+                self._spawner = None
+                _open_pools.discard(self)
 
 
 def _give_pill(handle: WorkerHandle) -> None:
@@ -532,16 +540,18 @@ def _wait_exit(handles: list[WorkerHandle], deadline: float) -> list[WorkerHandl
     return running
 
 
-def _release(handle: WorkerHandle) -> None:
+def _release(handle: WorkerHandle, unmap: bool = False) -> None:
     """DEAD -> RELEASED: close the parent's descriptors of a worker that has exited
-    (or could not be stopped within the deadline: the kernel reaps it with us)."""
+    (or could not be stopped within the deadline: the kernel reaps it with us).
+    ``unmap`` (the pool is closing, so no result of it will be handed out): give
+    its arena back now, whatever results were still waiting."""
     _give_pill(handle)
     handle.process.poll()
     for fd in (handle.result_fd, handle.pidfd):
         if fd >= 0:
             os.close(fd)
     handle.result_fd = handle.pidfd = -1
-    handle.ring.close()
+    handle.ring.close(unmap=unmap)
     handle.state = State.RELEASED
 
 

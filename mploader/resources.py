@@ -15,7 +15,8 @@ through a pass.
 Address space.  A worker's arena reserves ``slots * stride`` bytes of address
 space in the parent (no memory: the file is sparse).  The stride is the
 largest result one task can return; it shrinks when many workers and slots
-share ``_ADDRESS_BUDGET_BYTES``.
+share ``_ADDRESS_BUDGET_BYTES`` (per pool, so about 60 of the largest pools,
+or 400 default ones, can be alive in one process).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import resource
 PARENT_FDS_PER_WORKER = 4
 START_FDS = 6
 _SPARE_FDS = 32  # for the rest of the program: files it opens, TensorFlow's own
-_ADDRESS_BUDGET_BYTES = 16 << 40  # of the 128 TiB a 64-bit Linux process can map
-_MAX_STRIDE_BYTES = 64 << 30
+_ADDRESS_BUDGET_BYTES = 2 << 40  # per pool, of the 128 TiB a 64-bit Linux process can map
+_MAX_STRIDE_BYTES = 16 << 30
 
 
 def open_fds() -> int:

@@ -120,6 +120,12 @@ class SlotRing:
         try:
             os.ftruncate(self.fd, HEADER_BYTES + count * stride)
             self._arena: mmap.mmap | None = _map(self.fd, HEADER_BYTES + count * stride)
+        except OSError as exc:
+            os.close(self.fd)
+            raise MemoryError(
+                f"cannot map {count} result slots of {stride} bytes of address space "
+                f"for a worker ({exc.strerror}): too many loaders or workers are alive "
+                "at once, or RLIMIT_AS is low; close loaders you no longer use") from exc
         except BaseException:
             os.close(self.fd)
             raise
@@ -226,12 +232,15 @@ class SlotRing:
     def reserved_bytes(self) -> int:
         return sum(self.capacity)
 
-    def close(self) -> None:
+    def close(self, unmap: bool = False) -> None:
         """No more reuse.  The mapping stays valid while a result waiting to be
         handed out (a BUSY slot) or a leased view uses it, and goes, with its
-        descriptor, when the last of them does."""
+        descriptor, when the last of them does; with ``unmap`` (its pool is
+        closed: no waiting result will be handed out) only leased views keep it."""
         self.close_fd()
         self._closed = True
+        if unmap:
+            self._busy.clear()
         if not self._busy:
             self._unmap()
 

@@ -144,3 +144,18 @@ def test_numpy_integers_are_accepted_where_ints_are():
     import numpy as np
     with MPLoader(lambda x: x, range(4), num_workers=np.int64(1), seed=np.int64(3)) as loader:
         assert list(loader) == [0, 1, 2, 3] and loader.num_workers == 1
+
+
+def test_a_source_that_raises_mid_way_raises_after_the_items_before_it():
+    def source():
+        for i in range(100):
+            if i == 37:
+                raise ValueError("bad source at 37")
+            yield i
+    got = []
+    with MPLoader(lambda i: i, source(), num_workers=2) as loader:
+        with pytest.raises(ValueError, match="bad source at 37"):
+            for x in loader:
+                got.append(x)
+        assert got == list(range(37))
+        assert loader.worker_pids(), "a source error is not the pool's fault: it stays"

@@ -294,3 +294,24 @@ def test_forked_child_cannot_disturb_the_parents_pass_in_progress(script):
     assert [got["first"]] + got["rest"] == list(range(40)), got
     assert_quiet(result)
     assert_no_worker_left(s.wait_for_pids())
+
+
+def test_loaders_closed_in_the_middle_of_a_pass_give_every_descriptor_back(script):
+    s = script(joined("""
+        import gc, json, os
+        from mploader import MPLoader
+    """, NFDS, """
+        before = nfds()
+        kept = []
+        for _ in range(20):
+            loader = MPLoader(lambda i: i, range(1000), num_workers=1)
+            report_pids(loader)
+            for x in loader:
+                if x == 3:
+                    break
+            loader.close()
+            kept.append(loader)          # still referenced: close() alone must free it
+        print(json.dumps({"before": before, "after": nfds()}))
+    """))
+    got = report(run_bounded(s, within=90))
+    assert got["after"] == got["before"], got

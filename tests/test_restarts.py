@@ -225,3 +225,29 @@ def test_skip_also_covers_an_item_that_kills_every_worker_after_its_retry(script
     assert (got["out"] if ordered else sorted(got["out"])) == expected
     assert [(i, kind) for i, kind, _ in sorted(got["skipped"])] == [(5, "WorkerDied"), (300, "WorkerDied")]
     assert all("exited with code 9" in message for _, _, message in got["skipped"])
+
+
+@pytest.mark.parametrize("death", ["raise", "restart"])
+def test_a_timeout_on_the_last_item_in_flight_is_reported_not_dropped(script, death):
+    s = script(f"""
+        import json, logging, time
+        from mploader import MPLoader, WorkerDied
+        logging.disable(logging.WARNING)
+        def fn(i):
+            if i == 5:
+                time.sleep(60)
+            return i
+        got = {{}}
+        with MPLoader(fn, 6, num_workers=1, timeout=0.5, on_worker_death={death!r}) as loader:
+            report_pids(loader)
+            out = []
+            try:
+                for x in loader:
+                    out.append(x)
+            except WorkerDied as e:
+                got = {{"error": type(e).__name__, "indices": list(e.indices)}}
+            got["out"] = out
+        print(json.dumps(got))
+    """)
+    got = report(run_bounded(s, within=60))
+    assert got["out"] == [0, 1, 2, 3, 4] and got.get("indices") == [5], got
