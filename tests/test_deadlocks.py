@@ -233,7 +233,7 @@ TRIALS = 16  # each trial starts two workers; the race was lost in about half of
 
 
 def test_close_racing_a_pass_start_in_another_thread_never_leaves_a_worker(script):
-    s = script(joined(f"""
+    s = script(joined("""
         import json, os, sys, threading, time
         from mploader import MPLoader, PassAbandoned, WorkerDied
         sys.setswitchinterval(1e-6)      # switch threads as often as possible
