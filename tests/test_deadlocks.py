@@ -14,67 +14,52 @@ from .bounded import (LIVE_WORKERS, joined, assert_no_worker_left, assert_quiet,
 # -- finding 1: the parent blocked writing a task while the worker blocked writing its result
 
 
-def test_30k_str_items_of_2kB_in_and_out_do_not_deadlock(script):
-    s = script("""
+def round_trip(script, items: str, loader: str, expected: str, within: float) -> dict:
+    """Run ``list(loader)`` over ``items`` (Python expressions) in a bounded child
+    script; its report says whether the output equals ``expected``, the count and
+    the time taken.  The script must exit quietly and leave no worker."""
+    s = script(f"""
         import json, time
         from mploader import MPLoader
-        items = [f"{i:08d}" + "x" * 1992 for i in range(30_000)]   # 2 kB each way
-        loader = MPLoader(lambda s: s, items, num_workers=2)
+        items = {items}
+        loader = {loader}
         report_pids(loader)
         start = time.monotonic()
         out = list(loader)
         took = time.monotonic() - start
         loader.close()
-        print(json.dumps({"equal": out == items, "count": len(out), "took": took}))
+        print(json.dumps({{"equal": out == {expected}, "count": len(out), "took": took}}))
     """)
-    result = run_bounded(s, within=90)
+    result = run_bounded(s, within=within)
     got = report(result)
     assert_quiet(result)
     assert_no_worker_left(s.wait_for_pids())
+    return got
+
+
+def test_30k_str_items_of_2kB_in_and_out_do_not_deadlock(script):
+    got = round_trip(script, items='[f"{i:08d}" + "x" * 1992 for i in range(30_000)]',  # 2 kB each way
+                     loader="MPLoader(lambda s: s, items, num_workers=2)",
+                     expected="items", within=90)
     assert got["equal"] and got["count"] == 30_000, got
     assert got["took"] < 60, got
 
 
 def test_20k_dict_items_of_1500B_in_and_str_out_do_not_deadlock(script):
-    s = script("""
-        import json, time
-        from mploader import MPLoader
-        # a metadata record in, a serialized record out (repro e19)
-        items = [{"id": i, "meta": f"{i:08d}" + "x" * 1500} for i in range(20_000)]
-        loader = MPLoader(lambda d: d["meta"], items, num_workers=2)
-        report_pids(loader)
-        start = time.monotonic()
-        out = list(loader)
-        took = time.monotonic() - start
-        loader.close()
-        print(json.dumps({"equal": out == [d["meta"] for d in items], "count": len(out),
-                          "took": took}))
-    """)
-    result = run_bounded(s, within=90)
-    got = report(result)
-    assert_quiet(result)
-    assert_no_worker_left(s.wait_for_pids())
+    # a metadata record in, a serialized record out (repro e19)
+    got = round_trip(script,
+                     items='[{"id": i, "meta": f"{i:08d}" + "x" * 1500} for i in range(20_000)]',
+                     loader='MPLoader(lambda d: d["meta"], items, num_workers=2)',
+                     expected='[d["meta"] for d in items]', within=90)
     assert got["equal"] and got["count"] == 20_000, got
     assert got["took"] < 60, got
 
 
 def test_200kB_bytes_items_in_and_out_do_not_deadlock_one_worker(script):
-    s = script("""
-        import json, time
-        from mploader import MPLoader
-        items = [bytes([i]) * 200_000 for i in range(20)]   # each larger than a pipe's buffer
-        loader = MPLoader(lambda b: b, items, num_workers=1, prefetch=2)
-        report_pids(loader)
-        start = time.monotonic()
-        out = list(loader)
-        took = time.monotonic() - start
-        loader.close()
-        print(json.dumps({"equal": out == items, "count": len(out), "took": took}))
-    """)
-    result = run_bounded(s, within=30)
-    got = report(result)
-    assert_quiet(result)
-    assert_no_worker_left(s.wait_for_pids())
+    # each item larger than a pipe's buffer
+    got = round_trip(script, items="[bytes([i]) * 200_000 for i in range(20)]",
+                     loader="MPLoader(lambda b: b, items, num_workers=1, prefetch=2)",
+                     expected="items", within=30)
     assert got["equal"] and got["count"] == 20, got
 
 

@@ -110,6 +110,16 @@ def test_ctrl_c_in_keras_and_loops_is_a_keyboard_interrupt_the_script_catches(sc
     assert_no_worker_left(s.wait_for_pids())
 
 
+def exits_cleanly(s, runs: int, within: float) -> None:
+    """Run the script ``s`` ``runs`` times in fresh interpreters: each exits 0,
+    quietly, within ``within`` s, and leaves no worker."""
+    for _ in range(runs):
+        result = run_bounded(s, within=within)
+        assert_quiet(result)
+        assert_no_worker_left(s.wait_for_pids())
+        s.pid_file.unlink()
+
+
 EXIT_RUNS = 10  # x 6 s a run here; the other patterns 3 each (the suite stays under 10 min)
 
 
@@ -130,11 +140,7 @@ def test_exit_with_a_live_prefetched_iterator_never_hangs(script, tail):
         next(it)
         print(json.dumps({{"end": time.time()}}))
     """))
-    for run in range(runs):
-        result = run_bounded(s, within=30)
-        assert_quiet(result)
-        assert_no_worker_left(s.wait_for_pids())
-        s.pid_file.unlink()
+    exits_cleanly(s, runs, within=30)
 
 
 def test_a_second_pass_makes_the_first_raise_not_end_silently(script):
@@ -177,11 +183,7 @@ def test_keras_fit_then_predict_then_the_script_ends_with_iterators_alive(script
         next(it)
         print(json.dumps({"end": time.time()}))
     """))
-    for run in range(3):
-        result = run_bounded(s, within=60)
-        assert_quiet(result)
-        assert_no_worker_left(s.wait_for_pids())
-        s.pid_file.unlink()
+    exits_cleanly(s, 3, within=60)
 
 
 def test_zip_of_one_loaders_dataset_with_itself_fails_saying_why(script):
