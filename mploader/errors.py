@@ -109,3 +109,10 @@ class WorkerTimeout(WorkerDied):
             self, worker_id, pid, -signal.SIGKILL, indices,
             detail=(f"source index {index} ran {elapsed:.2f} s, over the "
                     f"timeout of {limit:g} s, so the worker was killed"))
+
+
+def not_the_owner(owner_pid: int) -> RuntimeError:
+    """The error for a forked child that tries to use its parent's loader."""
+    return RuntimeError(
+        f"this MPLoader's workers belong to process {owner_pid}; a forked child "
+        "cannot use them.  Create a new MPLoader in the child")

@@ -17,6 +17,7 @@ import weakref
 from typing import Any, Callable
 
 from . import resources
+from .errors import not_the_owner
 from .messages import Bootstrap
 from .passes import Options, Pass, Skipped, Stats
 from .pool import WorkerPool
@@ -135,9 +136,7 @@ class MPLoader:
 
     def _ensure_pool(self) -> WorkerPool:
         if os.getpid() != self._owner_pid:
-            raise RuntimeError(
-                f"this MPLoader belongs to process {self._owner_pid}; a forked child "
-                "cannot use its workers.  Create a new MPLoader in the child")
+            raise not_the_owner(self._owner_pid)
         if self._closed:
             raise RuntimeError("this MPLoader is closed")
         if self._box[0] is None:

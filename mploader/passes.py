@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import interrupts
-from .errors import MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, short_repr
+from .errors import (MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, not_the_owner,
+                     short_repr)
 from .messages import Failure, ItemEncoder, ItemNotPicklable, Task
 from .pool import Delivered, Died, WorkerPool
 
@@ -146,9 +147,7 @@ class Pass(Iterator[Any]):
 
     def __next__(self) -> Any:
         if _forked and os.getpid() != self._pool.owner_pid:
-            raise RuntimeError(
-                f"this MPLoader's workers belong to process {self._pool.owner_pid}; a "
-                "forked child cannot use them.  Create a new MPLoader in the child")
+            raise not_the_owner(self._pool.owner_pid)
         if self._finished and not self._abandoned:
             raise StopIteration
         try:
