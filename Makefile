@@ -10,6 +10,8 @@
 #                    .[test] (tests/other_pythons.sh)
 #   make bench       + .[bench]; the benchmark
 #   make test-bench  the `bench` test (the benchmark's tiny mode)
+#   make soak        the TensorFlow exit and Ctrl-C scenarios, 20 runs each
+#                    (the suite runs fewer, to stay under 10 minutes)
 PYTHON ?= python3
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 OTHER_PYTHONS_MARKS ?= not tf and not slow
@@ -22,7 +24,7 @@ DEMO_STAMP := $(VENV)/.stamp-demo
 TEST_STAMP := $(VENV)/.stamp-test
 BENCH_STAMP := $(VENV)/.stamp-bench
 
-.PHONY: demo test test-bench bench clean
+.PHONY: demo test test-bench bench soak clean
 
 $(VENV_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +57,9 @@ test: $(TEST_STAMP)
 
 test-bench: $(TEST_STAMP) $(BENCH_STAMP)
 	$(PYTEST) -m bench tests
+
+soak: $(TEST_STAMP)
+	MPLOADER_SOAK=1 $(PYTEST) tests/test_tf_promises.py
 
 bench: $(BENCH_STAMP)
 	$(PY) -u benchmarks/run.py

@@ -121,9 +121,7 @@ class _Stream:
                 raise
             return  # closed at exit: end the stream, so TensorFlow stops asking
         except (MPLoaderError, SignatureMismatch) as exc:
-            # TensorFlow prints the traceback under the message: mploader's
-            # own frames say nothing to the user, the message says it all.
-            raise exc.with_traceback(None) from None
+            raise _for_tensorflow(exc) from None
         finally:
             one_pass.close()
         if one_pass.interrupted:
@@ -132,6 +130,24 @@ class _Stream:
             self.short = (f"a pass of the loader gave {count} elements where len(loader) "
                           f"says {self.expected}: the source's len() does not match "
                           "what iterating it gives")
+
+
+def _for_tensorflow(exc: BaseException) -> BaseException:
+    """The error as TensorFlow should carry it: its first line, then the rest once.
+
+    TensorFlow turns the exception into a status message made of
+    ``"Type: str(exc)"`` followed by the whole formatted exception (every
+    frame it passed through, then ``str(exc)`` again), and logs that message
+    twice more on stderr.  So ``str`` keeps only the first line (where, which
+    item, which worker), and the rest (the worker's traceback) travels as a
+    note, which formatting prints once, after the frames.  mploader's own
+    frames say nothing to the user, so the traceback starts empty.
+    """
+    head, sep, rest = str(exc).partition("\n")
+    if sep and rest.strip() and hasattr(exc, "add_note"):  # notes: Python 3.11+
+        exc.args = (head,)
+        exc.add_note(rest.strip("\n"))
+    return exc.with_traceback(None)
 
 
 _exiting = False

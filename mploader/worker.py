@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import traceback
+from types import TracebackType
 from typing import Any, Callable
 
 from .errors import short_repr
@@ -58,7 +59,20 @@ def _failure(exc: BaseException, index: int | None, item: Any = _UNKNOWN_ITEM) -
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return Failure(index=index, item="" if item is _UNKNOWN_ITEM else short_repr(item),
                    exc_type=name, message=str(exc),
-                   traceback="".join(traceback.format_exception(exc)))
+                   traceback="".join(traceback.format_exception(exc.with_traceback(_user_frames(exc)))))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_frames(exc: BaseException) -> TracebackType | None:
+    """The traceback from the first frame outside mploader: the worker's own
+    frames (the loop that called fn, the layout of results whose errors say
+    what was wrong) tell the user nothing."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    return tb
 
 
 class _TaskRunner:
