@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import numbers
 import os
+import secrets
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ import weakref
 from typing import Any, Callable
 
 from . import resources
+from .epochs import Plan, Progress, Resume, fingerprint, parse_state, shard_of
 from .errors import not_the_owner
 from .messages import Bootstrap
 from .passes import Options, Pass, Skipped, Stats
@@ -75,7 +77,8 @@ class MPLoader:
                  batch_size: int | None = None, drop_remainder: bool = False,
                  prefetch: int = 2, output_signature: Any = None,
                  worker_init: Callable[[int], Any] | None = None,
-                 seed: int | None = None, timeout: float | None = None,
+                 seed: int | None = None, shuffle: bool = False, shard: Any = None,
+                 timeout: float | None = None,
                  on_error: str = "raise", on_worker_death: str = "raise",
                  close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         num_workers = _default_workers() if num_workers is None else num_workers
@@ -97,7 +100,19 @@ class MPLoader:
         _check(seed is None or isinstance(seed, numbers.Integral),
                f"seed must be an int or None, not {seed!r}")
         seed = None if seed is None else int(seed)
+        _check(isinstance(shuffle, bool), f"shuffle must be True or False, not {shuffle!r}")
         self._source = Source(source)
+        self.shuffle = shuffle
+        self.shard = shard_of(shard)
+        if (shuffle or self.shard[1] > 1) and not self._source.indexable:
+            what = "shuffle=True" if shuffle else f"shard={shard!r}"
+            raise TypeError(
+                f"{what} needs a source with len() and [] (a sequence or an int), to read "
+                f"any index of it; this source is a {type(source).__name__}.  Pass a list "
+                "of the items (e.g. file paths), or an int and index your data in fn")
+        # The order's seed: given, or drawn once per loader (state_dict() keeps it).
+        self._order_seed = seed if seed is not None else secrets.randbits(63)
+        self._seed_given = seed is not None
         self.num_workers = int(num_workers)
         self.output_signature = output_signature
         self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
@@ -116,7 +131,9 @@ class MPLoader:
         self._owner_pid = os.getpid()
         self._closed = False
         self._passes = 0   # pass ids, probes included
-        self._epoch = 0    # passes over the whole source, the epoch of item_rng()
+        self._epoch = 0    # the epoch of the next pass: its order, and item_rng()
+        self._resume: Resume | None = None     # load_state_dict(): where the next pass starts
+        self._progress: Progress | None = None  # of the newest pass
         self._current_pass: Pass | None = None
         # The pool lives in a box shared with the finalizer, which must not
         # hold the loader itself.
@@ -157,15 +174,17 @@ class MPLoader:
     # -- iteration -----------------------------------------------------------------
 
     def _start_pass(self, items: Any, epoch: int, options: Options,
-                    record_skips: bool = True, route_interrupts: bool = False) -> Pass:
+                    progress: Progress | None = None, route_interrupts: bool = False) -> Pass:
+        """A pass over ``items``, (step, source index, item) triples; without
+        ``progress`` it is a probe, whose skips are not recorded either."""
         with self._lock:
             pool = self._ensure_pool()
             if self._current_pass is not None:
                 self._current_pass.abandon()
             self._passes += 1
             self._current_pass = Pass(pool, items, self._passes, epoch, options, self._stats,
-                                      self.skipped if record_skips else None,
-                                      self._discard_pool, route_interrupts)
+                                      self.skipped if progress is not None else None,
+                                      self._discard_pool, progress, route_interrupts)
             return self._current_pass
 
     def __iter__(self) -> Pass:
@@ -177,9 +196,22 @@ class MPLoader:
         threads (see interrupts.py), never for the user's own threads."""
         with self._lock:
             self._ensure_pool()
-            self._epoch += 1
-            return self._start_pass(self._source.items(), self._epoch - 1, self._options,
-                                    route_interrupts=route_interrupts)
+            plan = self._next_plan()
+            self._resume = None
+            self._epoch = plan.epoch + 1
+            self._progress = Progress(plan, self._least_steps())
+            return self._start_pass(plan.read(self._source), plan.epoch, self._options,
+                                    self._progress, route_interrupts)
+
+    def _next_plan(self) -> Plan:
+        """What the next pass reads: the rest of a restored epoch, or a whole one."""
+        if self._resume is not None:
+            return self._resume.plan(self._source.length, self.shuffle, self.shard)
+        return Plan(self._source.length, self._epoch, self.shuffle, self._order_seed,
+                    *self.shard)
+
+    def _least_steps(self) -> int:
+        return self.batch_size if self.batch_size and self.drop_remainder else 1
 
     def first_result(self) -> Any:
         """fn's result for the first source item that gives one (batched: the
@@ -199,7 +231,8 @@ class MPLoader:
             raise ValueError("the source is empty: there is no first item to infer "
                              "output_signature from; pass output_signature")
         options = dataclasses.replace(self._options, drop_remainder=False, prefetch=1)
-        probe = self._start_pass(iter(head), epoch=0, options=options, record_skips=False)
+        probe = self._start_pass(((i, i, item) for i, item in enumerate(head)), epoch=0,
+                                 options=options)
         try:
             value = next(probe)
             return probe.last_index, value
@@ -212,13 +245,70 @@ class MPLoader:
             probe.close()
 
     def __len__(self) -> int:
-        """Elements per pass (items, or batches); TypeError when the source has no length."""
+        """Elements of a whole epoch (items, or batches) for this loader's shard;
+        TypeError when the source has no length."""
         n = self._source.length
         if n is None:
             raise TypeError("the source has no length")
+        return self._elements(n // self.shard[1])
+
+    def _elements(self, steps: int) -> int:
         if self.batch_size is None:
-            return n
-        return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
+            return steps
+        return steps // self.batch_size if self.drop_remainder else -(-steps // self.batch_size)
+
+    def _pending_elements(self) -> int | None:
+        """Elements of the next pass when it is the rest of a restored epoch, else None."""
+        if self._resume is None:
+            return None
+        remaining = self._next_plan().remaining()
+        return None if remaining is None else self._elements(remaining)
+
+    # -- epochs and resume ---------------------------------------------------------------
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return fingerprint(self._source.length, self.shuffle, self.batch_size,
+                           self.drop_remainder)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader stands: small, JSON-serialisable, nothing about workers.
+
+        ``load_state_dict`` of it, on a loader of the same source (any
+        ``num_workers``, ``prefetch``, ``ordered``; any shard count when the
+        shards stopped at the same step), makes the next pass continue right
+        after the last element handed out.  See epochs.py.
+        """
+        with self._lock:
+            if self._resume is not None:
+                plan = self._next_plan()
+                progress = Progress(plan, self._least_steps())
+            elif self._progress is not None:
+                progress = self._progress
+            else:
+                progress = Progress(Plan(self._source.length, self._epoch, self.shuffle,
+                                         self._order_seed, *self.shard))
+            return progress.state(self._fingerprint())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next pass continue where the loader that saved ``state`` stopped.
+
+        A state of another source length, shuffle setting or batching is an
+        error naming the field, as is another seed when this loader was given
+        one; with ``seed=None`` the saved seed is taken.
+        """
+        resume = parse_state(state, self._fingerprint())
+        if self._seed_given and resume.seed != self._order_seed and self.shuffle:
+            raise ValueError(f"the state does not fit this loader: seed was {resume.seed} "
+                             f"when it was saved, and is {self._order_seed} now")
+        resume.plan(self._source.length, self.shuffle, self.shard)  # fits this shard?
+        with self._lock:
+            if self._current_pass is not None:
+                self._current_pass.abandon()
+                self._current_pass = None
+            self._order_seed = resume.seed
+            self._resume = resume
+            self._epoch = resume.epoch
+            self._progress = None
 
     def dataset(self) -> Any:
         """A ``tf.data.Dataset`` over this loader; every iteration is a new pass.

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import interrupts
+from .epochs import Progress
 from .errors import (MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, not_the_owner,
                      short_repr)
 from .messages import Failure, ItemEncoder, ItemNotPicklable, Task
@@ -61,10 +62,12 @@ _LEARN_RATE = 0.25  # weight of the newest result in the moving averages
 class Chunk:
     """Consecutive items that make one task, encoded once (a retry sends the same bytes)."""
     seq: int                      # position of the task in the pass
-    indices: tuple[int, ...]
+    indices: tuple[int, ...]      # source indices
     items: tuple[Any, ...]
     encoded: bytes
     ends: tuple[int, ...]
+    steps: tuple[int, ...]        # the items' steps in the epoch (epochs.py), as indices
+    dropped: tuple[int, ...] = ()  # steps of items skipped after killing workers
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,13 @@ class PassAbandoned(RuntimeError):
 class Pass(Iterator[Any]):
     """Iterator over one pass; see the module docstring."""
 
-    def __init__(self, pool: WorkerPool, items: Iterator[Any], pass_id: int, epoch: int,
-                 options: Options, stats: Stats, skipped: list[Skipped] | None,
-                 discard_pool: Callable[[WorkerPool], None],
+    def __init__(self, pool: WorkerPool, items: Iterator[tuple[int, int, Any]], pass_id: int,
+                 epoch: int, options: Options, stats: Stats, skipped: list[Skipped] | None,
+                 discard_pool: Callable[[WorkerPool], None], progress: Progress | None = None,
                  route_interrupts: bool = False) -> None:
         self._pool = pool
-        self._items = items
+        self._items = items           # (step, source index, item), in the epoch's order
+        self.progress = progress      # None: a probe, which hands out nothing for good
         self._pass_id = pass_id
         self._epoch = epoch
         self._opt = options
@@ -125,12 +129,11 @@ class Pass(Iterator[Any]):
         # high, so chunks grow only after several quick items in a row.
         self._item_s = 4 * _TARGET_TASK_S
         self._item_bytes = 0.0
-        self._next_index = 0                  # source index of the next item read
         self._next_task = 0                   # seq of the next new task
         self._retry: deque[Chunk] = deque()   # chunks to run again, after a death
         self._ready: dict[int, Delivered] = {}  # seq -> its result
-        # (worker, source index, value or Failure) to hand out, in order
-        self._pending: deque[tuple[int, int | None, Any]] = deque()
+        # (worker, source index, steps it hands out, value or Failure or _NOTHING), in order
+        self._pending: deque[tuple[int, int | None, tuple[int, ...], Any]] = deque()
         self.last_index: int | None = None    # source index of the last value (a batch's first)
         self._next_seq = 0                    # ordered: the seq to yield next
         self._source_done = False
@@ -138,7 +141,7 @@ class Pass(Iterator[Any]):
         self._finished = False
         self._abandoned = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
-        self._empty: set[int] = set()         # seqs whose every item was skipped
+        self._empty: dict[int, tuple[int, ...]] = {}  # seq -> steps, every item skipped
         self._fruitless_restarts = 0          # restarts since the last result
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
         interrupts.forget_pending()
@@ -186,6 +189,8 @@ class Pass(Iterator[Any]):
                     handle.ring.shrink()  # the pass's bursts are over (see slots.py)
                 if self._source_error is not None:
                     raise self._source_error  # at its position: every item before it is out
+                if self.progress is not None:
+                    self.progress.ended = True
                 raise StopIteration
             if self._pool.closing:  # closed re-entrantly (a signal handler) during a wait
                 raise _abandoned()
@@ -227,31 +232,32 @@ class Pass(Iterator[Any]):
             return self._retry.popleft()
         if self._source_done:
             return None
-        items: list[Any] = []
+        read: list[tuple[int, int, Any]] = []
         try:  # item by item, so the items read before a failing one are kept
-            for item in itertools.islice(self._items, self._chunk_items):
-                items.append(item)
+            for entry in itertools.islice(self._items, self._chunk_items):
+                read.append(entry)
         except Exception as exc:  # the user's source raised: at its position, later
             self._source_error = exc
             self._source_done = True
+        items = [item for _, _, item in read]
         encoder = ItemEncoder()
         try:  # a batch is batch_size items, whatever their bytes
             taken = encoder.add(items, math.inf if self._opt.batch_size else _MAX_TASK_BYTES)
         except ItemNotPicklable as exc:
-            raise TypeError(f"source index {self._next_index + exc.position} cannot be "
+            raise TypeError(f"source index {read[exc.position][1]} cannot be "
                             f"pickled to send to a worker: {exc}") from exc
-        if taken < len(items):  # enough bytes for one task: the rest go in the next
-            self._items = itertools.chain(items[taken:], self._items)
-            items = items[:taken]
-        elif len(items) < self._chunk_items:
+        if taken < len(read):  # enough bytes for one task: the rest go in the next
+            self._items = itertools.chain(read[taken:], self._items)
+            read = read[:taken]
+        elif len(read) < self._chunk_items:
             self._source_done = True  # (also after a source error: see above)
-        if not items or (self._opt.drop_remainder and len(items) < self._chunk_items):
+        if not read or (self._opt.drop_remainder and len(read) < self._chunk_items):
             self._source_done = True
             return None
-        first, self._next_index = self._next_index, self._next_index + len(items)
         self._next_task += 1
-        return Chunk(self._next_task - 1, tuple(range(first, self._next_index)), tuple(items),
-                     *encoder.finish())
+        return Chunk(self._next_task - 1, tuple(index for _, index, _ in read),
+                     tuple(items[:len(read)]), *encoder.finish(),
+                     steps=tuple(step for step, _, _ in read))
 
     def _learn_chunk_size(self, delivered: Delivered) -> None:
         """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
@@ -306,14 +312,17 @@ class Pass(Iterator[Any]):
         """(value,) for the next value to yield, or None; raises for a failed item."""
         while True:
             if self._pending:
-                worker_id, index, outcome = self._pending.popleft()
+                worker_id, index, steps, outcome = self._pending[0]
                 if isinstance(outcome, Failure):
-                    self._report(worker_id, outcome)
+                    self._report(worker_id, outcome)  # raises, unless skipped
+                self._pending.popleft()
+                self._hand_out(steps)
+                if outcome is _NOTHING or isinstance(outcome, Failure):
                     continue
                 self.last_index = index
                 return (outcome,)
             if self._opt.ordered and self._next_seq in self._empty:
-                self._empty.discard(self._next_seq)
+                self._hand_out(self._empty.pop(self._next_seq))
                 self._next_seq += 1
                 continue
             if not self._ready:
@@ -325,27 +334,46 @@ class Pass(Iterator[Any]):
                 self._next_seq += 1
             self._unpack(self._ready.pop(seq))
 
+    def _hand_out(self, steps: tuple[int, ...]) -> None:
+        if self.progress is not None and steps:
+            self.progress.handed(steps)
+
     def _unpack(self, delivered: Delivered) -> None:
-        """Queue a task's values and failures, in source order, and free or lease its slot."""
+        """Queue a task's values and failures in the epoch's order, and free or lease its slot.
+
+        Each entry carries the steps it hands out (epochs.py): an item's own
+        step, or, for a batch, every step of the chunk (its failures, skipped,
+        come first and carry none), and the steps of items dropped after they
+        killed workers ride on an entry of their own.
+        """
         result, chunk = delivered.result, delivered.sent
         ring, worker_id = delivered.handle.ring, delivered.handle.worker_id
-        failures = [(f.index, _named(f, chunk)) for f in result.failures]
+        step_of = dict(zip(chunk.indices, chunk.steps))
+        failures = [(step_of[f.index], f.index, (step_of[f.index],), _named(f, chunk))
+                    for f in result.failures]
         if result.tree is None:
             ring.release(result.slot)
             values = []
         elif self._opt.batch_size is not None:  # one stacked batch; its failures first
             batch = ring.open_result(result.slot, result.nbytes, result.tree)
-            values = [(result.indices[0], batch)]
-            failures = [(-1, f) for _, f in failures]
+            values = [(math.inf, result.indices[0], chunk.steps + chunk.dropped, batch)]
+            failures = [(-1, index, (), f) for _, index, _, f in failures]
         elif len(result.indices) == 1 and not failures:  # a lone item: views may do
             value = ring.open_result(result.slot, result.nbytes, result.tree[0])
-            values = [(result.indices[0], value)]
+            values = [(step_of[result.indices[0]], result.indices[0],
+                       (step_of[result.indices[0]],), value)]
         else:
             trees = ring.open_result(result.slot, result.nbytes, result.tree, copy=True)
-            values = list(zip(result.indices, trees))
+            values = [(step_of[i], i, (step_of[i],), tree)
+                      for i, tree in zip(result.indices, trees)]
         self._stats.items += len(result.indices)
-        outcomes = sorted(values + failures, key=lambda pair: pair[0]) if failures else values
-        self._pending.extend((worker_id, index, outcome) for index, outcome in outcomes)
+        outcomes = values + failures
+        if chunk.dropped and (self._opt.batch_size is None or not values):
+            outcomes.append((min(chunk.dropped), None, chunk.dropped, _NOTHING))
+        if len(outcomes) > 1:
+            outcomes.sort(key=lambda entry: entry[0])
+        self._pending.extend((worker_id, index, steps, outcome)
+                             for _, index, steps, outcome in outcomes)
 
     def _report(self, worker_id: int, failure: Failure) -> None:
         if self._opt.on_error == "raise":
@@ -413,8 +441,10 @@ class Pass(Iterator[Any]):
             chunk = _without(chunk, doomed)
             if chunk.indices:
                 self._retry.append(chunk)
+            elif self._opt.ordered:  # every item skipped: nothing to wait for
+                self._empty[chunk.seq] = chunk.dropped
             else:
-                self._empty.add(chunk.seq)  # every item skipped: nothing to wait for
+                self._hand_out(chunk.dropped)
         self._stats.restarts += 1
 
 
@@ -429,6 +459,9 @@ def _note_fork() -> None:
 os.register_at_fork(after_in_child=_note_fork)
 
 
+_NOTHING = object()  # a pending entry that hands out steps and yields no value
+
+
 def _abandoned() -> PassAbandoned:
     return PassAbandoned(
         "this iteration of the loader was abandoned: the loader was closed, or a "
@@ -437,14 +470,16 @@ def _abandoned() -> PassAbandoned:
 
 
 def _without(chunk: Chunk, indices: set[int]) -> Chunk:
-    """``chunk`` less the items at ``indices`` (encoded again)."""
+    """``chunk`` less the items at ``indices`` (encoded again), their steps dropped."""
     if not indices.intersection(chunk.indices):
         return chunk
-    kept = [(i, item) for i, item in zip(chunk.indices, chunk.items) if i not in indices]
+    entries = list(zip(chunk.indices, chunk.items, chunk.steps))
+    kept = [entry for entry in entries if entry[0] not in indices]
     encoder = ItemEncoder()
-    encoder.add([item for _, item in kept], math.inf)
-    return Chunk(chunk.seq, tuple(i for i, _ in kept), tuple(item for _, item in kept),
-                 *encoder.finish())
+    encoder.add([item for _, item, _ in kept], math.inf)
+    return Chunk(chunk.seq, tuple(i for i, _, _ in kept), tuple(item for _, item, _ in kept),
+                 *encoder.finish(), steps=tuple(step for _, _, step in kept),
+                 dropped=chunk.dropped + tuple(s for i, _, s in entries if i in indices))
 
 
 def _named(failure: Failure, chunk: Chunk | None) -> Failure:

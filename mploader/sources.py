@@ -66,6 +66,15 @@ class Source:
             return itertools.chain(pushed, source)
         return iter(source)
 
+    @property
+    def indexable(self) -> bool:
+        """Items can be read by source index (an int, or a sequence)."""
+        return self.length is not None and not _is_tf_dataset(self._source)
+
+    def item(self, index: int) -> Any:
+        """The item at ``index`` of an indexable source."""
+        return index if isinstance(self._source, int) else self._source[index]
+
     def _check_unread(self) -> None:
         if self._read:
             raise RuntimeError(

@@ -1,0 +1,230 @@
+"""The order of an epoch, its shards, and the state that resumes it exactly.
+
+An epoch visits positions ``0 .. n-1`` of its *global order*; position ``p``
+reads source index ``p`` or, with ``shuffle``, ``permutation(p)``, where the
+permutation depends only on ``(seed, epoch, n)``: never on the workers,
+``prefetch`` or timing.  The permutation is a keyed Feistel network over the
+smallest even power of two ``>= n`` with cycle walking (the construction of
+Grain's index_shuffle and of format-preserving encryption), computed in numpy
+blocks: O(1) memory, no list per epoch, a fraction of a microsecond per index.
+
+A *plan* says what one loader reads of an epoch.  Starting from a global
+position ``base`` (0 for a fresh epoch), shard ``k`` of ``K`` takes positions
+``base + k + K*j`` for steps ``j = 0 .. (n - base) // K - 1``: the shards are
+disjoint, every one takes the same number of steps (collective ops hang when
+one host runs out first), and the ``(n - base) % K`` last positions are left
+out of the epoch; with shuffle that tail is a different set of items every
+epoch.
+
+The state a loader saves is ``(epoch, position, ahead)``: every global
+position before ``position`` is handed out, counting every shard as having
+taken as many steps as this one (they stop at the same step: a training step
+takes one batch on every replica), plus, for ``ordered=False``, the positions
+this shard handed out beyond that.  Nothing about workers, so any
+``num_workers``, ``prefetch`` or ``ordered`` restores it, and, when ``ahead``
+is empty, any shard count (elastic resume: the rest of the epoch is split
+over the new shards from ``position``).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+STATE_FORMAT = "mploader.state/1"
+_ROUNDS = 6            # Feistel rounds: enough mixing for a shuffle, cheap in numpy
+_BLOCK = 1024          # positions permuted per numpy call
+_M1 = np.uint64(0xBF58476D1CE4E5B9)   # splitmix64's finalizer constants
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit integer hash (splitmix64's finalizer), elementwise, wrapping."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+class Permutation:
+    """A bijection of ``range(n)`` chosen by ``(seed, epoch)``, evaluated per block."""
+
+    def __init__(self, n: int, seed: int, epoch: int) -> None:
+        self.n = n
+        self._half = max(1, ((max(n, 2) - 1).bit_length() + 1) // 2)
+        self._mask = np.uint64((1 << self._half) - 1)
+        keys = np.random.SeedSequence([seed % (1 << 64), epoch]).generate_state(
+            _ROUNDS, dtype=np.uint64)
+        self._keys = [np.uint64(k) for k in keys]
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self._half)
+        left, right = x >> half, x & self._mask
+        for key in self._keys:
+            left, right = right, left ^ (_mix(right ^ key) & self._mask)
+        return (left << half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """The source indices at ``positions`` (each in ``range(n)``)."""
+        x = self._encrypt(positions.astype(np.uint64))
+        outside = x >= self.n
+        while outside.any():  # cycle walking: stays inside range(n), still a bijection
+            x[outside] = self._encrypt(x[outside])
+            outside = x >= self.n
+        return x.astype(np.int64)
+
+
+def shard_of(shard: Any) -> tuple[int, int]:
+    """``(index, count)`` from ``None``, a pair, or a ``tf.distribute.InputContext``."""
+    if shard is None:
+        return 0, 1
+    if hasattr(shard, "input_pipeline_id") and hasattr(shard, "num_input_pipelines"):
+        shard = (shard.input_pipeline_id, shard.num_input_pipelines)
+    try:
+        index, count = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be (index, count) or a tf.distribute.InputContext, "
+                         f"not {shard!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard={shard!r}: need count >= 1 and 0 <= index < count")
+    return index, count
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one loader reads of one epoch (see the module docstring)."""
+    n: int | None          # source length (None: an iterable without len, unsharded)
+    epoch: int
+    shuffle: bool
+    seed: int
+    shard: int = 0
+    shards: int = 1
+    base: int = 0          # global position the steps count from
+    start: int = 0         # first step of this pass (a resume inside the epoch)
+    ahead: frozenset[int] = field(default_factory=frozenset)  # steps >= start already out
+
+    def steps(self) -> int | None:
+        """Steps of this shard in the epoch (from ``base``), None without a length."""
+        return None if self.n is None else (self.n - self.base) // self.shards
+
+    def remaining(self) -> int | None:
+        """Steps this pass will hand out."""
+        total = self.steps()
+        return None if total is None else total - self.start - len(self.ahead)
+
+    def position(self, step: int) -> int:
+        return self.base + self.shard + self.shards * step
+
+    def read(self, source: Any) -> Iterator[tuple[int, int, Any]]:
+        """(step, source index, item) of this pass, in order."""
+        total = self.steps()
+        if total is None or not source.indexable:  # read, and drop what is already out
+            items = itertools.islice(source.items(), self.base + self.start, None)
+            for step, item in enumerate(items, self.start):
+                if step not in self.ahead:
+                    yield step, self.base + step, item
+            return
+        permutation = Permutation(self.n, self.seed, self.epoch) if self.shuffle else None
+        for first in range(self.start, total, _BLOCK):
+            steps = [j for j in range(first, min(first + _BLOCK, total)) if j not in self.ahead]
+            positions = self.base + self.shard + self.shards * np.asarray(steps, np.int64)
+            indices = permutation(positions) if permutation is not None else positions
+            for step, index in zip(steps, indices.tolist()):
+                yield step, index, source.item(index)
+
+
+class Progress:
+    """The steps of one pass handed out so far: a prefix, and the steps beyond it.
+
+    ``least`` is the fewest steps that still make an element (``batch_size``
+    with ``drop_remainder``, else 1): fewer left, and the epoch is over.
+    """
+
+    def __init__(self, plan: Plan, least: int = 1) -> None:
+        self.plan = plan
+        self.least = least
+        self.prefix = plan.start          # every step before it is out
+        self.ahead = set(plan.ahead)      # steps >= prefix that are out
+        self.ended = False                # the pass ran to its end
+
+    def handed(self, steps: tuple[int, ...]) -> None:
+        self.ahead.update(steps)
+        while self.prefix in self.ahead:
+            self.ahead.discard(self.prefix)
+            self.prefix += 1
+
+    def done(self) -> bool:
+        total = self.plan.steps()
+        return self.ended or (total is not None
+                              and total - self.prefix - len(self.ahead) < self.least)
+
+    def state(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
+        """The JSON-serialisable state (see the module docstring)."""
+        plan = self.plan
+        epoch, position, ahead = plan.epoch, plan.base + plan.shards * self.prefix, []
+        if self.done():
+            epoch, position = epoch + 1, 0
+        else:
+            ahead = sorted(plan.position(step) for step in self.ahead)
+        return {"format": STATE_FORMAT, "epoch": epoch, "position": position,
+                "ahead": ahead, "shard": [plan.shard, plan.shards], "seed": plan.seed,
+                "fingerprint": fingerprint}
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A parsed state: where the next pass starts."""
+    epoch: int
+    position: int
+    ahead: tuple[int, ...]
+    shard: tuple[int, int]
+    seed: int
+
+    def plan(self, n: int | None, shuffle: bool, shard: tuple[int, int]) -> Plan:
+        """The plan of the interrupted epoch's rest for the shard ``shard``."""
+        index, count = shard
+        base, start, ahead = self.position, 0, frozenset()
+        if self.ahead:
+            if shard != self.shard:
+                raise ValueError(
+                    f"this state was saved with ordered=False by shard {list(self.shard)}, "
+                    f"which had handed out {len(self.ahead)} elements beyond its position; "
+                    f"it restores only on that shard (here: {list(shard)})")
+            # ``position`` counts the old shards' steps from their base; the
+            # steps ahead are this shard's own, relative to the same base.
+            ahead = frozenset((p - base - index) // count for p in self.ahead)
+        return Plan(n, self.epoch, shuffle, self.seed, index, count, base, start, ahead)
+
+
+def fingerprint(n: int | None, shuffle: bool, batch_size: int | None,
+                drop_remainder: bool) -> dict[str, Any]:
+    """What must match between the loader that saved a state and the one loading it."""
+    return {"source_len": n, "shuffle": shuffle, "batch_size": batch_size,
+            "drop_remainder": drop_remainder}
+
+
+def parse_state(state: Any, expected: dict[str, Any]) -> Resume:
+    """Check a state against this loader; an error names the field that differs."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"not a state of MPLoader.state_dict() (format {STATE_FORMAT!r}): "
+                         f"{str(state)[:200]}")
+    saved = state.get("fingerprint", {})
+    for name, value in expected.items():
+        if saved.get(name) != value:
+            raise ValueError(f"the state does not fit this loader: {name} was "
+                             f"{saved.get(name)!r} when it was saved, and is {value!r} now")
+    try:
+        resume = Resume(int(state["epoch"]), int(state["position"]),
+                        tuple(int(p) for p in state["ahead"]),
+                        tuple(int(v) for v in state["shard"]), int(state["seed"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"a malformed state: {exc!r}") from None
+    n = expected["source_len"]
+    if resume.epoch < 0 or resume.position < 0 or (n is not None and resume.position > n):
+        raise ValueError(f"a malformed state: epoch {resume.epoch}, position "
+                         f"{resume.position} (source length {n})")
+    return resume
