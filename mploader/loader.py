@@ -289,6 +289,30 @@ class MPLoader:
                                          self._order_seed, *self.shard))
             return progress.state(self._fingerprint())
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` from its start (its order, its
+        ``item_rng``), unless a restored state already starts inside it."""
+        _check(isinstance(epoch, numbers.Integral) and epoch >= 0,
+               f"epoch must be an int >= 0, not {epoch!r}")
+        with self._lock:
+            if self._resume is not None and self._resume.epoch == int(epoch):
+                return
+            self._resume = None
+            self._epoch = int(epoch)
+            self._progress = None  # state_dict(): the start of that epoch
+
+    def checkpointable(self) -> Any:
+        """This loader's position as a ``tf.train.Checkpoint`` dependency:
+        ``tf.train.Checkpoint(model=model, data=loader.checkpointable())``."""
+        from .tf_adapter import checkpointable
+        return checkpointable(self)
+
+    def keras_callback(self) -> Any:
+        """A Keras callback that keeps the loader's epoch equal to Keras's
+        (``model.fit(..., callbacks=[loader.keras_callback(), BackupAndRestore(...)])``)."""
+        from .tf_adapter import keras_callback
+        return keras_callback(self)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next pass continue where the loader that saved ``state`` stopped.
 

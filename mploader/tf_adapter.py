@@ -8,6 +8,7 @@ of the loader on the same workers.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import threading
@@ -91,24 +92,27 @@ class _Stream:
     ``repeat().take(n)``, not ``assert_cardinality`` (whose error on a short
     stream meets the same mismatch): after an interrupted pass ``repeat`` calls
     the generator again, which ends at once, and an empty repetition ends
-    ``repeat``.
+    ``repeat``.  The rest of an epoch restored by ``load_state_dict`` after
+    the dataset was made ends its repetition the same way.
     """
 
     def __init__(self, loader: Any, expected: int | None, check: SignatureCheck) -> None:
         self.loader = loader
         self.expected = expected
         self.check = check
-        self.interrupted = False
+        self.end_next_call = False      # the last pass ended this repetition early
         self.short: str | None = None   # a pass ended early without an interrupt
 
     def generate(self) -> Iterator[Any]:
         if _exiting:
             return  # see _let_tensorflow_threads_out
-        if self.interrupted:
-            self.interrupted = False
+        if self.end_next_call:
+            self.end_next_call = False
             return
         if self.short is not None:
             raise RuntimeError(self.short)
+        rest = self.loader._pending_elements()  # a restored epoch: its rest only
+        expected = self.expected if rest is None or self.expected is None else rest
         one_pass = self.loader._iterate(route_interrupts=True)
         count = 0
         try:
@@ -125,11 +129,13 @@ class _Stream:
         finally:
             one_pass.close()
         if one_pass.interrupted:
-            self.interrupted = True
-        elif self.expected is not None and count < self.expected:
+            self.end_next_call = True
+        elif expected is not None and count < expected:
             self.short = (f"a pass of the loader gave {count} elements where len(loader) "
-                          f"says {self.expected}: the source's len() does not match "
+                          f"says {expected}: the source's len() does not match "
                           "what iterating it gives")
+        elif expected is not None and expected < self.expected:
+            self.end_next_call = True
 
 
 def _for_tensorflow(exc: BaseException) -> BaseException:
@@ -216,8 +222,8 @@ def make_dataset(loader: Any) -> Any:
         count: int | None = len(loader)
     except TypeError:
         count = None
-    if loader._options.on_error != "raise":
-        count = None  # skips make a pass shorter than len()
+    if loader._options.on_error != "raise" or loader._pending_elements() is not None:
+        count = None  # skips make a pass shorter than len(); so does a restored epoch
     stream = _Stream(loader, count, SignatureCheck(_leaves(signature), origin))
     dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
     # The workers already compute ahead (prefetch tasks each), so TensorFlow's
@@ -227,7 +233,49 @@ def make_dataset(loader: Any) -> Any:
     # (a bare from_generator over a slow generator hangs at exit that way).
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False
+    if loader.shard[1] > 1:
+        # The loader reads its shard already.  TensorFlow's auto-shard cannot
+        # split a generator by files, and its fallback (DATA) would run every
+        # element's preprocessing on every host, then drop (K-1)/K of it.
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF)
     dataset = dataset.with_options(options)
     if count is not None:
         dataset = dataset.repeat().take(count)  # see _Stream
     return dataset
+
+
+def checkpointable(loader: Any) -> Any:
+    """A ``tf.train.Checkpoint`` dependency holding ``loader.state_dict()``.
+
+    TensorFlow cannot checkpoint a generator dataset, so the input position is
+    saved as the loader's state (a JSON string), next to the model.
+    """
+    import tensorflow as tf
+
+    class LoaderState(tf.train.experimental.PythonState):
+        def serialize(self) -> str:
+            return json.dumps(loader.state_dict())
+
+        def deserialize(self, string_value: Any) -> None:
+            text = string_value.decode() if isinstance(string_value, bytes) else string_value
+            loader.load_state_dict(json.loads(text))
+
+    return LoaderState()
+
+
+def keras_callback(loader: Any) -> Any:
+    """A Keras callback that makes the loader's epoch follow Keras's epoch.
+
+    ``model.fit`` resumed by ``BackupAndRestore`` starts at the interrupted
+    epoch's number; the loader of a fresh process would start at epoch 0, with
+    another order.  Keras creates each epoch's iterator after
+    ``on_epoch_begin``, so setting the epoch there decides the pass's order.
+    """
+    import tensorflow as tf
+
+    class FollowKerasEpochs(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            loader.set_epoch(epoch)
+
+    return FollowKerasEpochs()
