@@ -26,7 +26,7 @@ import tensorflow as tf
 from clean_exit import leftovers, shm_entries, worker_alive
 from mploader import MPLoader
 
-N_ITEMS = 200
+N_ITEMS = int(os.environ.get("EXAMPLE_ITEMS", "200"))  # the test runs fewer
 
 
 def augment(index: np.int64) -> np.ndarray:

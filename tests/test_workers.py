@@ -58,7 +58,7 @@ def test_a_function_from_a_module_next_to_the_script_imports_in_workers(tmp_path
 def test_from_tf_data_example_runs_and_exits_clean():
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "from_tf_data.py")],
                           capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", EXAMPLE_ITEMS="40"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "remain; new /dev/shm entries: none" in done.stdout
     assert ", 0 remain;" in done.stdout and "left: none" in done.stdout
