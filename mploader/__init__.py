@@ -6,6 +6,7 @@
 Modules, one job each:
     loader.py        the public MPLoader
     sources.py       reading the source (sequence, int, iterable, tf.data) in passes
+    epochs.py        the order of an epoch (shuffle), its shards, and the resume state
     passes.py        one pass: dispatch tasks, gather results, order, errors, timeouts
     pool.py          the worker processes: one state machine each, start, watch, stop
                      (NOTE [Shutdown], the lock rule)
