@@ -138,7 +138,12 @@ def test_dataset_consumed_directly_resumes_and_its_cardinality_tells_the_truth(s
         late_rest = [y.numpy().tolist() for _, y in late_ds]
         reference = make(1)
         expected = [[y.tolist() for _, y in reference] for _ in range(2)]
+        sharded = MPLoader(sample, 8, num_workers=1, shard=(0, 2))
+        policy = sharded.dataset().options().experimental_distribute.auto_shard_policy
+        sharded.close()
+        got_off = policy == tf.data.experimental.AutoShardPolicy.OFF
         print(json.dumps({"head": head, "rest": rest, "again": again, "late_rest": late_rest,
+                          "auto_shard_off": bool(got_off),
                           "expected": expected, "cardinality": int(rest_ds.cardinality()),
                           "len": len(restored), "full": int(make(1).dataset().cardinality())}))
     """))
@@ -148,6 +153,7 @@ def test_dataset_consumed_directly_resumes_and_its_cardinality_tells_the_truth(s
     assert got["late_rest"] == got["rest"]
     assert got["full"] == got["len"] == 7
     assert got["cardinality"] == -2, "a restored epoch's rest is shorter: unknown, not 7"
+    assert got["auto_shard_off"], "a sharded dataset() must turn TensorFlow's auto-shard off"
 
 
 def _free_ports(count: int) -> list[int]:
