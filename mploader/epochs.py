@@ -28,6 +28,7 @@ over the new shards from ``position``).
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,26 +151,31 @@ class Progress:
         self.prefix = plan.start          # every step before it is out
         self.ahead = set(plan.ahead)      # steps >= prefix that are out
         self.ended = False                # the pass ran to its end
+        # handed() runs on the pass's thread, state() on any (a checkpoint
+        # saved while TensorFlow's thread drives the generator).
+        self._lock = threading.Lock()
 
     def handed(self, steps: tuple[int, ...]) -> None:
-        self.ahead.update(steps)
-        while self.prefix in self.ahead:
-            self.ahead.discard(self.prefix)
-            self.prefix += 1
+        with self._lock:
+            self.ahead.update(steps)
+            while self.prefix in self.ahead:
+                self.ahead.discard(self.prefix)
+                self.prefix += 1
 
     def done(self) -> bool:
         total = self.plan.steps()
         return self.ended or (total is not None
                               and total - self.prefix - len(self.ahead) < self.least)
 
-    def state(self, fingerprint: dict[str, Any]) -> dict[str, Any]:
-        """The JSON-serialisable state (see the module docstring)."""
+    def state(self, fingerprint: dict[str, Any], roll_over: bool = True) -> dict[str, Any]:
+        """The JSON-serialisable state (see the module docstring); an epoch
+        with nothing left is the next epoch's start, unless not ``roll_over``."""
         plan = self.plan
-        epoch, position, ahead = plan.epoch, plan.base + plan.shards * self.prefix, []
-        if self.done():
-            epoch, position = epoch + 1, 0
-        else:
+        with self._lock:
+            epoch, position = plan.epoch, plan.base + plan.shards * self.prefix
             ahead = sorted(plan.position(step) for step in self.ahead)
+            if roll_over and self.done():
+                epoch, position, ahead = epoch + 1, 0, []
         return {"format": STATE_FORMAT, "epoch": epoch, "position": position,
                 "ahead": ahead, "shard": [plan.shard, plan.shards], "seed": plan.seed,
                 "fingerprint": fingerprint}
@@ -209,22 +215,32 @@ def fingerprint(n: int | None, shuffle: bool, batch_size: int | None,
 
 def parse_state(state: Any, expected: dict[str, Any]) -> Resume:
     """Check a state against this loader; an error names the field that differs."""
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"not a state of MPLoader.state_dict() (format {STATE_FORMAT!r}): "
-                         f"{str(state)[:200]}")
-    saved = state.get("fingerprint", {})
+    if (not isinstance(state, dict) or state.get("format") != STATE_FORMAT
+            or not isinstance(state.get("fingerprint"), dict)):
+        raise ValueError(f"not a state of MPLoader.state_dict() (format {STATE_FORMAT!r} "
+                         f"with a fingerprint): {str(state)[:200]}")
+    saved = state["fingerprint"]
     for name, value in expected.items():
         if saved.get(name) != value:
             raise ValueError(f"the state does not fit this loader: {name} was "
                              f"{saved.get(name)!r} when it was saved, and is {value!r} now")
-    try:
-        resume = Resume(int(state["epoch"]), int(state["position"]),
-                        tuple(int(p) for p in state["ahead"]),
-                        tuple(int(v) for v in state["shard"]), int(state["seed"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"a malformed state: {exc!r}") from None
+    ahead, shard = state.get("ahead"), state.get("shard")
+    fields = {"epoch": state.get("epoch"), "position": state.get("position"),
+              "seed": state.get("seed")}
+    if isinstance(ahead, list):
+        fields.update((f"ahead[{i}]", p) for i, p in enumerate(ahead))
+    if isinstance(shard, list) and len(shard) == 2:
+        fields.update({"shard[0]": shard[0], "shard[1]": shard[1]})
+    for name, value in fields.items():
+        if type(value) is not int or (value < 0 and name != "seed"):
+            raise ValueError(f"a malformed state: {name} is {value!r}, not an int >= 0")
+    if not isinstance(ahead, list) or not isinstance(shard, list) or len(shard) != 2:
+        raise ValueError(f"a malformed state: ahead {ahead!r}, shard {shard!r}")
+    resume = Resume(state["epoch"], state["position"], tuple(ahead), tuple(shard),
+                    state["seed"])
     n = expected["source_len"]
-    if resume.epoch < 0 or resume.position < 0 or (n is not None and resume.position > n):
-        raise ValueError(f"a malformed state: epoch {resume.epoch}, position "
-                         f"{resume.position} (source length {n})")
+    end = n if n is not None else float("inf")
+    if resume.position > end or any(not resume.position <= p < end for p in resume.ahead):
+        raise ValueError(f"a malformed state: position {resume.position}, ahead "
+                         f"{list(resume.ahead)[:10]} (source length {n})")
     return resume

@@ -87,6 +87,8 @@ class MPLoader:
         resources.check_workers(int(num_workers))
         _check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
                f"batch_size must be an int >= 1 or None, not {batch_size!r}")
+        _check(not drop_remainder or batch_size is not None,
+               "drop_remainder=True needs batch_size: it drops the last, short batch")
         _check(isinstance(prefetch, int) and prefetch >= 1,
                f"prefetch must be an int >= 1, not {prefetch!r}")
         _check(on_error in ("raise", "skip"),
@@ -279,15 +281,12 @@ class MPLoader:
         after the last element handed out.  See epochs.py.
         """
         with self._lock:
-            if self._resume is not None:
-                plan = self._next_plan()
-                progress = Progress(plan, self._least_steps())
-            elif self._progress is not None:
-                progress = self._progress
-            else:
-                progress = Progress(Plan(self._source.length, self._epoch, self.shuffle,
-                                         self._order_seed, *self.shard))
-            return progress.state(self._fingerprint())
+            if self._progress is not None:
+                return self._progress.state(self._fingerprint())
+            # No pass of this epoch has started: its start (or the restored
+            # point), never rolled over to the next epoch, even when empty.
+            return Progress(self._next_plan(), self._least_steps()).state(
+                self._fingerprint(), roll_over=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch`` from its start (its order, its
@@ -295,8 +294,11 @@ class MPLoader:
         _check(isinstance(epoch, numbers.Integral) and epoch >= 0,
                f"epoch must be an int >= 0, not {epoch!r}")
         with self._lock:
-            if self._resume is not None and self._resume.epoch == int(epoch):
-                return
+            if self._resume is not None:
+                if self._resume.epoch == int(epoch):
+                    return
+                log.warning("set_epoch(%d) drops the restored state, which was inside epoch "
+                            "%d", epoch, self._resume.epoch)
             self._resume = None
             self._epoch = int(epoch)
             self._progress = None  # state_dict(): the start of that epoch

@@ -251,7 +251,7 @@ class Pass(Iterator[Any]):
             read = read[:taken]
         elif len(read) < self._chunk_items:
             self._source_done = True  # (also after a source error: see above)
-        if not read or (self._opt.drop_remainder and len(read) < self._chunk_items):
+        if not read or (self._opt.drop_remainder and len(read) < self._opt.batch_size):
             self._source_done = True
             return None
         self._next_task += 1

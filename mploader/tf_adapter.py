@@ -128,14 +128,17 @@ class _Stream:
             raise _for_tensorflow(exc) from None
         finally:
             one_pass.close()
+        # ``repeat`` calls again only after a repetition that gave elements,
+        # and only a dataset with a count has ``repeat`` (see make_dataset).
+        ends_early = self.expected is not None and count > 0
         if one_pass.interrupted:
-            self.end_next_call = True
+            self.end_next_call = ends_early
         elif expected is not None and count < expected:
             self.short = (f"a pass of the loader gave {count} elements where len(loader) "
                           f"says {expected}: the source's len() does not match "
                           "what iterating it gives")
         elif expected is not None and expected < self.expected:
-            self.end_next_call = True
+            self.end_next_call = ends_early
 
 
 def _for_tensorflow(exc: BaseException) -> BaseException:
@@ -222,8 +225,8 @@ def make_dataset(loader: Any) -> Any:
         count: int | None = len(loader)
     except TypeError:
         count = None
-    if loader._options.on_error != "raise" or loader._pending_elements() is not None:
-        count = None  # skips make a pass shorter than len(); so does a restored epoch
+    if loader._options.on_error != "raise":
+        count = None  # skips make a pass shorter than len()
     stream = _Stream(loader, count, SignatureCheck(_leaves(signature), origin))
     dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
     # The workers already compute ahead (prefetch tasks each), so TensorFlow's

@@ -6,6 +6,7 @@ script), with another ``num_workers`` than the run that saved the state.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from mploader import MPLoader, item_rng
 
-from .bounded import assert_no_worker_left, report, run_bounded
+from .bounded import assert_no_worker_left
 
 
 def identity(i):
@@ -241,3 +242,59 @@ def test_the_permutation_is_a_bijection_for_awkward_lengths():
     for n in (1, 2, 3, 7, 64, 65, 1000, 4097):
         got = Permutation(n, 123, 4)(np.arange(n))
         assert sorted(got.tolist()) == list(range(n)), n
+
+
+@pytest.mark.parametrize("bad, what", [
+    (dict(epoch=1.7), "epoch is 1.7"), (dict(epoch="0"), "epoch is '0'"),
+    (dict(position=-1), "position is -1"), (dict(ahead=[1]), "ahead"),
+    (dict(fingerprint=None), "with a fingerprint"),
+])
+def test_a_malformed_state_is_refused_saying_what(bad, what):
+    with MPLoader(identity, 10, num_workers=1) as loader:
+        it = iter(loader)
+        next(it), next(it)
+        state = {**loader.state_dict(), **bad}
+        with pytest.raises(ValueError, match=what):
+            loader.load_state_dict(state)
+
+
+@pytest.mark.parametrize("source, options", [(0, {}), (3, dict(batch_size=4, drop_remainder=True))])
+def test_saving_and_loading_an_empty_epoch_does_not_move_the_epoch(source, options):
+    with MPLoader(identity, source, num_workers=1, **options) as loader:
+        epochs = []
+        for _ in range(3):
+            state = loader.state_dict()
+            epochs.append(state["epoch"])
+            loader.load_state_dict(state)
+        assert epochs == [0, 0, 0]
+        assert list(loader) == [] and loader.state_dict()["epoch"] == 1
+
+
+def test_drop_remainder_without_batch_size_is_refused():
+    with pytest.raises(ValueError, match="drop_remainder=True needs batch_size"):
+        MPLoader(identity, 10, num_workers=1, drop_remainder=True)
+
+
+def test_state_dict_from_another_thread_while_a_pass_runs_is_consistent():
+    """A checkpoint is saved on the main thread while TensorFlow's drives the pass."""
+    errors, states = [], []
+    with MPLoader(identity, 3000, num_workers=2, ordered=False) as loader:
+        def consume():
+            try:
+                for _ in loader:
+                    pass
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        thread = threading.Thread(target=consume)
+        thread.start()
+        while thread.is_alive():
+            try:
+                states.append(loader.state_dict())
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                break
+        thread.join()
+    assert errors == [] and len(states) > 10
+    for state in states:  # every position ahead is past the prefix, none repeated
+        assert all(p >= state["position"] for p in state["ahead"]), state
+        assert len(set(state["ahead"])) == len(state["ahead"])
