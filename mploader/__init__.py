@@ -11,6 +11,7 @@ Modules, one job each:
     pool.py          the worker processes: one state machine each, start, watch, stop
                      (NOTE [Shutdown], the lock rule)
     resources.py     the descriptor and address-space budget of a pool
+    memory_deaths.py whether a killed worker was killed for memory, and its last RSS
     worker.py        the worker process and its main loop
     slots.py         a worker's shared-memory arena: status page and slots
     layout.py        how a result nest is laid out in a slot

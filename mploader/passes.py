@@ -410,7 +410,8 @@ class Pass(Iterator[Any]):
         overdue = died.overdue
         error = (WorkerTimeout(handle.worker_id, handle.pid, overdue.index, overdue.elapsed,
                                overdue.limit, indices) if overdue
-                 else WorkerDied(handle.worker_id, handle.pid, died.returncode, indices))
+                 else WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
+                                 detail=died.memory))
         self._pool.raise_if_failed()  # it died before it was ready: fatal to the pool
         if self._opt.on_worker_death != "restart":
             raise error

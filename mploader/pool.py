@@ -115,6 +115,7 @@ from typing import Any, Callable
 
 from . import messages, resources
 from .errors import MPLoaderError, WorkerDied, WorkerError
+from .memory_deaths import SAMPLE_EVERY_S, MemoryWatch
 from .messages import FrameReader, Ready, Result, StartFailed, Task
 from .slots import PACKING, SlotRing
 
@@ -167,6 +168,7 @@ class WorkerHandle:
     task_fd: int                   # -1 once the pill was given
     result_fd: int                 # -1 once its EOF was read
     ring: SlotRing
+    memory: MemoryWatch            # its RSS and memory cgroup, for a SIGKILL death
     state: State = State.STARTING
     # Invariant: holds exactly the tasks queued or sent and not yet answered,
     # in send order; the worker runs them in that order.
@@ -202,6 +204,7 @@ class Died:
     blamed_key: tuple[int, int] | None
     blamed: tuple[int, ...]
     overdue: Overdue | None
+    memory: str = ""         # for a SIGKILL: out of memory or not, and the last RSS
 
 
 class _Spawner:
@@ -265,6 +268,7 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
         self._poller = select.poll()
         self._watched: dict[int, WorkerHandle] = {}  # fd -> its worker, for wait()
+        self._sampled_at = 0.0  # the workers' memory, last sampled (memory_deaths.py)
         _open_pools.add(self)
         try:
             for worker_id in range(num_workers):
@@ -301,7 +305,8 @@ class WorkerPool:
         ring.close_fd()
         for fd in (task_w, result_r):
             os.set_blocking(fd, False)
-        handle = WorkerHandle(worker_id, process, pidfd, task_w, result_r, ring)
+        handle = WorkerHandle(worker_id, process, pidfd, task_w, result_r, ring,
+                              memory=MemoryWatch(process.pid))
         for fd in (result_r, pidfd):
             self._poller.register(fd, select.POLLIN)
             self._watched[fd] = handle
@@ -355,6 +360,10 @@ class WorkerPool:
         item's bookkeeping).
         """
         events: list[Delivered | Died] = []
+        if time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
+            self._sampled_at = time.monotonic()
+            for handle in self.live():
+                handle.memory.sample()
         for fd, _mask in self._poller.poll(timeout * 1000):
             handle = self._watched.get(fd)
             if handle is None or handle.state not in (*_LIVE, State.KILLED):
@@ -409,7 +418,9 @@ class WorkerPool:
     def _on_exit(self, handle: WorkerHandle) -> Died:
         """A live or KILLED worker's process has exited (its pidfd is readable)."""
         was = handle.state
+        handle.memory.sample()  # its cgroup, before it is reaped
         returncode = handle.process.wait()  # the pidfd said it exited: no blocking
+        memory = "" if handle.killed_for else handle.memory.explain(returncode)
         lost = tuple(handle.outstanding.values())
         blamed_key, blamed = self._blame(handle, lost)
         for sent in lost:
@@ -425,7 +436,7 @@ class WorkerPool:
                 worker_id, pid, returncode, (),
                 detail="it died before it was ready (starting the interpreter, "
                        "unpickling fn or running worker_init); its stderr says why")
-        return Died(handle, returncode, lost, blamed_key, blamed, handle.killed_for)
+        return Died(handle, returncode, lost, blamed_key, blamed, handle.killed_for, memory)
 
     @staticmethod
     def _blame(handle: WorkerHandle, lost: tuple[Outstanding, ...]

@@ -269,6 +269,8 @@ class SlotWriter:
         the reservation afterwards."""
         if nbytes > capacity:
             capacity = self._reserve(slot, nbytes)
+        if nbytes == 0:  # no array bytes (an mmap of length 0 maps the whole arena)
+            return capacity
         region = self._maps[slot]
         if region is None or region.size < nbytes:
             self._maps[slot] = None  # drop the old mapping before making the new one

@@ -67,12 +67,12 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 def _user_frames(exc: BaseException) -> TracebackType | None:
     """The traceback from the first frame outside mploader: the worker's own
-    frames (the loop that called fn, the layout of results whose errors say
-    what was wrong) tell the user nothing."""
+    frames (the loop that called fn) tell the user nothing.  An error raised
+    in mploader's frames only keeps them all: it is mploader's to explain."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
-    return tb
+    return tb if tb is not None else exc.__traceback__
 
 
 class _TaskRunner:
