@@ -21,8 +21,11 @@ position before ``position`` is handed out, counting every shard as having
 taken as many steps as this one (they stop at the same step: a training step
 takes one batch on every replica), plus, for ``ordered=False``, the positions
 this shard handed out beyond that.  Nothing about workers, so any
-``num_workers``, ``prefetch`` or ``ordered`` restores it, and, when ``ahead``
-is empty, any shard count (elastic resume: the rest of the epoch is split
+``num_workers``, ``prefetch`` or ``ordered`` restores it.  For a ``fn``
+that yields several samples per item, ``samples`` counts the samples already
+handed out of items begun but not finished (position -> count); the resumed
+pass runs such an item again (its ``item_rng`` gives the same samples) and
+drops that many.  When ``ahead`` and ``samples`` are empty, any shard count (elastic resume: the rest of the epoch is split
 over the new shards from ``position``).
 """
 from __future__ import annotations
@@ -107,6 +110,7 @@ class Plan:
     base: int = 0          # global position the steps count from
     start: int = 0         # first step of this pass (a resume inside the epoch)
     ahead: frozenset[int] = field(default_factory=frozenset)  # steps >= start already out
+    partial: tuple[tuple[int, int], ...] = ()   # (step, samples already out) of begun items
 
     def steps(self) -> int | None:
         """Steps of this shard in the epoch (from ``base``), None without a length."""
@@ -145,18 +149,27 @@ class Progress:
     with ``drop_remainder``, else 1): fewer left, and the epoch is over.
     """
 
-    def __init__(self, plan: Plan, least: int = 1) -> None:
+    def __init__(self, plan: Plan, least: int = 1, per_step: int = 1) -> None:
         self.plan = plan
-        self.least = least
+        self.least = least                # in elements' units: items, or samples
+        self.per_step = per_step          # samples per item (1 without samples)
         self.prefix = plan.start          # every step before it is out
         self.ahead = set(plan.ahead)      # steps >= prefix that are out
+        self.partial = dict(plan.partial)  # step -> samples out, of items not finished
         self.ended = False                # the pass ran to its end
         # handed() runs on the pass's thread, state() on any (a checkpoint
         # saved while TensorFlow's thread drives the generator).
         self._lock = threading.Lock()
 
+    def sampled(self, step: int) -> None:
+        """One more sample of the item at ``step`` is out (not its last)."""
+        with self._lock:
+            self.partial[step] = self.partial.get(step, 0) + 1
+
     def handed(self, steps: tuple[int, ...]) -> None:
         with self._lock:
+            for step in steps:
+                self.partial.pop(step, None)
             self.ahead.update(steps)
             while self.prefix in self.ahead:
                 self.ahead.discard(self.prefix)
@@ -164,8 +177,10 @@ class Progress:
 
     def done(self) -> bool:
         total = self.plan.steps()
-        return self.ended or (total is not None
-                              and total - self.prefix - len(self.ahead) < self.least)
+        if self.ended or total is None:
+            return self.ended
+        left = (total - self.prefix - len(self.ahead)) * self.per_step - sum(self.partial.values())
+        return left < self.least
 
     def state(self, fingerprint: dict[str, Any], roll_over: bool = True) -> dict[str, Any]:
         """The JSON-serialisable state (see the module docstring); an epoch
@@ -174,11 +189,12 @@ class Progress:
         with self._lock:
             epoch, position = plan.epoch, plan.base + plan.shards * self.prefix
             ahead = sorted(plan.position(step) for step in self.ahead)
+            samples = {str(plan.position(step)): count for step, count in self.partial.items()}
             if roll_over and self.done():
-                epoch, position, ahead = epoch + 1, 0, []
+                epoch, position, ahead, samples = epoch + 1, 0, [], {}
         return {"format": STATE_FORMAT, "epoch": epoch, "position": position,
-                "ahead": ahead, "shard": [plan.shard, plan.shards], "seed": plan.seed,
-                "fingerprint": fingerprint}
+                "ahead": ahead, "samples": samples, "shard": [plan.shard, plan.shards],
+                "seed": plan.seed, "fingerprint": fingerprint}
 
 
 @dataclass(frozen=True)
@@ -189,28 +205,31 @@ class Resume:
     ahead: tuple[int, ...]
     shard: tuple[int, int]
     seed: int
+    samples: tuple[tuple[int, int], ...] = ()   # (position, samples out) of begun items
 
     def plan(self, n: int | None, shuffle: bool, shard: tuple[int, int]) -> Plan:
         """The plan of the interrupted epoch's rest for the shard ``shard``."""
         index, count = shard
-        base, start, ahead = self.position, 0, frozenset()
-        if self.ahead:
-            if shard != self.shard:
-                raise ValueError(
-                    f"this state was saved with ordered=False by shard {list(self.shard)}, "
-                    f"which had handed out {len(self.ahead)} elements beyond its position; "
-                    f"it restores only on that shard (here: {list(shard)})")
-            # ``position`` counts the old shards' steps from their base; the
-            # steps ahead are this shard's own, relative to the same base.
-            ahead = frozenset((p - base - index) // count for p in self.ahead)
-        return Plan(n, self.epoch, shuffle, self.seed, index, count, base, start, ahead)
+        base, start, ahead, partial = self.position, 0, frozenset(), ()
+        if (self.ahead or self.samples) and shard != self.shard:
+            raise ValueError(
+                f"this state was saved by shard {list(self.shard)} with elements handed "
+                f"out beyond its position ({len(self.ahead)} items ahead with "
+                f"ordered=False, {len(self.samples)} items part-way through their "
+                f"samples); it restores only on that shard (here: {list(shard)})")
+        # ``position`` counts the old shards' steps from their base; the steps
+        # ahead and part-way are this shard's own, relative to the same base.
+        ahead = frozenset((p - base - index) // count for p in self.ahead)
+        partial = tuple(((p - base - index) // count, c) for p, c in self.samples)
+        return Plan(n, self.epoch, shuffle, self.seed, index, count, base, start, ahead,
+                    partial)
 
 
 def fingerprint(n: int | None, shuffle: bool, batch_size: int | None,
-                drop_remainder: bool) -> dict[str, Any]:
+                drop_remainder: bool, samples_per_item: int | None) -> dict[str, Any]:
     """What must match between the loader that saved a state and the one loading it."""
     return {"source_len": n, "shuffle": shuffle, "batch_size": batch_size,
-            "drop_remainder": drop_remainder}
+            "drop_remainder": drop_remainder, "samples_per_item": samples_per_item}
 
 
 def parse_state(state: Any, expected: dict[str, Any]) -> Resume:
@@ -224,23 +243,30 @@ def parse_state(state: Any, expected: dict[str, Any]) -> Resume:
         if saved.get(name) != value:
             raise ValueError(f"the state does not fit this loader: {name} was "
                              f"{saved.get(name)!r} when it was saved, and is {value!r} now")
-    ahead, shard = state.get("ahead"), state.get("shard")
+    ahead, shard, samples = state.get("ahead"), state.get("shard"), state.get("samples", {})
     fields = {"epoch": state.get("epoch"), "position": state.get("position"),
               "seed": state.get("seed")}
     if isinstance(ahead, list):
         fields.update((f"ahead[{i}]", p) for i, p in enumerate(ahead))
     if isinstance(shard, list) and len(shard) == 2:
         fields.update({"shard[0]": shard[0], "shard[1]": shard[1]})
+    if isinstance(samples, dict):
+        for key, count in samples.items():
+            fields[f"samples[{key!r}]"] = count
+            fields[f"the position {key!r} in samples"] = int(key) if key.isdigit() else key
     for name, value in fields.items():
         if type(value) is not int or (value < 0 and name != "seed"):
             raise ValueError(f"a malformed state: {name} is {value!r}, not an int >= 0")
-    if not isinstance(ahead, list) or not isinstance(shard, list) or len(shard) != 2:
-        raise ValueError(f"a malformed state: ahead {ahead!r}, shard {shard!r}")
+    if (not isinstance(ahead, list) or not isinstance(shard, list) or len(shard) != 2
+            or not isinstance(samples, dict)):
+        raise ValueError(f"a malformed state: ahead {ahead!r}, shard {shard!r}, "
+                         f"samples {samples!r}")
     resume = Resume(state["epoch"], state["position"], tuple(ahead), tuple(shard),
-                    state["seed"])
+                    state["seed"], tuple((int(p), c) for p, c in samples.items()))
     n = expected["source_len"]
     end = n if n is not None else float("inf")
-    if resume.position > end or any(not resume.position <= p < end for p in resume.ahead):
+    begun = resume.ahead + tuple(p for p, _ in resume.samples)
+    if resume.position > end or any(not resume.position <= p < end for p in begun):
         raise ValueError(f"a malformed state: position {resume.position}, ahead "
                          f"{list(resume.ahead)[:10]} (source length {n})")
     return resume

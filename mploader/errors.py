@@ -32,21 +32,26 @@ class WorkerError(MPLoaderError):
 
     Attributes: ``exc_type`` (the remote exception's qualified type name),
     ``message``, ``remote_traceback`` (formatted text), ``worker_id``, ``index``
-    (the source index, ``None`` for ``worker_init``) and ``item`` (the source
+    (the source index, ``None`` for ``worker_init``), ``item`` (the source
     item's repr, shortened, so a failing file is named even when fn's own
-    error does not name it).
+    error does not name it) and ``sample`` (for a generator fn, how many
+    samples it yielded before the error; else ``None``).
     """
 
     def __init__(self, exc_type: str, message: str, remote_traceback: str,
-                 worker_id: int, index: int | None, item: str = "") -> None:
+                 worker_id: int, index: int | None, item: str = "",
+                 sample: int | None = None) -> None:
         self.exc_type = exc_type
         self.message = message
         self.remote_traceback = remote_traceback
         self.worker_id = worker_id
         self.index = index
         self.item = item
+        self.sample = sample  # a generator fn: the samples it yielded before the error
         where = ("in worker_init" if index is None
                  else f"on source index {index}, item {item}")
+        if sample is not None:
+            where += f", after its sample {sample - 1}" if sample else ", before its first sample"
         super().__init__(
             f"{exc_type}: {message}  [{where}, worker {worker_id}]\n\n"
             f"Traceback in worker {worker_id}:\n{remote_traceback.rstrip()}")

@@ -73,10 +73,11 @@ def _unsupported(value: Any, path: tuple) -> UnsupportedResult:
         "tuples, lists or dicts")
 
 
-def pack_items(results: list[Any]) -> tuple[tuple[Any, ...], list[Write], int]:
-    """Lay out unbatched results one after another: (trees, writes, bytes needed)."""
+def pack_items(results: list[Any], base: int = 0) -> tuple[tuple[Any, ...], list[Write], int]:
+    """Lay out unbatched results one after another from ``base`` bytes into
+    the slot: (trees, writes, bytes needed from the slot's start)."""
     writes: list[Write] = []
-    end = 0
+    end = base
 
     def leaf(value: Any, path: tuple) -> Any:
         nonlocal end

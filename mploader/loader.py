@@ -7,6 +7,7 @@ whole life, and starts one pass (passes.py) per iteration on that same pool.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import numbers
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from . import resources
@@ -23,6 +25,7 @@ from .errors import not_the_owner
 from .messages import Bootstrap
 from .passes import Options, Pass, Skipped, Stats
 from .pool import WorkerPool
+from .samples import SampleBatches
 from .shipping import ship
 from .sources import Source
 
@@ -78,7 +81,7 @@ class MPLoader:
                  prefetch: int = 2, output_signature: Any = None,
                  worker_init: Callable[[int], Any] | None = None,
                  seed: int | None = None, shuffle: bool = False, shard: Any = None,
-                 timeout: float | None = None,
+                 samples_per_item: int | None = None, timeout: float | None = None,
                  on_error: str = "raise", on_worker_death: str = "raise",
                  close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         num_workers = _default_workers() if num_workers is None else num_workers
@@ -103,6 +106,12 @@ class MPLoader:
                f"seed must be an int or None, not {seed!r}")
         seed = None if seed is None else int(seed)
         _check(isinstance(shuffle, bool), f"shuffle must be True or False, not {shuffle!r}")
+        _check(samples_per_item is None
+               or (isinstance(samples_per_item, numbers.Integral) and samples_per_item >= 1),
+               f"samples_per_item must be an int >= 1 or None, not {samples_per_item!r}")
+        samples_per_item = None if samples_per_item is None else int(samples_per_item)
+        # A generator fn yields several samples (elements) per item.
+        samples = samples_per_item is not None or inspect.isgeneratorfunction(fn)
         self._source = Source(source)
         self.shuffle = shuffle
         self.shard = shard_of(shard)
@@ -119,13 +128,15 @@ class MPLoader:
         self.output_signature = output_signature
         self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
                                 on_error=on_error, on_worker_death=on_worker_death,
-                                batch_size=batch_size, drop_remainder=drop_remainder)
+                                batch_size=batch_size, drop_remainder=drop_remainder,
+                                samples=samples)
+        self.samples_per_item = samples_per_item
         fn_payload, fn_files = ship(fn, "fn")
         init_payload, init_files = ship(worker_init, "worker_init")
         self._bootstrap = Bootstrap(
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
             fn=fn_payload, worker_init=init_payload, code_files={**init_files, **fn_files},
-            seed=seed, stack_batches=batch_size is not None)
+            seed=seed, stack_batches=self._options.stacked, samples_per_item=samples_per_item)
         self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
         self._stats = Stats(started_at=time.perf_counter())
@@ -189,11 +200,11 @@ class MPLoader:
                                       self._discard_pool, progress, route_interrupts)
             return self._current_pass
 
-    def __iter__(self) -> Pass:
+    def __iter__(self) -> Iterator[Any]:
         """Start a new pass over the source (a new epoch) on the same workers."""
         return self._iterate()
 
-    def _iterate(self, route_interrupts: bool = False) -> Pass:
+    def _iterate(self, route_interrupts: bool = False) -> Any:
         """A new pass; ``route_interrupts`` for a pass that runs on TensorFlow's
         threads (see interrupts.py), never for the user's own threads."""
         with self._lock:
@@ -201,9 +212,16 @@ class MPLoader:
             plan = self._next_plan()
             self._resume = None
             self._epoch = plan.epoch + 1
-            self._progress = Progress(plan, self._least_steps())
-            return self._start_pass(plan.read(self._source), plan.epoch, self._options,
-                                    self._progress, route_interrupts)
+            self._progress = self._new_progress(plan)
+            one_pass = self._start_pass(plan.read(self._source), plan.epoch, self._options,
+                                        self._progress, route_interrupts)
+            return self._batched(one_pass, self._options)
+
+    def _batched(self, one_pass: Pass, options: Options) -> Any:
+        """The pass itself, or its samples in batches (stacked in the parent)."""
+        if options.samples and options.batch_size is not None:
+            return SampleBatches(one_pass, options.batch_size, options.drop_remainder)
+        return one_pass
 
     def _next_plan(self) -> Plan:
         """What the next pass reads: the rest of a restored epoch, or a whole one."""
@@ -212,8 +230,11 @@ class MPLoader:
         return Plan(self._source.length, self._epoch, self.shuffle, self._order_seed,
                     *self.shard)
 
-    def _least_steps(self) -> int:
-        return self.batch_size if self.batch_size and self.drop_remainder else 1
+    def _new_progress(self, plan: Plan) -> Progress:
+        """Progress counted in items, or in samples when fn yields several (their
+        count known: else the end of the epoch is known only when reached)."""
+        least = self.batch_size if self.batch_size and self.drop_remainder else 1
+        return Progress(plan, least, self.samples_per_item or 1)
 
     def first_result(self) -> Any:
         """fn's result for the first source item that gives one (batched: the
@@ -233,8 +254,9 @@ class MPLoader:
             raise ValueError("the source is empty: there is no first item to infer "
                              "output_signature from; pass output_signature")
         options = dataclasses.replace(self._options, drop_remainder=False, prefetch=1)
-        probe = self._start_pass(((i, i, item) for i, item in enumerate(head)), epoch=0,
-                                 options=options)
+        probe = self._batched(
+            self._start_pass(((i, i, item) for i, item in enumerate(head)), epoch=0,
+                             options=options), options)
         try:
             value = next(probe)
             return probe.last_index, value
@@ -254,7 +276,14 @@ class MPLoader:
             raise TypeError("the source has no length")
         return self._elements(n // self.shard[1])
 
-    def _elements(self, steps: int) -> int:
+    def _elements(self, steps: int, samples_out: int = 0) -> int:
+        """Elements (items, samples, or batches of them) of ``steps`` items, less
+        ``samples_out`` samples already handed out."""
+        if self._options.samples:
+            if self.samples_per_item is None:
+                raise TypeError("fn yields samples and samples_per_item is not given, "
+                                "so the number of elements per epoch is unknown")
+            steps = steps * self.samples_per_item - samples_out
         if self.batch_size is None:
             return steps
         return steps // self.batch_size if self.drop_remainder else -(-steps // self.batch_size)
@@ -263,14 +292,19 @@ class MPLoader:
         """Elements of the next pass when it is the rest of a restored epoch, else None."""
         if self._resume is None:
             return None
-        remaining = self._next_plan().remaining()
-        return None if remaining is None else self._elements(remaining)
+        plan = self._next_plan()
+        remaining = plan.remaining()
+        try:
+            return None if remaining is None else self._elements(
+                remaining, sum(count for _, count in plan.partial))
+        except TypeError:
+            return None
 
     # -- epochs and resume ---------------------------------------------------------------
 
     def _fingerprint(self) -> dict[str, Any]:
         return fingerprint(self._source.length, self.shuffle, self.batch_size,
-                           self.drop_remainder)
+                           self.drop_remainder, self.samples_per_item)
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader stands: small, JSON-serialisable, nothing about workers.
@@ -285,7 +319,7 @@ class MPLoader:
                 return self._progress.state(self._fingerprint())
             # No pass of this epoch has started: its start (or the restored
             # point), never rolled over to the next epoch, even when empty.
-            return Progress(self._next_plan(), self._least_steps()).state(
+            return self._new_progress(self._next_plan()).state(
                 self._fingerprint(), roll_over=False)
 
     def set_epoch(self, epoch: int) -> None:

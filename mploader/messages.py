@@ -40,7 +40,8 @@ class Bootstrap:
     worker_init: bytes | None   # cloudpickled worker_init, or None
     code_files: dict[str, str]  # the file names cloudpickle drops (see shipping.py)
     seed: int | None            # None: item_rng() is not reproducible
-    stack_batches: bool         # True when batch_size is set
+    stack_batches: bool         # True when batch_size is set (and fn yields no samples)
+    samples_per_item: int | None = None  # the count every item's generator must yield
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Failure:
     exc_type: str
     message: str
     traceback: str
+    sample: int | None = None   # a generator fn: the samples it yielded before the error
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Result:
     indices: tuple[int, ...]
     failures: tuple[Failure, ...]
     busy_s: float               # time the worker spent on this task
+    samples: tuple[int, ...] = ()  # values per index of a generator fn; () for one each
 
 
 @dataclass(frozen=True)

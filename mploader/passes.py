@@ -80,6 +80,12 @@ class Options:
     on_worker_death: str          # "raise" | "restart"
     batch_size: int | None
     drop_remainder: bool
+    samples: bool = False         # fn yields several samples per item (a generator)
+
+    @property
+    def stacked(self) -> bool:
+        """Batches stacked by the workers (with samples, the parent batches)."""
+        return self.batch_size is not None and not self.samples
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ class Pass(Iterator[Any]):
         self._discard_pool = weakref.WeakMethod(discard_pool)  # see the module docstring
         self._route_interrupts = route_interrupts
         self._window = 2 * options.prefetch * max(1, len(pool.workers))
-        self._chunk_items = options.batch_size or 1  # grows for tiny unbatched items
+        self._chunk_items = options.batch_size if options.stacked else 1  # grows if tiny
         # Moving averages of worker time and bytes per item; the time starts
         # high, so chunks grow only after several quick items in a row.
         self._item_s = 4 * _TARGET_TASK_S
@@ -132,8 +138,11 @@ class Pass(Iterator[Any]):
         self._next_task = 0                   # seq of the next new task
         self._retry: deque[Chunk] = deque()   # chunks to run again, after a death
         self._ready: dict[int, Delivered] = {}  # seq -> its result
-        # (worker, source index, steps it hands out, value or Failure or _NOTHING), in order
-        self._pending: deque[tuple[int, int | None, tuple[int, ...], Any]] = deque()
+        # (worker, source index, steps it hands out, value or Failure or _NOTHING,
+        # the step of an item part-way through its samples or None), in order
+        self._pending: deque[tuple[int, int | None, tuple[int, ...], Any, int | None]] = deque()
+        # Samples to drop of items begun before a resume: step -> count (epochs.py)
+        self._drop_samples = dict(progress.plan.partial) if progress is not None else {}
         self.last_index: int | None = None    # source index of the last value (a batch's first)
         self._next_seq = 0                    # ordered: the seq to yield next
         self._source_done = False
@@ -242,7 +251,7 @@ class Pass(Iterator[Any]):
         items = [item for _, _, item in read]
         encoder = ItemEncoder()
         try:  # a batch is batch_size items, whatever their bytes
-            taken = encoder.add(items, math.inf if self._opt.batch_size else _MAX_TASK_BYTES)
+            taken = encoder.add(items, math.inf if self._opt.stacked else _MAX_TASK_BYTES)
         except ItemNotPicklable as exc:
             raise TypeError(f"source index {read[exc.position][1]} cannot be "
                             f"pickled to send to a worker: {exc}") from exc
@@ -251,7 +260,8 @@ class Pass(Iterator[Any]):
             read = read[:taken]
         elif len(read) < self._chunk_items:
             self._source_done = True  # (also after a source error: see above)
-        if not read or (self._opt.drop_remainder and len(read) < self._opt.batch_size):
+        if not read or (self._opt.stacked and self._opt.drop_remainder
+                        and len(read) < self._opt.batch_size):
             self._source_done = True
             return None
         self._next_task += 1
@@ -312,11 +322,13 @@ class Pass(Iterator[Any]):
         """(value,) for the next value to yield, or None; raises for a failed item."""
         while True:
             if self._pending:
-                worker_id, index, steps, outcome = self._pending[0]
+                worker_id, index, steps, outcome, sampled = self._pending[0]
                 if isinstance(outcome, Failure):
                     self._report(worker_id, outcome)  # raises, unless skipped
                 self._pending.popleft()
                 self._hand_out(steps)
+                if sampled is not None and self.progress is not None:
+                    self.progress.sampled(sampled)
                 if outcome is _NOTHING or isinstance(outcome, Failure):
                     continue
                 self.last_index = index
@@ -349,38 +361,60 @@ class Pass(Iterator[Any]):
         result, chunk = delivered.result, delivered.sent
         ring, worker_id = delivered.handle.ring, delivered.handle.worker_id
         step_of = dict(zip(chunk.indices, chunk.steps))
-        failures = [(step_of[f.index], f.index, (step_of[f.index],), _named(f, chunk))
-                    for f in result.failures]
+        # (sort key, index, steps handed out, outcome, step part-way or None)
+        failures = [((step_of[f.index], f.sample or 0), f.index, (step_of[f.index],),
+                     _named(f, chunk), None) for f in result.failures]
         if result.tree is None:
             ring.release(result.slot)
             values = []
-        elif self._opt.batch_size is not None:  # one stacked batch; its failures first
+        elif self._opt.stacked:  # one batch stacked by the worker; its failures first
             batch = ring.open_result(result.slot, result.nbytes, result.tree)
-            values = [(math.inf, result.indices[0], chunk.steps + chunk.dropped, batch)]
-            failures = [(-1, index, (), f) for _, index, _, f in failures]
-        elif len(result.indices) == 1 and not failures:  # a lone item: views may do
+            values = [((math.inf, 0), result.indices[0], chunk.steps + chunk.dropped, batch,
+                       None)]
+            failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures]
+        elif len(result.tree) == 1 and not failures:  # one value: views may do
+            step = step_of[result.indices[0]]
             value = ring.open_result(result.slot, result.nbytes, result.tree[0])
-            values = [(step_of[result.indices[0]], result.indices[0],
-                       (step_of[result.indices[0]],), value)]
+            values = [((step, 0), result.indices[0], (step,), value, None)]
         else:
             trees = ring.open_result(result.slot, result.nbytes, result.tree, copy=True)
-            values = [(step_of[i], i, (step_of[i],), tree)
-                      for i, tree in zip(result.indices, trees)]
+            values = self._samples(result, step_of, trees)
         self._stats.items += len(result.indices)
         outcomes = values + failures
-        if chunk.dropped and (self._opt.batch_size is None or not values):
-            outcomes.append((min(chunk.dropped), None, chunk.dropped, _NOTHING))
+        if chunk.dropped and (not self._opt.stacked or not values):
+            outcomes.append(((min(chunk.dropped), 0), None, chunk.dropped, _NOTHING, None))
         if len(outcomes) > 1:
             outcomes.sort(key=lambda entry: entry[0])
-        self._pending.extend((worker_id, index, steps, outcome)
-                             for _, index, steps, outcome in outcomes)
+        self._pending.extend((worker_id, *entry[1:]) for entry in outcomes)
+
+    def _samples(self, result: Any, step_of: dict[int, int], trees: list[Any]) -> list[Any]:
+        """Entries for each value of ``result``: an item's last sample hands its
+        step out, the ones before count as samples of an item part-way; an
+        item that failed after some samples hands its step out with its failure.
+        Samples handed out before a resume are dropped."""
+        failed = {f.index for f in result.failures}
+        counts = result.samples or (1,) * len(result.indices)
+        entries, values = [], iter(trees)
+        for index, count in zip(result.indices, counts):
+            step = step_of[index]
+            drop = self._drop_samples.pop(step, 0)
+            for sample in range(count):
+                value = next(values)
+                if sample < drop:
+                    continue
+                last = sample == count - 1 and index not in failed
+                entries.append(((step, sample), index, (step,) if last else (), value,
+                                 None if last else step))
+        return entries
 
     def _report(self, worker_id: int, failure: Failure) -> None:
         if self._opt.on_error == "raise":
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
-                              worker_id, failure.index, failure.item)
-        self._skip(Skipped(failure.index, failure.item, worker_id, failure.exc_type,
-                           failure.message))
+                              worker_id, failure.index, failure.item, failure.sample)
+        message = failure.message
+        if failure.sample is not None:
+            message += f" (after {failure.sample} samples; the item's other samples are dropped)"
+        self._skip(Skipped(failure.index, failure.item, worker_id, failure.exc_type, message))
 
     def _skip(self, skipped: Skipped) -> None:
         if self._skipped is None:
@@ -396,7 +430,7 @@ class Pass(Iterator[Any]):
             return
         self._ready[key[1]] = delivered
         self._fruitless_restarts = 0
-        if self._opt.batch_size is None:
+        if not self._opt.stacked:
             self._learn_chunk_size(delivered)
 
     # -- deaths and timeouts ------------------------------------------------------------

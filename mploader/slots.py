@@ -268,7 +268,7 @@ class SlotWriter:
         """Copy ``writes`` into ``slot`` (``capacity`` bytes reserved); returns
         the reservation afterwards."""
         if nbytes > capacity:
-            capacity = self._reserve(slot, nbytes)
+            capacity = self._reserve(slot, nbytes, capacity)
         if nbytes == 0:  # no array bytes (an mmap of length 0 maps the whole arena)
             return capacity
         region = self._maps[slot]
@@ -281,7 +281,7 @@ class SlotWriter:
                       array, casting="no")
         return capacity
 
-    def _reserve(self, slot: int, nbytes: int) -> int:
+    def _reserve(self, slot: int, nbytes: int, capacity: int) -> int:
         if nbytes > self._stride:
             raise UnsupportedResult(
                 f"the result needs {nbytes} bytes of shared memory, more than a slot "
@@ -290,8 +290,10 @@ class SlotWriter:
                 "every slot of every worker); return less per task, or use fewer "
                 "workers or a smaller prefetch")
         # An eighth of headroom, so results that vary a little in size do not
-        # regrow the slot every time.
-        size = min(self._stride, -(-(nbytes + nbytes // 8) // PAGE_BYTES) * PAGE_BYTES)
+        # regrow the slot every time; at least double, so a slot that samples
+        # fill one after another grows a few times, not once per sample.
+        size = min(self._stride, max(2 * capacity,
+                                     -(-(nbytes + nbytes // 8) // PAGE_BYTES) * PAGE_BYTES))
         try:
             os.posix_fallocate(self._fd, HEADER_BYTES + slot * self._stride, size)
         except OSError as exc:

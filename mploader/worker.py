@@ -18,6 +18,7 @@ itself needs.  Its life:
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from types import TracebackType
 from typing import Any, Callable
 
 from .errors import short_repr
-from .layout import pack_batch, pack_items
+from .layout import UnsupportedResult, pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
                        read_frame, write_frame)
 from .random_state import item_scope
@@ -54,12 +55,14 @@ def _die_with_parent(parent_pid: int) -> None:
 _UNKNOWN_ITEM = object()  # an item that could not be decoded: the parent names it
 
 
-def _failure(exc: BaseException, index: int | None, item: Any = _UNKNOWN_ITEM) -> Failure:
+def _failure(exc: BaseException, index: int | None, item: Any = _UNKNOWN_ITEM,
+             sample: int | None = None) -> Failure:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return Failure(index=index, item="" if item is _UNKNOWN_ITEM else short_repr(item),
                    exc_type=name, message=str(exc),
-                   traceback="".join(traceback.format_exception(exc.with_traceback(_user_frames(exc)))))
+                   traceback="".join(traceback.format_exception(exc.with_traceback(_user_frames(exc)))),
+                   sample=sample)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -82,10 +85,50 @@ class _TaskRunner:
         self._fn = fn
         self._seed = boot.seed
         self._stack = boot.stack_batches
+        self._samples_per_item = boot.samples_per_item
         self._slots = slots
         self._status = slots.status
 
     def run(self, task: Task) -> Result:
+        return self._run_batched(task) if self._stack else self._run_items(task)
+
+    def _run_items(self, task: Task) -> Result:
+        """Each item's result (each sample of a generator fn) goes into the slot
+        as soon as fn gives it, so a worker never holds an item's samples in
+        its own memory; the samples before an error are kept."""
+        start = time.perf_counter()
+        trees: list[Any] = []
+        done: list[int] = []
+        counts: list[int] = []
+        failures: list[Failure] = []
+        end, capacity = 0, task.capacity
+        for position, index in enumerate(task.indices):
+            self._status.set(task.key, index, time.monotonic_ns())
+            item, count, sampled = _UNKNOWN_ITEM, 0, False
+            try:
+                item = decode_item(task, position)
+                with item_scope(self._seed, task.epoch, index):
+                    value = self._fn(item)
+                    sampled = inspect.isgenerator(value)
+                    for sample in (value if sampled else (value,)):
+                        (tree,), writes, new_end = pack_items([sample], end)
+                        capacity = self._slots.write(task.slot, capacity, writes, new_end)
+                        trees.append(tree)
+                        end, count = new_end, count + 1
+                if sampled and self._samples_per_item not in (None, count):
+                    raise ValueError(f"fn yielded {count} samples for this item, and "
+                                     f"samples_per_item={self._samples_per_item}")
+            except Exception as exc:  # noqa: BLE001 - reported to the consumer
+                failures.append(_failure(exc, index, item, count if sampled else None))
+            if count:
+                done.append(index)
+                counts.append(count)
+        return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=end,
+                      tree=tuple(trees) if trees else None, indices=tuple(done),
+                      failures=tuple(failures), busy_s=time.perf_counter() - start,
+                      samples=tuple(counts) if any(c != 1 for c in counts) else ())
+
+    def _run_batched(self, task: Task) -> Result:
         start = time.perf_counter()
         outputs: list[Any] = []
         done: list[int] = []
@@ -97,7 +140,13 @@ class _TaskRunner:
             try:
                 item = items[index] = decode_item(task, position)
                 with item_scope(self._seed, task.epoch, index):
-                    outputs.append(self._fn(item))
+                    value = self._fn(item)
+                if inspect.isgenerator(value):
+                    raise UnsupportedResult(
+                        "fn returned a generator but is not a generator function, so its "
+                        "batches were to be stacked in the workers: pass samples_per_item "
+                        "to MPLoader for a fn that gives several samples per item")
+                outputs.append(value)
                 done.append(index)
             except Exception as exc:  # noqa: BLE001 - reported to the consumer
                 failures.append(_failure(exc, index, item))
@@ -105,8 +154,7 @@ class _TaskRunner:
         tree, nbytes, capacity = None, 0, task.capacity
         if outputs:
             try:
-                tree, writes, nbytes = (pack_batch(outputs, tuple(done)) if self._stack
-                                        else pack_items(outputs))
+                tree, writes, nbytes = pack_batch(outputs, tuple(done))
                 capacity = self._slots.write(task.slot, task.capacity, writes, nbytes)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
                 failures.extend(_failure(exc, index, items[index]) for index in done)
