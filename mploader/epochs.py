@@ -149,10 +149,10 @@ class Progress:
     with ``drop_remainder``, else 1): fewer left, and the epoch is over.
     """
 
-    def __init__(self, plan: Plan, least: int = 1, per_step: int = 1) -> None:
+    def __init__(self, plan: Plan, least: int = 1, per_step: int | None = 1) -> None:
         self.plan = plan
         self.least = least                # in elements' units: items, or samples
-        self.per_step = per_step          # samples per item (1 without samples)
+        self.per_step = per_step          # samples per item: 1 without, None unknown
         self.prefix = plan.start          # every step before it is out
         self.ahead = set(plan.ahead)      # steps >= prefix that are out
         self.partial = dict(plan.partial)  # step -> samples out, of items not finished
@@ -179,8 +179,10 @@ class Progress:
         total = self.plan.steps()
         if self.ended or total is None:
             return self.ended
-        left = (total - self.prefix - len(self.ahead)) * self.per_step - sum(self.partial.values())
-        return left < self.least
+        steps_left = total - self.prefix - len(self.ahead)
+        if self.per_step is None:  # samples left unknown: over when every item is out
+            return steps_left == 0
+        return steps_left * self.per_step - sum(self.partial.values()) < self.least
 
     def state(self, fingerprint: dict[str, Any], roll_over: bool = True) -> dict[str, Any]:
         """The JSON-serialisable state (see the module docstring); an epoch
@@ -263,6 +265,11 @@ def parse_state(state: Any, expected: dict[str, Any]) -> Resume:
                          f"samples {samples!r}")
     resume = Resume(state["epoch"], state["position"], tuple(ahead), tuple(shard),
                     state["seed"], tuple((int(p), c) for p, c in samples.items()))
+    per_item = expected.get("samples_per_item")
+    for position, count in resume.samples:
+        if count < 1 or (per_item is not None and count >= per_item):
+            raise ValueError(f"a malformed state: samples[{str(position)!r}] is {count}, "
+                             f"not between 1 and samples_per_item - 1 ({per_item})")
     n = expected["source_len"]
     end = n if n is not None else float("inf")
     begun = resume.ahead + tuple(p for p, _ in resume.samples)

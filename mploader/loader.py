@@ -136,7 +136,8 @@ class MPLoader:
         self._bootstrap = Bootstrap(
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
             fn=fn_payload, worker_init=init_payload, code_files={**init_files, **fn_files},
-            seed=seed, stack_batches=self._options.stacked, samples_per_item=samples_per_item)
+            seed=seed, stack_batches=self._options.stacked, samples=samples,
+            samples_per_item=samples_per_item)
         self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
         self._stats = Stats(started_at=time.perf_counter())
@@ -234,7 +235,8 @@ class MPLoader:
         """Progress counted in items, or in samples when fn yields several (their
         count known: else the end of the epoch is known only when reached)."""
         least = self.batch_size if self.batch_size and self.drop_remainder else 1
-        return Progress(plan, least, self.samples_per_item or 1)
+        return Progress(plan, least,
+                        self.samples_per_item if self._options.samples else 1)
 
     def first_result(self) -> Any:
         """fn's result for the first source item that gives one (batched: the

@@ -89,14 +89,19 @@ class MemoryWatch:
         self._kills_before: int | None = None
         self.sample()
 
-    def sample(self) -> None:
+    def sample(self, dying: bool = False) -> None:
+        """Its RSS, its cgroup and that cgroup's OOM kills so far.  The count is
+        the baseline of the next death, so a kill long before (of this worker's
+        neighbour, say) is not taken for its own; ``dying``: its exit is
+        pending, and a kill since the last sample is what ``explain`` looks for."""
         statm = _read(f"/proc/{self.pid}/statm")
         if statm and statm.split()[1] != "0":  # 0: a zombie, nothing left to measure
             self.rss = int(statm.split()[1]) * _PAGE
             self.sampled_at = time.monotonic()
         counter = _oom_counter_file(self.pid)
-        if counter is not None and counter != self._counter:  # started, or moved
-            self._counter, self._kills_before = counter, _oom_kills(counter)
+        if counter is not None and (counter != self._counter or not dying):
+            self._kills_before = None if dying else _oom_kills(counter)
+            self._counter = counter
 
     def explain(self, returncode: int | None) -> str:
         """A clause for WorkerDied: the out-of-memory killer or not, and the last RSS."""

@@ -41,6 +41,7 @@ class Bootstrap:
     code_files: dict[str, str]  # the file names cloudpickle drops (see shipping.py)
     seed: int | None            # None: item_rng() is not reproducible
     stack_batches: bool         # True when batch_size is set (and fn yields no samples)
+    samples: bool = False       # fn yields samples (a generator fn, or samples_per_item)
     samples_per_item: int | None = None  # the count every item's generator must yield
 
 

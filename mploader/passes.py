@@ -153,6 +153,7 @@ class Pass(Iterator[Any]):
         self._empty: dict[int, tuple[int, ...]] = {}  # seq -> steps, every item skipped
         self._fruitless_restarts = 0          # restarts since the last result
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
+        self._held: list[tuple[Callable[[Any], None], Any]] | None = None  # see hold()
         interrupts.forget_pending()
 
     # -- iteration ---------------------------------------------------------------
@@ -277,7 +278,7 @@ class Pass(Iterator[Any]):
         (strings and bytes travel in it).
         """
         result = delivered.result
-        count = len(result.indices) + len(result.failures)
+        count = max(1, len(result.indices) + len(result.failures))
         self._item_s += _LEARN_RATE * (result.busy_s / count - self._item_s)
         per_item = (result.nbytes + delivered.wire_bytes) / count
         self._item_bytes += _LEARN_RATE * (per_item - self._item_bytes)
@@ -328,7 +329,7 @@ class Pass(Iterator[Any]):
                 self._pending.popleft()
                 self._hand_out(steps)
                 if sampled is not None and self.progress is not None:
-                    self.progress.sampled(sampled)
+                    self._record(self.progress.sampled, sampled)
                 if outcome is _NOTHING or isinstance(outcome, Failure):
                     continue
                 self.last_index = index
@@ -348,7 +349,23 @@ class Pass(Iterator[Any]):
 
     def _hand_out(self, steps: tuple[int, ...]) -> None:
         if self.progress is not None and steps:
-            self.progress.handed(steps)
+            self._record(self.progress.handed, steps)
+
+    def _record(self, update: Callable[[Any], None], arg: Any) -> None:
+        if self._held is None:
+            update(arg)
+        else:
+            self._held.append((update, arg))
+
+    def hold(self) -> None:
+        """Count nothing as handed out until :meth:`commit` (a batch being gathered)."""
+        self._held = []
+
+    def commit(self, apply: bool = True) -> None:
+        """Count what was held as handed out (or, without ``apply``, forget it)."""
+        held, self._held = self._held or [], None
+        for update, arg in held if apply else ():
+            update(arg)
 
     def _unpack(self, delivered: Delivered) -> None:
         """Queue a task's values and failures in the epoch's order, and free or lease its slot.
@@ -364,15 +381,18 @@ class Pass(Iterator[Any]):
         # (sort key, index, steps handed out, outcome, step part-way or None)
         failures = [((step_of[f.index], f.sample or 0), f.index, (step_of[f.index],),
                      _named(f, chunk), None) for f in result.failures]
-        if result.tree is None:
+        if result.tree is None and not self._opt.samples:
             ring.release(result.slot)
             values = []
+        elif result.tree is None:  # items that yielded no sample, or failed
+            ring.release(result.slot)
+            values = self._samples(result, step_of, [])
         elif self._opt.stacked:  # one batch stacked by the worker; its failures first
             batch = ring.open_result(result.slot, result.nbytes, result.tree)
             values = [((math.inf, 0), result.indices[0], chunk.steps + chunk.dropped, batch,
                        None)]
             failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures]
-        elif len(result.tree) == 1 and not failures:  # one value: views may do
+        elif len(result.tree) == 1 and len(result.indices) == 1 and not failures:  # views
             step = step_of[result.indices[0]]
             value = ring.open_result(result.slot, result.nbytes, result.tree[0])
             values = [((step, 0), result.indices[0], (step,), value, None)]
@@ -398,6 +418,8 @@ class Pass(Iterator[Any]):
         for index, count in zip(result.indices, counts):
             step = step_of[index]
             drop = self._drop_samples.pop(step, 0)
+            if count == 0 and index not in failed:  # no sample: only its step is out
+                entries.append(((step, 0), index, (step,), _NOTHING, None))
             for sample in range(count):
                 value = next(values)
                 if sample < drop:

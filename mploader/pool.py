@@ -418,7 +418,7 @@ class WorkerPool:
     def _on_exit(self, handle: WorkerHandle) -> Died:
         """A live or KILLED worker's process has exited (its pidfd is readable)."""
         was = handle.state
-        handle.memory.sample()  # its cgroup, before it is reaped
+        handle.memory.sample(dying=True)  # its cgroup, before it is reaped
         returncode = handle.process.wait()  # the pidfd said it exited: no blocking
         memory = "" if handle.killed_for else handle.memory.explain(returncode)
         lost = tuple(handle.outstanding.values())

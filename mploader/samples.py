@@ -3,9 +3,11 @@
 A batch of ``batch_size`` samples may hold samples of several items (the
 last ones of one volume, the first ones of the next), so it cannot be stacked
 in one worker: the pass hands the samples out in order and this module stacks
-them in the parent, one copy per batch.  The pass counts a sample as handed
-out when it is taken into a batch (epochs.py), so a resume continues after
-the last batch handed out.
+them in the parent, one copy per batch.  The samples of a batch count as handed
+out (epochs.py) only when the batch is, so a state saved from another thread
+while a batch is gathered does not count them.  An error met while gathering
+comes after the samples gathered before it, as a short batch: no sample is
+lost.
 """
 from __future__ import annotations
 
@@ -23,14 +25,26 @@ def stack(samples: list[Any], indices: list[int | None]) -> Any:
     paths = [path for path, _ in flat[0]]
     for leaves, index in zip(flat[1:], indices[1:]):
         if [path for path, _ in leaves] != paths:
-            raise UnsupportedResult(f"cannot batch: a sample of source index {index} has "
-                                    f"another structure than one of source index {indices[0]}")
-    columns = iter([np.asarray([leaves[i][1] for leaves in flat]
-                               if not isinstance(flat[0][i][1], np.ndarray)
-                               else _stack_arrays([leaves[i][1] for leaves in flat],
-                                                  paths[i], indices))
+            raise UnsupportedResult(
+                f"cannot batch: a sample of source index {index} has another structure "
+                f"than the batch's first sample (of source index {indices[0]})")
+    columns = iter([_column([leaves[i][1] for leaves in flat], paths[i], indices)
                     for i in range(len(paths))])
     return map_nest(lambda _v, _p: next(columns), samples[0])
+
+
+def _column(values: list[Any], path: tuple, indices: list[int | None]) -> np.ndarray:
+    """One leaf of every sample, stacked; never a cast between types."""
+    if isinstance(values[0], np.ndarray):
+        return _stack_arrays(values, path, indices)
+    for value, index in zip(values[1:], indices[1:]):
+        if type(value) is not type(values[0]):
+            raise UnsupportedResult(
+                f"cannot batch {path_text(path)}: the batch's first sample (of source "
+                f"index {indices[0]}) has a {type(values[0]).__name__} there, a sample "
+                f"of source index {index} a {type(value).__name__}; give every sample "
+                "the same type (mploader does not cast)")
+    return np.array(values, dtype=object if isinstance(values[0], (str, bytes)) else None)
 
 
 def _leaves(value: Any) -> list[tuple[tuple, Any]]:
@@ -42,6 +56,11 @@ def _leaves(value: Any) -> list[tuple[tuple, Any]]:
 def _stack_arrays(arrays: list[np.ndarray], path: tuple, indices: list[int | None]) -> Any:
     first = arrays[0]
     for array, index in zip(arrays[1:], indices[1:]):
+        if not isinstance(array, np.ndarray):
+            raise UnsupportedResult(
+                f"cannot batch {path_text(path)}: the batch's first sample (of source "
+                f"index {indices[0]}) has an array there, a sample of source index "
+                f"{index} a {type(array).__name__}")
         if array.shape != first.shape or array.dtype != first.dtype:
             raise UnsupportedResult(
                 f"cannot batch {path_text(path)}: a sample of source index {indices[0]} "
@@ -57,19 +76,44 @@ class SampleBatches(Iterator[Any]):
         self.one_pass = one_pass
         self._size = batch_size
         self._drop = drop_remainder
+        self._error: BaseException | None = None  # met after a short batch: raised next
         self.last_index: int | None = None
 
     def __next__(self) -> Any:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         samples, indices = [], []
-        for value in self.one_pass:
-            samples.append(value)
-            indices.append(self.one_pass.last_index)
-            if len(samples) == self._size:
-                break
-        if not samples or (self._drop and len(samples) < self._size):
+        self.one_pass.hold()
+        try:
+            while len(samples) < self._size:
+                try:
+                    samples.append(next(self.one_pass))
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    if not samples:
+                        raise
+                    self._error = exc  # the samples before it first, as a short batch
+                    break
+                indices.append(self.one_pass.last_index)
+        except BaseException:
+            self.one_pass.commit()  # what the pass handed out (skips) stays out
+            raise
+        if not samples or (self._drop and len(samples) < self._size and self._error is None):
+            self.one_pass.commit()
             raise StopIteration
+        try:
+            batch = stack(samples, indices)
+        except Exception:
+            # Samples that cannot be batched end the pass, and are not counted
+            # as handed out: a resume meets them again.
+            self.one_pass.commit(apply=False)
+            self.one_pass.close()
+            raise
         self.last_index = indices[0]
-        return stack(samples, indices)
+        self.one_pass.commit()
+        return batch
 
     @property
     def interrupted(self) -> bool:

@@ -85,6 +85,7 @@ class _TaskRunner:
         self._fn = fn
         self._seed = boot.seed
         self._stack = boot.stack_batches
+        self._samples = boot.samples
         self._samples_per_item = boot.samples_per_item
         self._slots = slots
         self._status = slots.status
@@ -102,25 +103,35 @@ class _TaskRunner:
         counts: list[int] = []
         failures: list[Failure] = []
         end, capacity = 0, task.capacity
+        want = self._samples_per_item
         for position, index in enumerate(task.indices):
             self._status.set(task.key, index, time.monotonic_ns())
-            item, count, sampled = _UNKNOWN_ITEM, 0, False
+            item, count, failed = _UNKNOWN_ITEM, 0, False
             try:
                 item = decode_item(task, position)
                 with item_scope(self._seed, task.epoch, index):
                     value = self._fn(item)
-                    sampled = inspect.isgenerator(value)
-                    for sample in (value if sampled else (value,)):
+                    if inspect.isgenerator(value) and not self._samples:
+                        raise UnsupportedResult(
+                            "fn returned a generator but is not a generator function; "
+                            "pass samples_per_item to MPLoader for a fn that gives "
+                            "several samples per item")
+                    for sample in (value if self._samples and inspect.isgenerator(value)
+                                   else (value,)):
+                        if count == want:
+                            raise ValueError(f"fn yields more than samples_per_item={want} "
+                                             "samples for this item")
                         (tree,), writes, new_end = pack_items([sample], end)
                         capacity = self._slots.write(task.slot, capacity, writes, new_end)
                         trees.append(tree)
                         end, count = new_end, count + 1
-                if sampled and self._samples_per_item not in (None, count):
+                if want is not None and count != want:
                     raise ValueError(f"fn yielded {count} samples for this item, and "
-                                     f"samples_per_item={self._samples_per_item}")
+                                     f"samples_per_item={want}")
             except Exception as exc:  # noqa: BLE001 - reported to the consumer
-                failures.append(_failure(exc, index, item, count if sampled else None))
-            if count:
+                failed = True
+                failures.append(_failure(exc, index, item, count if self._samples else None))
+            if count or (self._samples and not failed):  # an item may yield no sample
                 done.append(index)
                 counts.append(count)
         return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=end,

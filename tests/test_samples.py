@@ -52,8 +52,7 @@ def test_batches_span_items_and_count_samples():
 def test_an_item_that_yields_another_count_than_samples_per_item_is_named():
     def uneven(i):
         yield from (np.float32(i),) * (2 if i == 3 else 1)
-    with pytest.raises(WorkerError, match=r"fn yielded 2 samples.*samples_per_item=1.*"
-                                          r"source index 3"), \
+    with pytest.raises(WorkerError, match=r"more than samples_per_item=1.*source index 3"), \
             MPLoader(uneven, 6, num_workers=2, samples_per_item=1) as loader:
         list(loader)
 
@@ -139,3 +138,65 @@ def test_dataset_of_samples_has_the_cardinality_samples_per_item_gives():
         ds = loader.dataset()
         assert int(ds.cardinality()) == -2  # unknown: say samples_per_item to know it
         assert len([x for x in ds]) == 15
+
+
+def test_items_that_yield_no_sample_add_nothing_and_count_as_handed_out():
+    def some(i):
+        yield from (np.int64(10 * i + s) for s in range(i % 3))
+    with MPLoader(some, 9, num_workers=2) as loader:
+        it = iter(loader)
+        head = [int(next(it)) for _ in range(4)]
+        state = loader.state_dict()
+        rest = [int(x) for x in it]
+    assert head + rest == [10 * i + s for i in range(9) for s in range(i % 3)]
+    assert state["ahead"] == [], "items without samples must not stay ahead"
+    with MPLoader(some, 9, num_workers=1) as loader:
+        loader.load_state_dict(state)
+        assert [int(x) for x in loader] == rest
+
+
+def test_without_samples_per_item_the_state_stays_in_the_epoch_until_its_end():
+    def four(i):
+        yield from (np.int64(10 * i + s) for s in range(4))
+    with MPLoader(four, 3, num_workers=2) as loader:
+        it = iter(loader)
+        head = [int(next(it)) for _ in range(9)]
+        state = loader.state_dict()
+    assert (state["epoch"], state["position"], state["samples"]) == (0, 2, {"2": 1})
+    with MPLoader(four, 3, num_workers=1) as loader:
+        loader.load_state_dict(state)
+        assert head + [int(x) for x in loader] == [10 * i + s for i in range(3) for s in range(4)]
+
+
+def test_an_error_while_a_batch_is_gathered_comes_after_the_samples_before_it():
+    batches = []
+    with MPLoader(cracked, 5, num_workers=2, batch_size=4) as loader:
+        with pytest.raises(WorkerError, match="source index 2"):
+            for batch in loader:
+                batches.append(batch.tolist())
+        state = loader.state_dict()
+    flat = [row for b in batches for row in b]
+    assert flat == [[i, s] for i in range(2) for s in range(3)] + [[2, 0], [2, 1]]
+    assert state["samples"] == {"2": 2}   # every sample the consumer got, and no other
+
+
+def test_samples_of_different_types_are_not_batched_by_a_cast():
+    def mixed(i):
+        yield np.float32(1.5)
+        yield 2.5                         # a Python float: float64 if stacked
+    with pytest.raises(TypeError, match=r"result.*float32.*float.*does not cast"), \
+            MPLoader(mixed, 2, num_workers=1, batch_size=2) as loader:
+        list(loader)
+
+
+def test_a_plain_fn_returning_a_generator_says_to_pass_samples_per_item():
+    def returns_generator(i):
+        return (np.int64(i) for _ in range(2))
+    with pytest.raises(WorkerError, match="pass samples_per_item"), \
+            MPLoader(returns_generator, 3, num_workers=1) as loader:
+        list(loader)
+    with MPLoader(returns_generator, 3, num_workers=1, samples_per_item=2) as loader:
+        assert [int(x) for x in loader] == [0, 0, 1, 1, 2, 2] and len(loader) == 6
+    with pytest.raises(WorkerError, match="yielded 1 samples.*samples_per_item=2"), \
+            MPLoader(lambda i: np.int64(i), 3, num_workers=1, samples_per_item=2) as loader:
+        list(loader)
