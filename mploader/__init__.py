@@ -8,6 +8,7 @@ Modules, one job each:
     sources.py       reading the source (sequence, int, iterable, tf.data) in passes
     epochs.py        the order of an epoch (shuffle), its shards, and the resume state
     passes.py        one pass: dispatch tasks, gather results, order, errors, timeouts
+    samples.py       batches of the samples of a generator fn (they span items)
     pool.py          the worker processes: one state machine each, start, watch, stop
                      (NOTE [Shutdown], the lock rule)
     resources.py     the descriptor and address-space budget of a pool
