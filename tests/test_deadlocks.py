@@ -7,6 +7,8 @@ the script's stacks instead of hanging the suite.
 """
 from __future__ import annotations
 
+import pytest
+
 from .bounded import (LIVE_WORKERS, joined, assert_no_worker_left, assert_quiet, kill_pid_if_alive, report,
                       run_bounded)
 
@@ -37,6 +39,7 @@ def round_trip(script, items: str, loader: str, expected: str, within: float) ->
     return got
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_30k_str_items_of_2kB_in_and_out_do_not_deadlock(script):
     got = round_trip(script, items='[f"{i:08d}" + "x" * 1992 for i in range(30_000)]',  # 2 kB each way
                      loader="MPLoader(lambda s: s, items, num_workers=2)",
@@ -217,6 +220,7 @@ def test_worker_death_is_reported_at_once_though_its_child_holds_its_pipes(scrip
 TRIALS = 16  # each trial starts two workers; the race was lost in about half of them
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_close_racing_a_pass_start_in_another_thread_never_leaves_a_worker(script):
     s = script(joined("""
         import json, os, sys, threading, time

@@ -45,6 +45,7 @@ def test_every_epoch_is_a_new_permutation_identical_for_1_and_3_workers():
         assert list(other) != orders[0], "another seed gave the same order"
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_shards_are_disjoint_cover_the_epoch_less_its_tail_and_have_equal_lengths():
     n, k = 20, 3
     with MPLoader(identity, n, num_workers=2, shuffle=True, seed=3) as whole:
@@ -121,6 +122,7 @@ def as_list(x):
     return x.tolist() if hasattr(x, "tolist") else x
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 @pytest.mark.parametrize("saved, restored", [
     (dict(num_workers=3), dict(num_workers=1)),
     (dict(num_workers=1, batch_size=4), dict(num_workers=3, batch_size=4, prefetch=1)),
@@ -148,6 +150,7 @@ def test_resume_in_a_new_process_with_other_workers_continues_element_for_elemen
         assert sorted(got["next_epoch"]) == list(range(23))
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_a_state_from_two_shards_restores_on_three_losing_and_repeating_nothing():
     n, steps = 31, 5
     common = dict(shuffle=True, seed=5, num_workers=2)

@@ -279,6 +279,7 @@ def test_workers_end_with_their_parent(script, rude, busy):
     assert time.monotonic() - start < BOUND_S
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_a_loader_collected_without_close_stops_its_workers(script):
     s = script("""
         import gc, json, time

@@ -129,6 +129,7 @@ def test_default_num_workers_under_a_soft_limit_of_64_descriptors_constructs_and
 MiB = 1 << 20
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_shared_memory_shrinks_back_after_a_burst_of_32MiB_results(script):
     s = script("""
         import gc, json, time
@@ -296,6 +297,7 @@ def test_forked_child_cannot_disturb_the_parents_pass_in_progress(script):
     assert_no_worker_left(s.wait_for_pids())
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_loaders_closed_in_the_middle_of_a_pass_give_every_descriptor_back(script):
     s = script(joined("""
         import gc, json, os

@@ -97,6 +97,7 @@ def test_second_pass_after_worker_init_failed_raises_worker_error_again_not_a_ha
 # -- finding 6: the per-item timeout counted the worker's start-up (worker_init)
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 @pytest.mark.parametrize("on_worker_death", ["raise", "restart"])
 def test_slow_worker_init_does_not_count_against_the_item_timeout(script, on_worker_death):
     s = script(f"""

@@ -110,6 +110,7 @@ def test_resume_between_two_samples_of_one_item_is_exact(taken, options):
         assert flat(following) == flat(reference[1])
 
 
+@pytest.mark.slow  # version-independent, over 2 s: the main Python only
 def test_a_worker_holds_one_sample_at_a_time_not_the_whole_item():
     """20 samples of 16 MiB: the worker's own (anonymous) memory stays far below 320 MiB."""
     def big_patches(i):
