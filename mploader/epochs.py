@@ -168,6 +168,10 @@ class Progress:
 
     def handed(self, steps: tuple[int, ...]) -> None:
         with self._lock:
+            if len(steps) == 1 and steps[0] == self.prefix and not self.ahead:
+                self.partial.pop(self.prefix, None)
+                self.prefix += 1  # the common case: the next step in order
+                return
             for step in steps:
                 self.partial.pop(step, None)
             self.ahead.update(steps)

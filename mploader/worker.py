@@ -94,11 +94,14 @@ class _TaskRunner:
         return self._run_batched(task) if self._stack else self._run_items(task)
 
     def _run_items(self, task: Task) -> Result:
-        """Each item's result (each sample of a generator fn) goes into the slot
-        as soon as fn gives it, so a worker never holds an item's samples in
-        its own memory; the samples before an error are kept."""
+        """Unbatched results, laid out one after another in the slot.  Samples
+        of a generator fn go into the slot as soon as it yields them, so a
+        worker never holds an item's samples in its own memory (the samples
+        before an error are kept); plain results are laid out together at the
+        end, one layout per task (tiny items come many to a task)."""
         start = time.perf_counter()
         trees: list[Any] = []
+        plain: list[tuple[int, Any, Any]] = []   # (index, item, result) of a plain fn
         done: list[int] = []
         counts: list[int] = []
         failures: list[Failure] = []
@@ -111,13 +114,15 @@ class _TaskRunner:
                 item = decode_item(task, position)
                 with item_scope(self._seed, task.epoch, index):
                     value = self._fn(item)
-                    if inspect.isgenerator(value) and not self._samples:
-                        raise UnsupportedResult(
-                            "fn returned a generator but is not a generator function; "
-                            "pass samples_per_item to MPLoader for a fn that gives "
-                            "several samples per item")
-                    for sample in (value if self._samples and inspect.isgenerator(value)
-                                   else (value,)):
+                    if not self._samples:
+                        if inspect.isgenerator(value):
+                            raise UnsupportedResult(
+                                "fn returned a generator but is not a generator function; "
+                                "pass samples_per_item to MPLoader for a fn that gives "
+                                "several samples per item")
+                        plain.append((index, item, value))
+                        continue
+                    for sample in value if inspect.isgenerator(value) else (value,):
                         if count == want:
                             raise ValueError(f"fn yields more than samples_per_item={want} "
                                              "samples for this item")
@@ -134,6 +139,15 @@ class _TaskRunner:
             if count or (self._samples and not failed):  # an item may yield no sample
                 done.append(index)
                 counts.append(count)
+        if plain:
+            self._status.set(task.key, PACKING, time.monotonic_ns())
+            try:
+                packed, writes, end = pack_items([value for _, _, value in plain])
+                capacity = self._slots.write(task.slot, capacity, writes, end)
+                trees, done = list(packed), [index for index, _, _ in plain]
+            except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
+                failures.extend(_failure(exc, index, item) for index, item, _ in plain)
+                end = 0
         return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=end,
                       tree=tuple(trees) if trees else None, indices=tuple(done),
                       failures=tuple(failures), busy_s=time.perf_counter() - start,
