@@ -264,11 +264,13 @@ class SlotWriter:
         self._maps: list[np.ndarray | None] = [None] * count
         self.status = Status(_map(fd, HEADER_BYTES))
 
-    def write(self, slot: int, capacity: int, writes: list[Write], nbytes: int) -> int:
+    def write(self, slot: int, capacity: int, writes: list[Write], nbytes: int,
+              appending: bool = False) -> int:
         """Copy ``writes`` into ``slot`` (``capacity`` bytes reserved); returns
-        the reservation afterwards."""
+        the reservation afterwards.  ``appending``: a sample after others of
+        the same task (the slot then at least doubles when it grows)."""
         if nbytes > capacity:
-            capacity = self._reserve(slot, nbytes, capacity)
+            capacity = self._reserve(slot, nbytes, capacity if appending else 0)
         if nbytes == 0:  # no array bytes (an mmap of length 0 maps the whole arena)
             return capacity
         region = self._maps[slot]
@@ -290,8 +292,9 @@ class SlotWriter:
                 "every slot of every worker); return less per task, or use fewer "
                 "workers or a smaller prefetch")
         # An eighth of headroom, so results that vary a little in size do not
-        # regrow the slot every time; at least double, so a slot that samples
-        # fill one after another grows a few times, not once per sample.
+        # regrow the slot every time; when appending (the samples of a
+        # generator fn, one after another) at least double, so the slot grows
+        # a few times, not once per sample.
         size = min(self._stride, max(2 * capacity,
                                      -(-(nbytes + nbytes // 8) // PAGE_BYTES) * PAGE_BYTES))
         try:

@@ -127,7 +127,8 @@ class _TaskRunner:
                             raise ValueError(f"fn yields more than samples_per_item={want} "
                                              "samples for this item")
                         (tree,), writes, new_end = pack_items([sample], end)
-                        capacity = self._slots.write(task.slot, capacity, writes, new_end)
+                        capacity = self._slots.write(task.slot, capacity, writes, new_end,
+                                                     appending=True)
                         trees.append(tree)
                         end, count = new_end, count + 1
                 if want is not None and count != want:
