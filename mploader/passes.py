@@ -327,11 +327,7 @@ class Pass(Iterator[Any]):
                 if isinstance(outcome, Failure):
                     self._report(worker_id, outcome)  # raises, unless skipped
                 self._pending.popleft()
-                if steps and self.progress is not None:
-                    if self._held is None:
-                        self.progress.handed(steps)
-                    else:
-                        self._held.append((self.progress.handed, steps))
+                self._hand_out(steps)
                 if sampled is not None and self.progress is not None:
                     self._record(self.progress.sampled, sampled)
                 if outcome is _NOTHING or isinstance(outcome, Failure):
@@ -416,10 +412,6 @@ class Pass(Iterator[Any]):
         step out, the ones before count as samples of an item part-way; an
         item that failed after some samples hands its step out with its failure.
         Samples handed out before a resume are dropped."""
-        if not result.samples and not result.failures and not self._drop_samples:
-            return [((step, 0), index, (step,), tree, None)  # the common case, quickly
-                    for index, step, tree in zip(result.indices, map(step_of.get, result.indices),
-                                                 trees)]
         failed = {f.index for f in result.failures}
         counts = result.samples or (1,) * len(result.indices)
         entries, values = [], iter(trees)
