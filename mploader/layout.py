@@ -151,6 +151,13 @@ def pack_batch(results: list[Any], indices: tuple[int, ...]) -> tuple[Any, list[
     return tree, writes, end
 
 
+def copy_writes(region: np.ndarray, writes: list[Write]) -> None:
+    """Copy each array to its offset in ``region`` (a uint8 array), never casting."""
+    for offset, array in writes:
+        np.copyto(np.ndarray(array.shape, array.dtype, buffer=region, offset=offset),
+                  array, casting="no")
+
+
 def unpack(tree: Any, region: np.ndarray, copy: bool) -> Any:
     """Rebuild a result nest over ``region`` (a uint8 array over the slot).
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from . import resources
+from .cache import Cache, default_cache_bytes
 from .epochs import Plan, Progress, Resume, fingerprint, parse_state, shard_of
 from .errors import not_the_owner
 from .messages import Bootstrap
@@ -58,11 +59,38 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _close_pool(box: list[WorkerPool | None], timeout: float) -> None:
-    """Close the pool in ``box``; shared by close() and the garbage-collection finalizer."""
+def _close_pool(box: list[WorkerPool | None], timeout: float, cache: Cache | None = None
+                ) -> None:
+    """Close the pool in ``box`` (and, for good, the cache); shared by close(),
+    a pass that discards its pool, and the garbage-collection finalizer."""
     pool, box[0] = box[0], None
     if pool is not None:
         pool.close(timeout)
+    if cache is not None:
+        cache.close()
+
+
+def _make_cache(prepare: Callable[[Any], Any] | None, cache: Any, cache_bytes: int | None,
+                cache_version: str | int, num_workers: int) -> Cache | None:
+    """The cache of prepare's results (cache.py), after checking its arguments."""
+    if prepare is None:
+        _check(cache == "memory" and cache_bytes is None,
+               "cache and cache_bytes need prepare=: the cache holds prepare's results "
+               "(pass prepare=your_loading_function)")
+        return None
+    _check(cache is None or isinstance(cache, (str, os.PathLike)),
+           f"cache must be 'memory', a directory path or None, not {cache!r}")
+    _check(cache_bytes is None or (isinstance(cache_bytes, numbers.Integral) and cache_bytes >= 0),
+           f"cache_bytes must be an int >= 0 (bytes) or None, not {cache_bytes!r}")
+    _check(isinstance(cache_version, (str, int)) and not isinstance(cache_version, bool),
+           f"cache_version must be a str or an int, not {cache_version!r}")
+    if cache is None:
+        return None
+    where = cache if cache == "memory" else os.path.abspath(os.fspath(cache))
+    if where != "memory":
+        os.makedirs(where, exist_ok=True)  # an unusable directory fails here, by name
+    budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
+    return Cache(where, budget, num_workers, f"{type(cache_version).__name__}:{cache_version}")
 
 
 class MPLoader:
@@ -81,7 +109,10 @@ class MPLoader:
                  prefetch: int = 2, output_signature: Any = None,
                  worker_init: Callable[[int], Any] | None = None,
                  seed: int | None = None, shuffle: bool = False, shard: Any = None,
-                 samples_per_item: int | None = None, timeout: float | None = None,
+                 samples_per_item: int | None = None,
+                 prepare: Callable[[Any], Any] | None = None, cache: Any = "memory",
+                 cache_bytes: int | None = None, cache_version: str | int = 0,
+                 timeout: float | None = None,
                  on_error: str = "raise", on_worker_death: str = "raise",
                  close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         num_workers = _default_workers() if num_workers is None else num_workers
@@ -133,11 +164,15 @@ class MPLoader:
         self.samples_per_item = samples_per_item
         fn_payload, fn_files = ship(fn, "fn")
         init_payload, init_files = ship(worker_init, "worker_init")
+        prepare_payload, prepare_files = ship(prepare, "prepare")
+        self._cache = _make_cache(prepare, cache, cache_bytes, cache_version, int(num_workers))
         self._bootstrap = Bootstrap(
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
-            fn=fn_payload, worker_init=init_payload, code_files={**init_files, **fn_files},
+            fn=fn_payload, worker_init=init_payload,
+            code_files={**init_files, **prepare_files, **fn_files},
             seed=seed, stack_batches=self._options.stacked, samples=samples,
-            samples_per_item=samples_per_item)
+            samples_per_item=samples_per_item, prepare=prepare_payload,
+            cache=self._cache.where if self._cache is not None else None)
         self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
         self._stats = Stats(started_at=time.perf_counter())
@@ -152,7 +187,8 @@ class MPLoader:
         # The pool lives in a box shared with the finalizer, which must not
         # hold the loader itself.
         self._box: list[WorkerPool | None] = [None]
-        self._finalizer = weakref.finalize(self, _close_pool, self._box, close_timeout)
+        self._finalizer = weakref.finalize(self, _close_pool, self._box, close_timeout,
+                                           self._cache)
         self._ensure_pool()  # start now: worker start-up overlaps the caller's set-up
 
     @property
@@ -176,14 +212,15 @@ class MPLoader:
             prefetch = self._options.prefetch
             self._box[0] = WorkerPool(self.num_workers, self._bootstrap,
                                       slots_per_worker=prefetch + _MAX_LEASES,
-                                      max_leases=_MAX_LEASES, keep_free=prefetch)
+                                      max_leases=_MAX_LEASES, keep_free=prefetch,
+                                      cache=self._cache.memory if self._cache else None)
         return self._box[0]
 
     def _discard_pool(self, pool: WorkerPool) -> None:
         """Stop a pool whose state can no longer be trusted (a death, Ctrl-C)."""
         with self._lock:
             if self._box[0] is pool:
-                _close_pool(self._box, self._close_timeout)
+                _close_pool(self._box, self._close_timeout)  # the cache stays
 
     # -- iteration -----------------------------------------------------------------
 
@@ -198,7 +235,8 @@ class MPLoader:
             self._passes += 1
             self._current_pass = Pass(pool, items, self._passes, epoch, options, self._stats,
                                       self.skipped if progress is not None else None,
-                                      self._discard_pool, progress, route_interrupts)
+                                      self._discard_pool, progress, route_interrupts,
+                                      self._cache)
             return self._current_pass
 
     def __iter__(self) -> Iterator[Any]:
@@ -409,6 +447,7 @@ class MPLoader:
             "shared_memory_bytes": sum(h.ring.reserved_bytes() for h in workers),
             "skipped": len(self.skipped),
             "worker_restarts": self._stats.restarts,
+            "cache": self._cache.stats() if self._cache is not None else None,
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -421,7 +460,8 @@ class MPLoader:
         """
         with self._lock:  # no pass can start a pool while this one closes
             self._closed = True
-            _close_pool(self._box, self._close_timeout if timeout is None else timeout)
+            _close_pool(self._box, self._close_timeout if timeout is None else timeout,
+                        self._cache)
 
     def __enter__(self) -> "MPLoader":
         return self

@@ -43,6 +43,8 @@ class Bootstrap:
     stack_batches: bool         # True when batch_size is set (and fn yields no samples)
     samples: bool = False       # fn yields samples (a generator fn, or samples_per_item)
     samples_per_item: int | None = None  # the count every item's generator must yield
+    prepare: bytes | None = None  # cloudpickled prepare, whose results are cached (cache.py)
+    cache: str | None = None    # "memory", a cache directory, or None: prepare is not cached
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Task:
     indices: tuple[int, ...]
     items: bytes
     ends: tuple[int, ...]
+    keys: tuple[bytes, ...] = ()  # with prepare: each item's cache key (cache.py)
+    cached: tuple[Any, ...] = ()  # shared-memory cache: each item's entry layout, or None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,10 @@ class Result:
     failures: tuple[Failure, ...]
     busy_s: float               # time the worker spent on this task
     samples: tuple[int, ...] = ()  # values per index of a generator fn; () for one each
+    # with prepare: entries written to the shared-memory cache, (index, layout,
+    # start, end in the worker's region), and the store's counts (cache_stores.py)
+    cached: tuple[tuple[int, Any, int, int], ...] = ()
+    cache: tuple[int, int, int, int, int] = ()
 
 
 @dataclass(frozen=True)

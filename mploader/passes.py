@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import interrupts
+from .cache import Cache
 from .epochs import Progress
 from .errors import (MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, not_the_owner,
                      short_repr)
@@ -68,6 +69,7 @@ class Chunk:
     ends: tuple[int, ...]
     steps: tuple[int, ...]        # the items' steps in the epoch (epochs.py), as indices
     dropped: tuple[int, ...] = ()  # steps of items skipped after killing workers
+    keys: tuple[bytes, ...] = ()  # with prepare: the items' cache keys (cache.py)
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ class Pass(Iterator[Any]):
     def __init__(self, pool: WorkerPool, items: Iterator[tuple[int, int, Any]], pass_id: int,
                  epoch: int, options: Options, stats: Stats, skipped: list[Skipped] | None,
                  discard_pool: Callable[[WorkerPool], None], progress: Progress | None = None,
-                 route_interrupts: bool = False) -> None:
+                 route_interrupts: bool = False, cache: Cache | None = None) -> None:
         self._pool = pool
+        self._cache = cache
         self._items = items           # (step, source index, item), in the epoch's order
         self.progress = progress      # None: a probe, which hands out nothing for good
         self._pass_id = pass_id
@@ -266,9 +269,11 @@ class Pass(Iterator[Any]):
             self._source_done = True
             return None
         self._next_task += 1
+        encoded, ends = encoder.finish()
         return Chunk(self._next_task - 1, tuple(index for _, index, _ in read),
-                     tuple(items[:len(read)]), *encoder.finish(),
-                     steps=tuple(step for step, _, _ in read))
+                     tuple(items[:len(read)]), encoded, ends,
+                     steps=tuple(step for step, _, _ in read),
+                     keys=self._cache.keys(encoded, ends) if self._cache is not None else ())
 
     def _learn_chunk_size(self, delivered: Delivered) -> None:
         """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
@@ -305,7 +310,8 @@ class Pass(Iterator[Any]):
                     handle.ring.release(slot)
                     return
                 task = Task((self._pass_id, chunk.seq), slot, handle.ring.capacity[slot],
-                            self._epoch, chunk.indices, chunk.encoded, chunk.ends)
+                            self._epoch, chunk.indices, chunk.encoded, chunk.ends, chunk.keys,
+                            self._cache.lookup(chunk.keys) if self._cache is not None else ())
                 self._pool.send(handle, task, chunk)
                 self._stats.tasks += 1
                 sent = True
@@ -447,6 +453,10 @@ class Pass(Iterator[Any]):
 
     def _on_delivered(self, delivered: Delivered) -> None:
         key = delivered.result.key
+        if self._cache is not None and delivered.sent is not None:  # whoever's pass it was
+            chunk = delivered.sent
+            self._cache.learn(delivered.handle.worker_id, chunk.indices, chunk.keys,
+                              delivered.result)
         if key[0] != self._pass_id:
             delivered.handle.ring.release(delivered.result.slot)  # from an abandoned pass
             return
@@ -534,9 +544,11 @@ def _without(chunk: Chunk, indices: set[int]) -> Chunk:
     kept = [entry for entry in entries if entry[0] not in indices]
     encoder = ItemEncoder()
     encoder.add([item for _, item, _ in kept], math.inf)
+    keys = dict(zip(chunk.indices, chunk.keys))
     return Chunk(chunk.seq, tuple(i for i, _, _ in kept), tuple(item for _, item, _ in kept),
                  *encoder.finish(), steps=tuple(step for _, _, step in kept),
-                 dropped=chunk.dropped + tuple(s for i, _, s in entries if i in indices))
+                 dropped=chunk.dropped + tuple(s for i, _, s in entries if i in indices),
+                 keys=tuple(keys[i] for i, _, _ in kept) if chunk.keys else ())
 
 
 def _named(failure: Failure, chunk: Chunk | None) -> Failure:

@@ -114,6 +114,7 @@ from multiprocessing import connection
 from typing import Any, Callable
 
 from . import messages, resources
+from .cache import MemoryCache
 from .errors import MPLoaderError, WorkerDied, WorkerError
 from .memory_deaths import SAMPLE_EVERY_S, MemoryWatch
 from .messages import FrameReader, Ready, Result, StartFailed, Task
@@ -250,7 +251,8 @@ class WorkerPool:
     """Owns the worker processes of one loader; see the module docstring."""
 
     def __init__(self, num_workers: int, bootstrap: messages.Bootstrap,
-                 slots_per_worker: int, max_leases: int, keep_free: int) -> None:
+                 slots_per_worker: int, max_leases: int, keep_free: int,
+                 cache: MemoryCache | None = None) -> None:
         resources.check_workers(num_workers)
         # The lock rule (NOTE [Shutdown]): held only across bounded waits; every
         # descriptor touched under it is non-blocking.
@@ -264,6 +266,7 @@ class WorkerPool:
         self._max_leases = max_leases
         self._keep_free = keep_free
         self._env = _worker_env()
+        self._cache = cache  # the loader's shared-memory cache: it outlives this pool
         self._spawner: _Spawner | None = _Spawner()
         self.workers: list[WorkerHandle] = []
         self._poller = select.poll()
@@ -292,9 +295,16 @@ class WorkerPool:
             config = {"worker_id": worker_id, "parent_pid": os.getpid(), "task_fd": task_r,
                       "result_fd": result_w, "arena_fd": ring.fd, "slots": self._slots,
                       "stride": self._stride}
+            inherited = (task_r, result_w, ring.fd)
+            if self._cache is not None:  # a replacement continues after the known entries
+                cache = self._cache
+                config["cache"] = {"fd": cache.fd, "regions": cache.regions,
+                                   "region_bytes": cache.region_bytes,
+                                   "start": cache.ends[worker_id]}
+                inherited += (cache.fd,)
             process = self._spawner.spawn(
                 args=[sys.executable, "-c", _WORKER_MAIN, json.dumps(config)],
-                pass_fds=(task_r, result_w, ring.fd), env=self._env,
+                pass_fds=inherited, env=self._env,
                 stdin=subprocess.DEVNULL)
             undo.callback(process.wait)
             undo.callback(process.kill)

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import UnsupportedResult, Write, unpack
+from .layout import UnsupportedResult, Write, copy_writes, unpack
 
 PAGE_BYTES = mmap.PAGESIZE
 HEADER_BYTES = PAGE_BYTES
@@ -278,9 +278,7 @@ class SlotWriter:
             self._maps[slot] = None  # drop the old mapping before making the new one
             region = self._maps[slot] = np.frombuffer(
                 _map(self._fd, capacity, HEADER_BYTES + slot * self._stride), dtype=np.uint8)
-        for offset, array in writes:
-            np.copyto(np.ndarray(array.shape, array.dtype, buffer=region, offset=offset),
-                      array, casting="no")
+        copy_writes(region, writes)
         return capacity
 
     def _reserve(self, slot: int, nbytes: int, capacity: int) -> int:

@@ -18,6 +18,7 @@ itself needs.  Its life:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import inspect
 import json
 import os
@@ -28,6 +29,7 @@ import traceback
 from types import TracebackType
 from typing import Any, Callable
 
+from .cache_stores import DirectoryStore, SharedMemoryStore
 from .errors import short_repr
 from .layout import UnsupportedResult, pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
@@ -56,11 +58,11 @@ _UNKNOWN_ITEM = object()  # an item that could not be decoded: the parent names 
 
 
 def _failure(exc: BaseException, index: int | None, item: Any = _UNKNOWN_ITEM,
-             sample: int | None = None) -> Failure:
+             sample: int | None = None, hint: str = "") -> Failure:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return Failure(index=index, item="" if item is _UNKNOWN_ITEM else short_repr(item),
-                   exc_type=name, message=str(exc),
+                   exc_type=name, message=str(exc) + hint,
                    traceback="".join(traceback.format_exception(exc.with_traceback(_user_frames(exc)))),
                    sample=sample)
 
@@ -78,11 +80,20 @@ def _user_frames(exc: BaseException) -> TracebackType | None:
     return tb if tb is not None else exc.__traceback__
 
 
+_IN_PREPARE = " (raised in prepare)"
+_WROTE_CACHED_INPUT = (
+    " (fn wrote into its input, prepare's result: it is cached and shared read-only "
+    "by every worker, so copy what fn changes first, e.g. np.array(x) or x.copy())")
+
+
 class _TaskRunner:
     """Runs fn over a task's items and lays the results out in the slot."""
 
-    def __init__(self, fn: Callable[[Any], Any], boot: Bootstrap, slots: SlotWriter) -> None:
+    def __init__(self, fn: Callable[[Any], Any], boot: Bootstrap, slots: SlotWriter,
+                 prepare: Callable[[Any], Any] | None = None, store: Any = None) -> None:
         self._fn = fn
+        self._prepare = prepare
+        self._store = store  # cache_stores.py: where prepare's results are kept
         self._seed = boot.seed
         self._stack = boot.stack_batches
         self._samples = boot.samples
@@ -91,7 +102,38 @@ class _TaskRunner:
         self._status = slots.status
 
     def run(self, task: Task) -> Result:
-        return self._run_batched(task) if self._stack else self._run_items(task)
+        result = self._run_batched(task) if self._stack else self._run_items(task)
+        if self._store is None:
+            return result
+        return dataclasses.replace(result, cache=self._store.report(),
+                                   cached=self._store.take_entries())
+
+    def _input(self, task: Task, position: int, index: int, item: Any) -> Any:
+        """What fn gets: the item, or prepare's result for it, from the cache
+        when it is there (prepare runs outside the item's random scope: it is
+        the deterministic stage)."""
+        if self._prepare is None:
+            return item
+        found = None if self._store is None else self._store.fetch(task, position)
+        if found is not None:
+            return found
+        try:
+            prepared = self._prepare(item)
+        except Exception as exc:
+            raise _PrepareFailed from exc
+        if self._store is None:  # cache=None: prepare runs every time
+            return prepared
+        return self._store.keep(index, task.keys[position], prepared)
+
+    def _failed(self, exc: Exception, index: int, item: Any, sample: int | None = None
+                ) -> Failure:
+        """The Failure of an item, saying when prepare raised, or fn wrote into
+        a cached input."""
+        if isinstance(exc, _PrepareFailed):
+            return _failure(exc.__cause__, index, item, sample, _IN_PREPARE)
+        hint = (_WROTE_CACHED_INPUT if self._prepare is not None and isinstance(exc, ValueError)
+                and "read-only" in str(exc) else "")
+        return _failure(exc, index, item, sample, hint)
 
     def _run_items(self, task: Task) -> Result:
         """Unbatched results, laid out one after another in the slot.  Samples
@@ -112,8 +154,9 @@ class _TaskRunner:
             item, count, failed = _UNKNOWN_ITEM, 0, False
             try:
                 item = decode_item(task, position)
+                given = self._input(task, position, index, item)
                 with item_scope(self._seed, task.epoch, index):
-                    value = self._fn(item)
+                    value = self._fn(given)
                     if not self._samples:
                         if inspect.isgenerator(value):
                             raise UnsupportedResult(
@@ -136,7 +179,7 @@ class _TaskRunner:
                                      f"samples_per_item={want}")
             except Exception as exc:  # noqa: BLE001 - reported to the consumer
                 failed = True
-                failures.append(_failure(exc, index, item, count if self._samples else None))
+                failures.append(self._failed(exc, index, item, count if self._samples else None))
             if count or (self._samples and not failed):  # an item may yield no sample
                 done.append(index)
                 counts.append(count)
@@ -165,8 +208,9 @@ class _TaskRunner:
             item = _UNKNOWN_ITEM
             try:
                 item = items[index] = decode_item(task, position)
+                given = self._input(task, position, index, item)
                 with item_scope(self._seed, task.epoch, index):
-                    value = self._fn(item)
+                    value = self._fn(given)
                 if inspect.isgenerator(value):
                     raise UnsupportedResult(
                         "fn returned a generator but is not a generator function, so its "
@@ -175,7 +219,7 @@ class _TaskRunner:
                 outputs.append(value)
                 done.append(index)
             except Exception as exc:  # noqa: BLE001 - reported to the consumer
-                failures.append(_failure(exc, index, item))
+                failures.append(self._failed(exc, index, item))
         self._status.set(task.key, PACKING, time.monotonic_ns())
         tree, nbytes, capacity = None, 0, task.capacity
         if outputs:
@@ -190,12 +234,28 @@ class _TaskRunner:
                       busy_s=time.perf_counter() - start)
 
 
+class _PrepareFailed(Exception):
+    """prepare raised (its exception is the cause)."""
+
+
+def _cache_store(boot: Bootstrap, config: dict[str, Any]) -> Any:
+    if boot.cache is None:
+        return None
+    if boot.cache != "memory":
+        return DirectoryStore(boot.cache)
+    memory = config["cache"]
+    return SharedMemoryStore(memory["fd"], config["worker_id"], memory["region_bytes"],
+                             memory["start"], memory["regions"])
+
+
 def _serve(config: dict[str, Any]) -> int:
     task_fd, result_fd = config["task_fd"], config["result_fd"]
     boot: Bootstrap = read_frame(task_fd)
     sys.path[:] = boot.sys_path
     try:
         fn = land(boot.fn, boot.code_files)
+        prepare = None if boot.prepare is None else land(boot.prepare, boot.code_files)
+        store = _cache_store(boot, config)
         if boot.worker_init is not None:
             land(boot.worker_init, boot.code_files)(config["worker_id"])
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
@@ -203,7 +263,7 @@ def _serve(config: dict[str, Any]) -> int:
         return 1
     slots = SlotWriter(config["arena_fd"], config["slots"], config["stride"])
     write_frame(result_fd, Ready(pid=os.getpid()))
-    runner = _TaskRunner(fn, boot, slots)
+    runner = _TaskRunner(fn, boot, slots, prepare, store)
     while True:
         try:
             task = read_frame(task_fd)
