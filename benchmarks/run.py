@@ -117,6 +117,35 @@ def startup(reps: int, workers: int) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
+def cache_section(reps: int, workers: int, env: dict) -> dict:
+    """(g) the cache of the deterministic stage: epoch 2 against epoch 1, and
+    memory against a copy per worker (cache_bench.py, in a fresh interpreter)."""
+    done = subprocess.run([sys.executable, str(HERE / "cache_bench.py"), "--reps", str(reps),
+                           "--workers", str(workers)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def cache_text(g: dict) -> str:
+    if "error" in g:
+        return f"(g) cache of the deterministic stage: failed: {g['error']}"
+
+    def s(v: dict, unit: str = "") -> str:
+        return f"{v['median']:.1f}{unit} ({v['min']:.1f}-{v['max']:.1f})"
+
+    return (f"(g) cache of the deterministic stage (medical, {g['cases']} cases x "
+            f"{g['patches_per_case']} patches, {g['workers']} workers, {g['reps']} reps, "
+            f"median (range)):\n"
+            f"  patches/s epoch 1 (cache cold) {s(g['epoch1_patches_per_s'])}, epoch 2 (warm) "
+            f"{s(g['epoch2_patches_per_s'])}: epoch 2 = {s(g['epoch2_x_epoch1'], 'x')} epoch 1\n"
+            f"  cache {g['cache_mib']:.0f} MiB; workers' memory after 2 epochs (Pss summed): "
+            f"one shared cache {s(g['shared_workers_pss_mib'], ' MiB')}, a copy per worker "
+            f"(MONAI-style) {s(g['per_worker_workers_pss_mib'], ' MiB')}")
+
+
 def add_ratios(name: str, section: dict) -> None:
     """Steady items/s as a ratio to the section's baseline and to the best non-mploader peer."""
     rows = {k: v for k, v in section["peers"].items() if "steady_items_per_s" in v}
@@ -159,6 +188,8 @@ def report(results: dict) -> str:
         text.append(f"(e) start-up, script importing TF at top level, 2 workers: first element "
                     f"{results['startup']['first_element_s']:.3f} s, worker RSS "
                     f"{results['startup']['worker_rss_mib']:.1f} MiB")
+    if "cache" in results:
+        text.append(cache_text(results["cache"]))
     if "lifecycle" in results:
         text.append("(f) lifecycle, seconds:\n" + "\n".join(
             f"  {k:<45} median {v['median_s']:.3f} s   max {v['max_s']:.3f} s"
@@ -203,7 +234,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--sections", default="abcdef")
+    parser.add_argument("--sections", default="abcdefg")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rebuild ratios, results.md and the plot from results.json")
     args = parser.parse_args()
@@ -223,7 +254,7 @@ def main() -> int:
         [str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if args.tiny:
         env.update(MPLOADER_BENCH_GIL_LOOP="2000", MPLOADER_BENCH_BIG_BYTES=str(ONE_MIB))
-    if "b" in args.sections:
+    if "b" in args.sections or "g" in args.sections:
         env["MPLOADER_BENCH_CASES"] = str(medical_cases(args.tiny))
     results: dict = {"machine": machine(), "tiny": args.tiny, "reps": reps, "sections": {},
                      "big_bytes": int(env.get("MPLOADER_BENCH_BIG_BYTES", 32 * ONE_MIB))}
@@ -251,6 +282,9 @@ def main() -> int:
     if "e" in args.sections:
         results["startup"] = startup(reps, 2)
         print(f"(e) start-up: {results['startup']}\n", flush=True)
+    if "g" in args.sections:
+        results["cache"] = cache_section(reps, args.workers, env)
+        print(cache_text(results["cache"]) + "\n", flush=True)
     if "f" in args.sections:
         print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)
         figures = subprocess.run([sys.executable, str(HERE / "lifecycle.py"), "--reps",

@@ -440,7 +440,7 @@ class Pass(Iterator[Any]):
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
                               worker_id, failure.index, failure.item, failure.sample)
         message = failure.message
-        if failure.sample is not None:
+        if failure.sample:
             message += f" (after {failure.sample} samples; the item's other samples are dropped)"
         self._skip(Skipped(failure.index, failure.item, worker_id, failure.exc_type, message))
 

@@ -28,6 +28,10 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
         assert section["peers"]["mploader"]["mploader_stats"]["items"] > 0
     assert results["startup"]["worker_rss_mib"] > 0
     assert len(results["lifecycle"]) == 8
+    cache = results["cache"]
+    assert "error" not in cache, cache["error"]
+    assert cache["epoch2_patches_per_s"]["median"] > 0 and cache["cache_mib"] > 0
+    assert cache["per_worker_workers_pss_mib"]["median"] > 0
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "(a) GIL-bound Python" in (tmp_path / "results.md").read_text()
     assert "x serial" in done.stdout

@@ -1,9 +1,10 @@
 """Per-case preprocessing, written the way 3D segmentation code usually is.
 
-numpy and scipy with some Python glue: load a NIfTI pair, resample to a common
-spacing, window the intensities, crop to the body, sample a patch with a
-balance of organ and background, then augment (affine, elastic, flips,
-noise).  All randomness comes from one ``numpy.random.Generator``: inside an
+numpy and scipy with some Python glue, in two stages.  The deterministic one
+(:func:`prepare_case`): load a NIfTI pair, crop to the body, resample to a
+common spacing, window the intensities; the same every epoch, so it can be
+cached.  The random one (:func:`patches`): sample patches with a balance of
+organ and background, then augment each (affine, elastic, flips, noise).  All randomness comes from one ``numpy.random.Generator``: inside an
 MPLoader worker that is ``mploader.item_rng()``, so the output depends only on
 (seed, epoch, case), not on which worker ran it.
 """
@@ -17,6 +18,7 @@ TARGET_SPACING_MM = (1.5, 1.5, 1.5)
 PATCH = (32, 32, 32)
 HU_WINDOW = (-200.0, 300.0)
 POSITIVE_FRACTION = 0.5
+PATCHES_PER_CASE = 4
 
 
 def load(path: str) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -83,11 +85,10 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
     return image, label
 
 
-def preprocess(case: dict, rng: np.random.Generator | None = None):
-    """(image, label), each float32 of shape PATCH + (1,), ready for a 3D U-Net."""
-    if rng is None:
-        import mploader
-        rng = mploader.item_rng()
+def prepare_case(case: dict) -> dict:
+    """The deterministic, expensive stage: load, crop to the body, resample to
+    TARGET_SPACING_MM, window.  The same every epoch, so MPLoader can cache it
+    (``prepare=prepare_case``): the image as float32 in [0, 1], the label as uint8."""
     image_hu, spacing = load(case["image"])
     label, _ = load(case["label"])
     box = foreground_box(image_hu)
@@ -95,10 +96,34 @@ def preprocess(case: dict, rng: np.random.Generator | None = None):
     label = resample(label[box], spacing, order=0)
     low, high = HU_WINDOW
     image = (np.clip(image, low, high) - low) / (high - low)
-    image, label = sample_patch(image, label, rng)
+    return {"image": np.ascontiguousarray(image, np.float32),
+            "label": np.ascontiguousarray(label, np.uint8)}
+
+
+def one_patch(prepared: dict, rng: np.random.Generator):
+    """The random stage: a patch sampled from a prepared case, augmented;
+    (image, label), each float32 of shape PATCH + (1,), ready for a 3D U-Net."""
+    image, label = sample_patch(prepared["image"], prepared["label"], rng)
     image, label = augment(image, label, rng)
     return (np.ascontiguousarray(image, np.float32)[..., None],
             np.ascontiguousarray(label, np.float32)[..., None])
+
+
+def patches(prepared: dict, count: int = PATCHES_PER_CASE):
+    """``count`` patches of one prepared case (fn of a patch-based MPLoader:
+    each one it yields is one element), drawn from the item's generator."""
+    import mploader
+    rng = mploader.item_rng()
+    for _ in range(count):
+        yield one_patch(prepared, rng)
+
+
+def preprocess(case: dict, rng: np.random.Generator | None = None):
+    """The whole chain for one patch, as a per-case map function would run it."""
+    if rng is None:
+        import mploader
+        rng = mploader.item_rng()
+    return one_patch(prepare_case(case), rng)
 
 
 def describe(path: str) -> dict:
