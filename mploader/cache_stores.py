@@ -1,51 +1,115 @@
 """The cache of ``prepare``'s results, seen from a worker: where entries are read and written.
 
-Both stores hand ``fn`` read-only arrays over memory that no process can
-change afterwards: a cached entry is shared by every worker (and, for a
-directory, every process on the host through the page cache), so an ``fn``
-that writes into its input must get an error, not corrupt the cache for
-everyone.  Read-only *mappings* give that (numpy then refuses to make a
-view writeable); a result that did not fit is handed over read-only too, so
-the error comes on the first epoch, not only from the second.
+An entry is ``prepare``'s result pickled with protocol 5, its arrays' bytes
+out of band: ``[pickle][array 0][array 1]...``, each part 64-byte aligned.
+Any picklable result keeps its exact form (namedtuples, lists, None, a
+masked array with its mask, a dataclass), and its arrays come back as views
+of the stored bytes, never copied: ``pickle.loads(..., buffers=...)``.
+
+Both stores hand ``fn`` read-only views over memory that no process changes
+afterwards: a cached entry is shared by every worker (and, for a directory,
+every process on the host through the page cache), so an ``fn`` that writes
+into its input must get an error, not corrupt the cache for everyone.
+Read-only *buffers* give that (numpy refuses to make such a view writeable).
+A result that did not fit is handed over the same way, read-only, so the
+error comes on every item, not only on cached ones.
 
 - :class:`SharedMemoryStore` (``cache="memory"``): the loader's cache file
-  (cache.py), mapped read-only whole, and this worker's region mapped
-  writable once.  A hit comes with the entry's layout in the task.
+  (cache.py), mapped read-only.  New entries are written with ``pwrite`` at
+  an offset taken from the file's header page under an ``fcntl`` lock (held
+  for two small reads and writes; the kernel drops it if its holder dies), so
+  the budget is shared by all workers and no two entries overlap.  A hit
+  comes with the entry's place in the task.
 - :class:`DirectoryStore` (``cache=path``): one file per key.  Written to a
   temporary name in the same directory and renamed into place, so a crash
   or SIGKILL leaves at worst a temporary file, never a half entry under a
   key; two processes writing one key each write a whole file and the last
   rename wins.  Every file carries its length and a CRC-32 of everything
-  after the checksum; a worker checks the length on every read and the CRC on
-  its first read of a key, and prepares again over a damaged entry.
-  The files are unpickled: a cache directory is trusted like code.
+  after the checksum; a worker checks the length on every read and the CRC
+  on its first read of each version of a file (its inode, size and
+  modification time), and prepares again over a damaged entry.  The files
+  are unpickled: a cache directory is trusted like code.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import pickle
+import re
 import struct
 import time
 import zlib
 from typing import Any
 
-import numpy as np
+import cloudpickle
 
-from .layout import ALIGN_BYTES, copy_writes, map_nest, pack_items, unpack
 from .messages import Task
 
-Report = tuple[int, int, int, int, int]  # hits, misses, uncached, corrupt, written bytes
+ALIGN = 64
+HEADER_BYTES = mmap.PAGESIZE  # of the shared-memory cache file: the next free offset
+_NEXT = struct.Struct("<Q")
+
+# Where an entry's parts are: (pickle start, pickle length, ((start, length), ...) of buffers)
+Place = tuple[int, int, tuple[tuple[int, int], ...]]
 
 
-def read_only(prepared: Any) -> Any:
-    """``prepared`` with every array a read-only view (a result that was not cached)."""
-    def leaf(value: Any, _path: tuple) -> Any:
-        if isinstance(value, np.ndarray):
-            value = value.view()
-            value.flags.writeable = False
-        return value
-    return map_nest(leaf, prepared)
+class ResultNotCacheable(TypeError):
+    """prepare returned something that cannot be pickled (so cannot be cached)."""
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def serialize(prepared: Any) -> tuple[bytes, list[memoryview]]:
+    """(pickle, the raw bytes of its out-of-band buffers)."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        payload = pickle.dumps(prepared, protocol=5, buffer_callback=buffers.append)
+    except Exception:  # noqa: BLE001 - e.g. a class of the user's __main__: by value
+        buffers.clear()
+        payload = None
+    try:
+        if payload is None:
+            payload = cloudpickle.dumps(prepared, protocol=5, buffer_callback=buffers.append)
+    except Exception as exc:
+        raise ResultNotCacheable(
+            f"prepare returned a result that cannot be cached: pickling it failed with "
+            f"{type(exc).__name__}: {exc}") from None
+    return payload, [buffer.raw() for buffer in buffers]
+
+
+def plan(payload: bytes, raws: list[memoryview], start: int) -> tuple[Place, int]:
+    """Where each part of an entry goes from ``start``; and where the entry ends."""
+    end = start + len(payload)
+    buffers = []
+    for raw in raws:
+        offset = _aligned(end)
+        buffers.append((offset, raw.nbytes))
+        end = offset + raw.nbytes
+    return (start, len(payload), tuple(buffers)), _aligned(end)
+
+
+def load(region: memoryview, place: Place) -> Any:
+    """The entry at ``place`` in ``region`` (read-only), rebuilt over its bytes."""
+    start, length, buffers = place
+    return pickle.loads(region[start:start + length],
+                        buffers=[region[offset:offset + size] for offset, size in buffers])
+
+
+def uncached(payload: bytes, raws: list[memoryview]) -> Any:
+    """What fn gets for a result that was not cached: the same form as a
+    cached one (the pickle's round trip), over the result's own bytes, read-only."""
+    return pickle.loads(payload, buffers=[raw.toreadonly() for raw in raws])
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 class _Counts:
@@ -54,13 +118,13 @@ class _Counts:
     def __init__(self) -> None:
         self.hits = self.misses = self.uncached = self.corrupt = self.written = 0
 
-    def report(self) -> Report:
+    def report(self) -> tuple[int, int, int, int, int]:
         """The counts since the last report, and start again from zero."""
         counts = (self.hits, self.misses, self.uncached, self.corrupt, self.written)
         self.hits = self.misses = self.uncached = self.corrupt = self.written = 0
         return counts
 
-    def take_entries(self) -> tuple[tuple[int, Any, int, int], ...]:
+    def take_entries(self) -> tuple[tuple[int, Place, int], ...]:
         """Entries written since the last call, for the parent's index (none here)."""
         return ()
 
@@ -68,60 +132,70 @@ class _Counts:
 class SharedMemoryStore(_Counts):
     """This worker's view of the loader's shared-memory cache (cache.py)."""
 
-    def __init__(self, fd: int, worker_id: int, region_bytes: int, start: int,
-                 regions: int) -> None:
+    def __init__(self, fd: int, size: int) -> None:
         super().__init__()
         self._fd = fd
-        self._base = worker_id * region_bytes
-        self._room = region_bytes
-        self._end = start  # in this region: after the last entry the parent knows of
-        self._all = np.frombuffer(mmap.mmap(fd, regions * region_bytes, prot=mmap.PROT_READ),
-                                  dtype=np.uint8) if regions * region_bytes else None
-        self._mine: np.ndarray | None = None  # writable, mapped on the first write
-        self.written_entries: list[tuple[int, Any, int, int]] = []
+        self._size = size
+        try:
+            self._region = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+        except OSError as exc:
+            raise MemoryError(f"cannot map the loader's cache of {size} bytes "
+                              f"({exc.strerror}): lower cache_bytes") from None
+        self._full = False
+        self._written: list[tuple[int, Place, int]] = []
 
     def fetch(self, task: Task, position: int) -> Any:
-        """The entry the task named for the item (its layout), as read-only
-        views; None on a miss."""
-        layout = task.cached[position] if task.cached else None
-        if layout is None:
+        """The entry the task named for the item, as read-only views; None on a miss."""
+        place = task.cached[position] if task.cached else None
+        if place is None:
             return None
         self.hits += 1
-        return unpack(layout, self._all, copy=False)
+        return load(self._region, place)
 
-    def keep(self, index: int, key: bytes, prepared: Any) -> Any:
-        """Write ``prepared`` into this worker's region; what fn gets (read-only)."""
+    def keep(self, index: int, _key: bytes, prepared: Any) -> Any:
+        """Write ``prepared`` into the cache if it fits; what fn gets (read-only)."""
         self.misses += 1
-        start = self._end
-        (layout,), writes, end = pack_items([prepared], self._base + start)
-        end -= self._base
-        if end > self._room or self._all is None:
+        payload, raws = serialize(prepared)
+        size = plan(payload, raws, 0)[1]
+        start = None if self._full else self._allocate(size)
+        if start is None:
             self.uncached += 1
-            return read_only(prepared)
-        if end > start:
-            try:  # reserve, so a shortage is an error here, not a SIGBUS on a write
-                os.posix_fallocate(self._fd, self._base + start, end - start)
-            except OSError:
-                self.uncached += 1
-                return read_only(prepared)
-            if self._mine is None:
-                self._mine = np.frombuffer(mmap.mmap(self._fd, self._room, offset=self._base),
-                                           dtype=np.uint8)
-            copy_writes(self._mine, [(offset - self._base, array) for offset, array in writes])
-        self._end = -(-end // ALIGN_BYTES) * ALIGN_BYTES
-        self.written += end - start
-        self.written_entries.append((index, layout, start, end))
-        return unpack(layout, self._all, copy=False)
+            return uncached(payload, raws)
+        place, _ = plan(payload, raws, start)
+        try:
+            _pwrite_all(self._fd, payload, start)
+            for (offset, _size), raw in zip(place[2], raws):
+                _pwrite_all(self._fd, raw, offset)
+        except OSError:  # out of memory for the cache: its bytes stay unused
+            self.uncached += 1
+            return uncached(payload, raws)
+        self.written += size
+        self._written.append((index, place, size))
+        return load(self._region, place)
 
-    def take_entries(self) -> tuple[tuple[int, Any, int, int], ...]:
-        entries, self.written_entries = tuple(self.written_entries), []
+    def _allocate(self, size: int) -> int | None:
+        """Take ``size`` bytes from the shared free offset; None when full."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, _NEXT.size, 0)
+        try:
+            start = _NEXT.unpack(os.pread(self._fd, _NEXT.size, 0))[0] or HEADER_BYTES
+            if start + size > self._size:
+                self._full = start + 4 * ALIGN > self._size  # nothing more will fit
+                return None
+            os.pwrite(self._fd, _NEXT.pack(start + size), 0)
+            return start
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, _NEXT.size, 0)
+
+    def take_entries(self) -> tuple[tuple[int, Place, int], ...]:
+        entries, self._written = tuple(self._written), []
         return entries
 
 
-# A directory entry: magic, CRC-32 of the rest, layout length, data offset,
-# total length; then the pickled layout; then the arrays at ``data`` (aligned).
-_MAGIC = b"MPLCACH1"
-_HEADER = struct.Struct("<8sIIQQ")
+# A directory entry: magic, CRC-32 of the rest, layout of the parts, total
+# length; then the pickle and its buffers (aligned).
+_MAGIC = b"MPLCACH2"
+_HEADER = struct.Struct("<8sIIQ")  # magic, crc, length of the pickled place, total
+_TEMP = re.compile(r"[0-9a-f]{32}\.entry\.\d+\.\d+\.tmp")  # only ours are ever removed
 _STALE_TEMP_S = 3600.0  # a temporary file this old is from a writer that died
 
 
@@ -132,14 +206,15 @@ class DirectoryStore(_Counts):
         super().__init__()
         self._path = path
         os.makedirs(path, exist_ok=True)
-        self._checked: set[bytes] = set()  # keys whose CRC this worker has checked
+        self._checked: dict[bytes, tuple[int, int, int]] = {}  # key -> file checked by CRC
+        self._unreadable: bytes | None = None  # a key whose file could not be opened
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
         now = time.time()
         with os.scandir(self._path) as entries:
             for entry in entries:
-                if entry.name.endswith(".tmp"):
+                if _TEMP.fullmatch(entry.name):
                     try:
                         if now - entry.stat().st_mtime > _STALE_TEMP_S:
                             os.unlink(entry.path)
@@ -156,80 +231,87 @@ class DirectoryStore(_Counts):
     def _read(self, key: bytes) -> Any:
         try:
             with open(self._file(key), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < _HEADER.size:
-                    raise ValueError("shorter than its header")
-                region = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+                stat = os.fstat(f.fileno())
+                if stat.st_size < _HEADER.size:
+                    self.corrupt += 1
+                    return None
+                region = mmap.mmap(f.fileno(), stat.st_size, prot=mmap.PROT_READ)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            self.corrupt += 1
+        except OSError:  # out of descriptors or memory: not damage; do not rewrite it
+            self._unreadable = key
             return None
         try:
-            magic, crc, layout_bytes, data, total = _HEADER.unpack_from(region)
-            if magic != _MAGIC or total != size or data > size:
+            magic, crc, place_bytes, total = _HEADER.unpack_from(region)
+            if magic != _MAGIC or total != stat.st_size:
                 raise ValueError("not a whole entry")
-            if key not in self._checked:
+            identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if self._checked.get(key) != identity:
                 if zlib.crc32(memoryview(region)[12:]) != crc:
                     raise ValueError("checksum mismatch")
-                self._checked.add(key)
-            layout = pickle.loads(region[_HEADER.size:_HEADER.size + layout_bytes])
+                self._checked[key] = identity
+            place = pickle.loads(region[_HEADER.size:_HEADER.size + place_bytes])
+            value = load(memoryview(region), place)
         except Exception:  # noqa: BLE001 - any damage means: prepare again
-            region.close()
             self.corrupt += 1
             return None
         self.hits += 1
-        return unpack(layout, np.frombuffer(region, dtype=np.uint8, offset=data), copy=False)
+        return value
 
-    def keep(self, index: int, key: bytes, prepared: Any) -> Any:
+    def keep(self, _index: int, key: bytes, prepared: Any) -> Any:
         """Write ``prepared`` under ``key`` (atomically); what fn gets (read-only)."""
         self.misses += 1
-        (layout,), writes, end = pack_items([prepared])
-        layout_pickle = pickle.dumps(layout, protocol=pickle.HIGHEST_PROTOCOL)
-        data = -(-(_HEADER.size + len(layout_pickle)) // ALIGN_BYTES) * ALIGN_BYTES
-        total = data + end
+        payload, raws = serialize(prepared)
+        if self._unreadable == key:
+            self._unreadable = None
+            self.uncached += 1
+            return uncached(payload, raws)
         final = self._file(key)
         temp = f"{final}.{os.getpid()}.{time.monotonic_ns()}.tmp"
         try:
-            self._write(temp, layout_pickle, data, total, writes)
+            total = self._write(temp, payload, raws)
             os.replace(temp, final)
         except OSError:  # a full disk, a read-only directory: go on without the entry
             _unlink_quietly(temp)
             self.uncached += 1
-            return read_only(prepared)
-        self.written += total
-        self._checked.add(key)
+            return uncached(payload, raws)
+        self.written += os.path.getsize(final) if os.path.exists(final) else 0
         found = self._read(key)
         if found is None:  # replaced by a damaged file in between: use our own result
-            return read_only(prepared)
+            return uncached(payload, raws)
         self.hits -= 1  # that read was this miss's own
         return found
 
     @staticmethod
-    def _write(temp: str, layout_pickle: bytes, data: int, total: int,
-               writes: list[tuple[int, np.ndarray]]) -> None:
+    def _write(temp: str, payload: bytes, raws: list[memoryview]) -> int:
         """Stream the entry into ``temp`` (no copy of it in memory), then put
-        the CRC of everything after it into the header."""
-        header = _HEADER.pack(_MAGIC, 0, len(layout_pickle), data, total)
+        the CRC of everything after it into the header; returns its length."""
+        # The place's length depends on its offsets, which depend on it: fix
+        # the pickle's start generously, then lay the parts out from there.
+        start = _aligned(_HEADER.size + 64 + 16 * len(raws))
+        place, total = plan(payload, raws, start)
+        place_pickle = pickle.dumps(place, protocol=pickle.HIGHEST_PROTOCOL)
+        if _HEADER.size + len(place_pickle) > start:
+            raise OSError(errno.EOVERFLOW, "entry header too long")
+        header = _HEADER.pack(_MAGIC, 0, len(place_pickle), total)
+        pieces = [(_HEADER.size, memoryview(place_pickle)), (start, memoryview(payload))]
+        pieces += [(offset, raw) for (offset, _size), raw in zip(place[2], raws)]
         with open(temp, "xb") as f:
             f.write(header)
             crc = zlib.crc32(header[12:])
             position = _HEADER.size
-            pieces = [(_HEADER.size, memoryview(layout_pickle))]
-            pieces += [(data + offset, memoryview(np.ascontiguousarray(array).reshape(-1)
-                                                  .view(np.uint8)))
-                       for offset, array in writes]
             for offset, piece in pieces:
                 gap = bytes(offset - position)  # alignment padding: zeros
                 crc = zlib.crc32(piece, zlib.crc32(gap, crc))
                 f.write(gap)
                 f.write(piece)
-                position = offset + len(piece)
+                position = offset + piece.nbytes
             gap = bytes(total - position)
             f.write(gap)
             crc = zlib.crc32(gap, crc)
             f.flush()
             os.pwrite(f.fileno(), struct.pack("<I", crc), 8)
+        return total
 
 
 def _unlink_quietly(path: str) -> None:
@@ -237,4 +319,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-

@@ -40,7 +40,7 @@ class WorkerError(MPLoaderError):
 
     def __init__(self, exc_type: str, message: str, remote_traceback: str,
                  worker_id: int, index: int | None, item: str = "",
-                 sample: int | None = None) -> None:
+                 sample: int | None = None, stage: str = "worker_init") -> None:
         self.exc_type = exc_type
         self.message = message
         self.remote_traceback = remote_traceback
@@ -48,7 +48,7 @@ class WorkerError(MPLoaderError):
         self.index = index
         self.item = item
         self.sample = sample  # a generator fn: the samples it yielded before the error
-        where = ("in worker_init" if index is None
+        where = (f"in {stage}" if index is None
                  else f"on source index {index}, item {item}")
         if sample is not None:
             where += f", after its sample {sample - 1}" if sample else ", before its first sample"

@@ -59,6 +59,12 @@ def _aligned(offset: int) -> int:
 
 
 def _check_array(array: np.ndarray, path: tuple) -> None:
+    if type(array) not in (np.ndarray, np.memmap):
+        raise UnsupportedResult(
+            f"fn returned a {type(array).__name__} at {path_text(path)}; only its raw "
+            "data would reach the consumer (a masked array's mask, a matrix's "
+            "shape rules would be lost): return np.asarray(x), or for a masked "
+            "array x.filled(value) and np.ma.getmaskarray(x)")
     if array.dtype.hasobject:
         raise UnsupportedResult(
             f"fn returned an array of dtype {array.dtype} at {path_text(path)}; "
@@ -123,6 +129,8 @@ def pack_batch(results: list[Any], indices: tuple[int, ...]) -> tuple[Any, list[
     for (path, head), column in zip(first, columns):
         if isinstance(head, np.ndarray):
             for v, index in zip(column, indices):
+                if isinstance(v, np.ndarray):
+                    _check_array(v, path)
                 if not isinstance(v, np.ndarray) or v.shape != head.shape or v.dtype != head.dtype:
                     got = (f"shape {v.shape} {v.dtype}" if isinstance(v, np.ndarray)
                            else type(v).__name__)

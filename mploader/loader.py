@@ -20,14 +20,14 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from . import resources
-from .cache import Cache, default_cache_bytes
+from .cache import Cache, check_cache_bytes, default_cache_bytes
 from .epochs import Plan, Progress, Resume, fingerprint, parse_state, shard_of
 from .errors import not_the_owner
 from .messages import Bootstrap
 from .passes import Options, Pass, Skipped, Stats
 from .pool import WorkerPool
 from .samples import SampleBatches
-from .shipping import ship
+from .shipping import code_fingerprint, ship
 from .sources import Source
 
 log = logging.getLogger("mploader")
@@ -71,26 +71,35 @@ def _close_pool(box: list[WorkerPool | None], timeout: float, cache: Cache | Non
 
 
 def _make_cache(prepare: Callable[[Any], Any] | None, cache: Any, cache_bytes: int | None,
-                cache_version: str | int, num_workers: int) -> Cache | None:
+                cache_version: str | int) -> Cache | None:
     """The cache of prepare's results (cache.py), after checking its arguments."""
     if prepare is None:
         _check(cache == "memory" and cache_bytes is None,
                "cache and cache_bytes need prepare=: the cache holds prepare's results "
                "(pass prepare=your_loading_function)")
         return None
-    _check(cache is None or isinstance(cache, (str, os.PathLike)),
+    _check(cache is None or (isinstance(cache, (str, os.PathLike)) and os.fspath(cache) != ""),
            f"cache must be 'memory', a directory path or None, not {cache!r}")
-    _check(cache_bytes is None or (isinstance(cache_bytes, numbers.Integral) and cache_bytes >= 0),
+    memory = cache == "memory"
+    _check(cache_bytes is None or memory,
+           "cache_bytes is the budget of cache='memory'; a directory cache is bounded "
+           "by its disk, and cache=None caches nothing")
+    _check(cache_bytes is None or (isinstance(cache_bytes, numbers.Integral)
+                                   and not isinstance(cache_bytes, bool) and cache_bytes >= 0),
            f"cache_bytes must be an int >= 0 (bytes) or None, not {cache_bytes!r}")
     _check(isinstance(cache_version, (str, int)) and not isinstance(cache_version, bool),
            f"cache_version must be a str or an int, not {cache_version!r}")
     if cache is None:
         return None
-    where = cache if cache == "memory" else os.path.abspath(os.fspath(cache))
-    if where != "memory":
+    where = "memory" if memory else os.path.abspath(os.fspath(cache))
+    if not memory:
         os.makedirs(where, exist_ok=True)  # an unusable directory fails here, by name
-    budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
-    return Cache(where, budget, num_workers, f"{type(cache_version).__name__}:{cache_version}")
+    budget = None
+    if memory:
+        budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
+        check_cache_bytes(budget)
+    salt = f"{type(cache_version).__name__}:{cache_version}:".encode() + code_fingerprint(prepare)
+    return Cache(where, budget, salt)
 
 
 class MPLoader:
@@ -165,7 +174,7 @@ class MPLoader:
         fn_payload, fn_files = ship(fn, "fn")
         init_payload, init_files = ship(worker_init, "worker_init")
         prepare_payload, prepare_files = ship(prepare, "prepare")
-        self._cache = _make_cache(prepare, cache, cache_bytes, cache_version, int(num_workers))
+        self._cache = _make_cache(prepare, cache, cache_bytes, cache_version)
         self._bootstrap = Bootstrap(
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
             fn=fn_payload, worker_init=init_payload,

@@ -65,7 +65,7 @@ class Task:
     items: bytes
     ends: tuple[int, ...]
     keys: tuple[bytes, ...] = ()  # with prepare: each item's cache key (cache.py)
-    cached: tuple[Any, ...] = ()  # shared-memory cache: each item's entry layout, or None
+    cached: tuple[Any, ...] = ()  # shared-memory cache: each item's entry place, or None
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class Failure:
     message: str
     traceback: str
     sample: int | None = None   # a generator fn: the samples it yielded before the error
+    stage: str = "worker_init"  # with index None: what failed at the worker's start
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,9 @@ class Result:
     failures: tuple[Failure, ...]
     busy_s: float               # time the worker spent on this task
     samples: tuple[int, ...] = ()  # values per index of a generator fn; () for one each
-    # with prepare: entries written to the shared-memory cache, (index, layout,
-    # start, end in the worker's region), and the store's counts (cache_stores.py)
-    cached: tuple[tuple[int, Any, int, int], ...] = ()
+    # with prepare: entries written to the shared-memory cache, (index, place,
+    # bytes), and the store's counts (cache_stores.py)
+    cached: tuple[tuple[int, Any, int], ...] = ()
     cache: tuple[int, int, int, int, int] = ()
 
 

@@ -273,7 +273,8 @@ class Pass(Iterator[Any]):
         return Chunk(self._next_task - 1, tuple(index for _, index, _ in read),
                      tuple(items[:len(read)]), encoded, ends,
                      steps=tuple(step for step, _, _ in read),
-                     keys=self._cache.keys(encoded, ends) if self._cache is not None else ())
+                     keys=(self._cache.keys(tuple(items[:len(read)]), encoded, ends)
+                           if self._cache is not None else ()))
 
     def _learn_chunk_size(self, delivered: Delivered) -> None:
         """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
@@ -454,9 +455,7 @@ class Pass(Iterator[Any]):
     def _on_delivered(self, delivered: Delivered) -> None:
         key = delivered.result.key
         if self._cache is not None and delivered.sent is not None:  # whoever's pass it was
-            chunk = delivered.sent
-            self._cache.learn(delivered.handle.worker_id, chunk.indices, chunk.keys,
-                              delivered.result)
+            self._cache.learn(delivered.sent.indices, delivered.sent.keys, delivered.result)
         if key[0] != self._pass_id:
             delivered.handle.ring.release(delivered.result.slot)  # from an abandoned pass
             return

@@ -296,12 +296,9 @@ class WorkerPool:
                       "result_fd": result_w, "arena_fd": ring.fd, "slots": self._slots,
                       "stride": self._stride}
             inherited = (task_r, result_w, ring.fd)
-            if self._cache is not None:  # a replacement continues after the known entries
-                cache = self._cache
-                config["cache"] = {"fd": cache.fd, "regions": cache.regions,
-                                   "region_bytes": cache.region_bytes,
-                                   "start": cache.ends[worker_id]}
-                inherited += (cache.fd,)
+            if self._cache is not None:  # the loader's, inherited by every worker
+                config["cache"] = {"fd": self._cache.fd, "size": self._cache.size}
+                inherited += (self._cache.fd,)
             process = self._spawner.spawn(
                 args=[sys.executable, "-c", _WORKER_MAIN, json.dumps(config)],
                 pass_fds=inherited, env=self._env,
@@ -422,7 +419,8 @@ class WorkerPool:
             return None
         assert isinstance(message, StartFailed), message
         f, worker_id = message.failure, handle.worker_id
-        self._failure = lambda: WorkerError(f.exc_type, f.message, f.traceback, worker_id, None)
+        self._failure = lambda: WorkerError(f.exc_type, f.message, f.traceback, worker_id, None,
+                                            stage=f.stage)
         return None
 
     def _on_exit(self, handle: WorkerHandle) -> Died:

@@ -29,7 +29,7 @@ import traceback
 from types import TracebackType
 from typing import Any, Callable
 
-from .cache_stores import DirectoryStore, SharedMemoryStore
+from .cache_stores import DirectoryStore, ResultNotCacheable, SharedMemoryStore
 from .errors import short_repr
 from .layout import UnsupportedResult, pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
@@ -123,7 +123,10 @@ class _TaskRunner:
             raise _PrepareFailed from exc
         if self._store is None:  # cache=None: prepare runs every time
             return prepared
-        return self._store.keep(index, task.keys[position], prepared)
+        try:
+            return self._store.keep(index, task.keys[position], prepared)
+        except ResultNotCacheable as exc:
+            raise _PrepareFailed from exc
 
     def _failed(self, exc: Exception, index: int, item: Any, sample: int | None = None
                 ) -> Failure:
@@ -243,23 +246,24 @@ def _cache_store(boot: Bootstrap, config: dict[str, Any]) -> Any:
         return None
     if boot.cache != "memory":
         return DirectoryStore(boot.cache)
-    memory = config["cache"]
-    return SharedMemoryStore(memory["fd"], config["worker_id"], memory["region_bytes"],
-                             memory["start"], memory["regions"])
+    return SharedMemoryStore(config["cache"]["fd"], config["cache"]["size"])
 
 
 def _serve(config: dict[str, Any]) -> int:
     task_fd, result_fd = config["task_fd"], config["result_fd"]
     boot: Bootstrap = read_frame(task_fd)
     sys.path[:] = boot.sys_path
+    stage = "unpickling fn"
     try:
         fn = land(boot.fn, boot.code_files)
         prepare = None if boot.prepare is None else land(boot.prepare, boot.code_files)
+        stage = "setting up the cache"
         store = _cache_store(boot, config)
+        stage = "worker_init"
         if boot.worker_init is not None:
             land(boot.worker_init, boot.code_files)(config["worker_id"])
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
-        write_frame(result_fd, StartFailed(_failure(exc, None)))
+        write_frame(result_fd, StartFailed(dataclasses.replace(_failure(exc, None), stage=stage)))
         return 1
     slots = SlotWriter(config["arena_fd"], config["slots"], config["stride"])
     write_frame(result_fd, Ready(pid=os.getpid()))
