@@ -79,6 +79,18 @@ def test_an_object_array_result_names_the_item_and_the_path():
     assert "dtype object at result['a']" in str(info.value)
 
 
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_an_array_subclass_result_is_refused_not_stripped_of_its_meaning(batch_size):
+    """A masked array's raw data would reach the consumer without its mask."""
+    def masked_on_1(x):
+        if x == 1:
+            return {"a": np.ma.masked_array([x, 99], mask=[0, 1])}
+        return {"a": np.array([x, 0])}
+    with MPLoader(masked_on_1, range(4), num_workers=1, batch_size=batch_size) as loader:
+        with pytest.raises(WorkerError, match=r"MaskedArray at result\['a'\].*filled"):
+            list(loader)
+
+
 def test_an_unsupported_leaf_names_its_type_and_path():
     with MPLoader(lambda x: (x, None), range(3), num_workers=1) as loader:
         with pytest.raises(WorkerError, match=r"NoneType at result\[1\]"):
