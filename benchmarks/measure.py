@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -138,8 +140,36 @@ def peer_mploader_tf_batch64(name, n, workers):
 PEERS = {k[len("peer_"):]: v for k, v in globals().items() if k.startswith("peer_")}
 
 
+_CEILING_CHILD = """
+import sys, time
+sys.path[:0] = {path!r}
+from workloads import WORKLOADS
+fn = WORKLOADS[{name!r}][0]
+fn({start})  # imports and first-call costs, outside the window
+begin = time.time()
+for i in range({start}, {stop}):
+    fn(i)
+print(begin, time.time())
+"""
+
+
+def ceiling(name, n, workers):
+    """The machine's parallel ceiling for fn: ``workers`` independent
+    processes, each running fn serially over its share at the same time; the
+    summed rate, from the first start to the last end of their timed loops."""
+    shares = [(n * k // workers, n * (k + 1) // workers) for k in range(workers)]
+    children = [subprocess.Popen([sys.executable, "-c", _CEILING_CHILD.format(
+        path=sys.path, name=name, start=a, stop=b)], stdout=subprocess.PIPE, text=True)
+        for a, b in shares]
+    windows = [tuple(map(float, child.communicate()[0].split())) for child in children]
+    rate = n / (max(end for _, end in windows) - min(begin for begin, _ in windows))
+    return float("nan"), rate, rate, None
+
+
 def one_run(name, peer, n, workers):
     """(first element s, steady items/s, overall items/s, mploader stats or None)."""
+    if peer == "ceiling":
+        return ceiling(name, n, workers)
     start = time.perf_counter()
     iterator, loader = PEERS[peer](name, n, workers)
     items_per_element = 64 if peer.endswith("batch64") else 1
@@ -177,7 +207,7 @@ def _import_peer_modules(peer):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=sorted(WORKLOADS))
-    parser.add_argument("peer", choices=sorted(PEERS))
+    parser.add_argument("peer", choices=sorted(PEERS) + ["ceiling"])
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)

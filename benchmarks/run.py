@@ -28,9 +28,9 @@ ONE_MIB = 1 << 20
 
 # section -> (workload, items, items in --tiny, peers, what it shows)
 SECTIONS = {
-    "a": ("gil_bound", 160, 6, ["serial", "tf_map", "keras_pydataset", "torch_spawn",
-                                "torch_fork", "grain", "mploader", "mploader_unordered",
-                                "mploader_tf"],
+    "a": ("gil_bound", 160, 6, ["serial", "ceiling", "tf_map", "keras_pydataset",
+                                "torch_spawn", "torch_fork", "grain", "mploader",
+                                "mploader_unordered", "mploader_tf"],
           "GIL-bound Python (pure-Python loop + 1 MiB array per item)"),
     "b": ("medical", 48, 3, ["serial", "tf_map", "torch_fork", "grain", "mploader",
                              "mploader_tf"],
@@ -45,7 +45,7 @@ MPLOADER_PEERS = ("mploader",)
 # The peer each section's ratios are taken against (else its first peer):
 # tiny items are judged against from_generator, the consumer-side ceiling.
 BASELINE = {"c": "bare_from_generator"}
-REFERENCES = ("serial", "memcpy", "bare_from_generator")  # ceilings and floors, not loaders
+REFERENCES = ("serial", "ceiling", "memcpy", "bare_from_generator")  # ceilings, floors
 OPTIONAL = {"torch": "torch", "grain": "grain", "keras": "keras"}
 
 
@@ -117,16 +117,35 @@ def startup(reps: int, workers: int) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def cache_section(reps: int, workers: int, env: dict) -> dict:
-    """(g) the cache of the deterministic stage: epoch 2 against epoch 1, and
-    memory against a copy per worker (cache_bench.py, in a fresh interpreter)."""
-    done = subprocess.run([sys.executable, str(HERE / "cache_bench.py"), "--reps", str(reps),
-                           "--workers", str(workers)], capture_output=True, text=True, env=env,
-                          timeout=900)
+def run_script(script: str, env: dict, *args: str) -> dict:
+    """The JSON line a section's own script (in a fresh interpreter) prints."""
+    done = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True,
+                          text=True, env=env, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(lines[-1])
+
+
+def consumer_text(h: dict) -> str:
+    if "error" in h:
+        return f"(h) the consumer side: failed: {h['error']}"
+    names = {"bare": "bare from_generator(...).batch(32)",
+             "dataset_batch32": "loader.dataset().batch(32)",
+             "batch_size32": "MPLoader(..., batch_size=32).dataset()",
+             "loader": "for x in loader (no TensorFlow)"}
+    elements = list(h["elements"])
+    lines = [f"(h) the consumer side: elements/s (parent CPU ms per element), x bare (min-max); "
+             f"{h['workers']} workers, medians of {h['reps']} interleaved runs",
+             f"  {'consumed as':<40}" + "".join(f"{e:>40}" for e in elements)]
+    for peer, name in names.items():
+        cells = []
+        for element in elements:
+            r = h["elements"][element][peer]
+            cells.append(f"{r['per_s']:.0f} ({r['cpu_ms']:.3f} ms) {r['x_bare']:.2f}x "
+                         f"({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})")
+        lines.append(f"  {name:<40}" + "".join(f"{c:>40}" for c in cells))
+    return "\n".join(lines)
 
 
 def cache_text(g: dict) -> str:
@@ -146,35 +165,82 @@ def cache_text(g: dict) -> str:
             f"(MONAI-style) {s(g['per_worker_workers_pss_mib'], ' MiB')}")
 
 
+def measure_section(workload: str, n: int, peers: list[str], reps: int, workers: int,
+                    env: dict) -> dict:
+    """Every peer once per repetition, repetitions outer (A, B, C, A, B, C, ...),
+    each run in a fresh interpreter, so the machine's drift hits every peer
+    alike; a row holds the medians and the runs themselves."""
+    runs: dict[str, list[dict]] = {peer: [] for peer in peers}
+    rows: dict[str, dict] = {}
+    for peer in peers:
+        reason = skip_reason(peer)
+        if reason:
+            rows[peer] = {"skipped": reason}
+    for _ in range(reps):
+        for peer in peers:
+            if peer not in rows:
+                runs[peer].append(run_measure(workload, peer, n, 1, workers, env))
+    for peer, done in runs.items():
+        if peer in rows:
+            continue
+        failed = [r for r in done if "error" in r]
+        if failed:
+            rows[peer] = failed[0]
+            continue
+        rows[peer] = {key: statistics.median(r[key] for r in done)
+                      for key in ("first_element_s", "steady_items_per_s", "overall_items_per_s")}
+        rows[peer]["steady_runs"] = [r["steady_items_per_s"] for r in done]
+        rows[peer]["mploader_stats"] = done[-1].get("mploader_stats")
+    return {peer: rows[peer] for peer in peers}
+
+
+def _ratio(row: dict, base: dict) -> tuple[float, float, float]:
+    """Median, min and max of the run-by-run ratios (runs of one repetition pair up)."""
+    ratios = [a / b for a, b in zip(row["steady_runs"], base["steady_runs"])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def add_ratios(name: str, section: dict) -> None:
-    """Steady items/s as a ratio to the section's baseline and to the best non-mploader peer."""
-    rows = {k: v for k, v in section["peers"].items() if "steady_items_per_s" in v}
+    """Steady items/s as ratios, repetition by repetition, to the section's
+    baseline, to the best non-mploader peer, and to the parallel ceiling."""
+    rows = {k: v for k, v in section["peers"].items() if "steady_runs" in v}
     if not rows:
         return
     base_name = BASELINE.get(name) if BASELINE.get(name) in rows else next(iter(rows))
-    base = rows[base_name]["steady_items_per_s"]
-    others = [v["steady_items_per_s"] for k, v in rows.items()
-              if not k.startswith(MPLOADER_PEERS) and k not in REFERENCES]
-    best = max(others) if others else None
+    others = [k for k in rows if not k.startswith(MPLOADER_PEERS) and k not in REFERENCES]
+    best = max(others, key=lambda k: rows[k]["steady_items_per_s"]) if others else None
     section["baseline"] = base_name
+    section["best_peer"] = best
     for row in rows.values():
-        row["x_baseline"] = row["steady_items_per_s"] / base
-        row["x_best_peer"] = row["steady_items_per_s"] / best if best else None
+        row["x_baseline"], row["x_baseline_min"], row["x_baseline_max"] = _ratio(
+            row, rows[base_name])
+        row["x_best_peer"] = _ratio(row, rows[best])[0] if best else None
+        if "ceiling" in rows:
+            row["x_ceiling"], row["x_ceiling_min"], row["x_ceiling_max"] = _ratio(
+                row, rows["ceiling"])
 
 
 def table(name: str, section: dict, bytes_per_item: int | None) -> str:
-    lines = [f"({name}) {section['title']}: {section['items']} items, {section['workers']} workers",
+    ceiling = "ceiling" in section["peers"] and "x_ceiling" in section["peers"]["ceiling"]
+    lines = [f"({name}) {section['title']}: {section['items']} items, {section['workers']} "
+             f"workers; medians of {section.get('reps', 1)} interleaved runs, ratios run by "
+             "run (min-max)",
              f"  {'peer':<22}{'first s':>9}{'steady it/s':>13}{'overall it/s':>14}"
-             f"{'x ' + section.get('baseline', 'base'):>24}{'x best peer':>13}"
+             f"{'x ' + section.get('baseline', 'base'):>28}{'x best peer':>13}"
+             + (f"{'x ceiling':>22}" if ceiling else "")
              + (f"{'GB/s':>8}" if bytes_per_item else "")]
     for peer, row in section["peers"].items():
-        if "steady_items_per_s" not in row:
+        if "x_baseline" not in row:
             lines.append(f"  {peer:<22}skipped: {row.get('skipped') or row.get('error')}")
             continue
         best = f"{row['x_best_peer']:.2f}" if row.get("x_best_peer") else "-"
+        base = f"{row['x_baseline']:.2f} ({row['x_baseline_min']:.2f}-{row['x_baseline_max']:.2f})"
+        ceil = (f"{row['x_ceiling']:.2f} ({row['x_ceiling_min']:.2f}-{row['x_ceiling_max']:.2f})"
+                if ceiling else "")
         gbs = (f"{row['steady_items_per_s'] * bytes_per_item / 1e9:8.2f}" if bytes_per_item else "")
         lines.append(f"  {peer:<22}{row['first_element_s']:9.3f}{row['steady_items_per_s']:13.1f}"
-                     f"{row['overall_items_per_s']:14.1f}{row['x_baseline']:24.2f}{best:>13}{gbs}")
+                     f"{row['overall_items_per_s']:14.1f}{base:>28}{best:>13}"
+                     + (f"{ceil:>22}" if ceiling else "") + gbs)
     return "\n".join(lines)
 
 
@@ -190,6 +256,8 @@ def report(results: dict) -> str:
                     f"{results['startup']['worker_rss_mib']:.1f} MiB")
     if "cache" in results:
         text.append(cache_text(results["cache"]))
+    if "consumer" in results:
+        text.append(consumer_text(results["consumer"]))
     if "lifecycle" in results:
         text.append("(f) lifecycle, seconds:\n" + "\n".join(
             f"  {k:<45} median {v['median_s']:.3f} s   max {v['max_s']:.3f} s"
@@ -234,7 +302,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--sections", default="abcdefg")
+    parser.add_argument("--sections", default="abcdefgh")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rebuild ratios, results.md and the plot from results.json")
     args = parser.parse_args()
@@ -264,12 +332,9 @@ def main() -> int:
             continue
         n = n_tiny if args.tiny else n
         section = {"title": title, "workload": workload, "items": n, "workers": args.workers,
-                   "peers": {}}
-        for peer in peers:
-            reason = skip_reason(peer)
-            row = ({"skipped": reason} if reason else
-                   run_measure(workload, peer, n, reps, args.workers, env))
-            section["peers"][peer] = row
+                   "reps": reps,
+                   "peers": measure_section(workload, n, peers, reps, args.workers, env)}
+        for peer, row in section["peers"].items():
             if row.get("mploader_stats"):
                 s = row["mploader_stats"]
                 print(f"  [{name}/{peer}] loader.stats(): workers busy "
@@ -283,8 +348,14 @@ def main() -> int:
         results["startup"] = startup(reps, 2)
         print(f"(e) start-up: {results['startup']}\n", flush=True)
     if "g" in args.sections:
-        results["cache"] = cache_section(reps, args.workers, env)
+        results["cache"] = run_script("cache_bench.py", env, "--reps", str(reps),
+                                      "--workers", str(args.workers))
         print(cache_text(results["cache"]) + "\n", flush=True)
+    if "h" in args.sections:
+        results["consumer"] = run_script("consumer_bench.py", env, "--reps", str(reps),
+                                         "--workers", str(args.workers),
+                                         "--scale", "0.05" if args.tiny else "1")
+        print(consumer_text(results["consumer"]) + "\n", flush=True)
     if "f" in args.sections:
         print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)
         figures = subprocess.run([sys.executable, str(HERE / "lifecycle.py"), "--reps",

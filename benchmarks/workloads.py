@@ -60,3 +60,30 @@ WORKLOADS = {
     "tiny": (tiny, ["int64"], [()]),
     "big": (big, ["uint8"], [(BIG_BYTES,)]),
 }
+
+
+_IMAGE = np.full((224, 224, 3), 0.5, np.float32)
+_VOLUME = np.full((64, 64, 64), 0.5, np.float32)
+
+
+def ready_scalar(i):
+    """(h) An int64 scalar: the hand-off's cost per element."""
+    return np.int64(i)
+
+
+def ready_image(i):
+    """(h) A ready 224x224x3 float32 image (0.57 MiB), the same every time."""
+    return _IMAGE
+
+
+def ready_volume(i):
+    """(h) A ready 64x64x64 float32 volume (1 MiB), the same every time."""
+    return _VOLUME
+
+
+# element -> (function, (numpy dtype, shape)) for the consumer section (h)
+READY = {
+    "int64_scalar": (ready_scalar, ("int64", ())),
+    "image_224x224x3_f32": (ready_image, ("float32", (224, 224, 3))),
+    "volume_64x64x64_f32": (ready_volume, ("float32", (64, 64, 64))),
+}

@@ -32,6 +32,11 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     assert "error" not in cache, cache["error"]
     assert cache["epoch2_patches_per_s"]["median"] > 0 and cache["cache_mib"] > 0
     assert cache["per_worker_workers_pss_mib"]["median"] > 0
+    consumer = results["consumer"]
+    assert "error" not in consumer, consumer["error"]
+    for element in consumer["elements"].values():
+        assert set(element) == {"bare", "dataset_batch32", "batch_size32", "loader"}
+        assert all(row["per_s"] > 0 and row["cpu_ms"] > 0 for row in element.values())
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "(a) GIL-bound Python" in (tmp_path / "results.md").read_text()
     assert "x serial" in done.stdout

@@ -39,9 +39,18 @@ def test_synthetic_cases_are_ct_like_and_anisotropic(cases):
     assert synth.is_truncated(cases[-1]["image"]) and not synth.is_truncated(cases[0]["image"])
 
 
-def test_pipeline_trains_one_step_from_workers(cases):
+def test_patch_based_pipeline_with_a_cached_prepare_trains_one_step(cases):
+    """The demo's loader: k patches per case, load+resample cached."""
     patch = pipeline.PATCH + (1,)
-    with MPLoader(pipeline.preprocess, cases[:-1], num_workers=2, batch_size=2, seed=0) as loader:
+    with MPLoader(pipeline.patches, cases[:-1], prepare=pipeline.prepare_case,
+                  samples_per_item=pipeline.PATCHES_PER_CASE, num_workers=2, batch_size=2,
+                  seed=0) as loader:
+        assert len(loader) == (len(cases) - 1) * pipeline.PATCHES_PER_CASE // 2
+        first = [x[0].copy() for x in loader]
+        again = [x[0].copy() for x in loader]  # from the cache; another epoch's patches
+        assert loader.stats()["cache"]["hits"] == len(cases) - 1
+        assert len(first) == len(again) and not all(
+            np.array_equal(a, b) for a, b in zip(first, again))
         ds = loader.dataset()
         assert ds.element_spec[0].shape[1:] == patch
         model = tiny_unet(pipeline.PATCH, width=4)
