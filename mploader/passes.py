@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import interrupts
+from .bottleneck import PassClock
 from .cache import Cache
 from .epochs import Progress
 from .errors import (MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, not_the_owner,
@@ -120,8 +121,10 @@ class Pass(Iterator[Any]):
     def __init__(self, pool: WorkerPool, items: Iterator[tuple[int, int, Any]], pass_id: int,
                  epoch: int, options: Options, stats: Stats, skipped: list[Skipped] | None,
                  discard_pool: Callable[[WorkerPool], None], progress: Progress | None = None,
-                 route_interrupts: bool = False, cache: Cache | None = None) -> None:
+                 route_interrupts: bool = False, cache: Cache | None = None,
+                 clock: PassClock | None = None) -> None:
         self._pool = pool
+        self.clock = clock            # where its time goes (bottleneck.py); None: a probe
         self._cache = cache
         self._items = items           # (step, source index, item), in the epoch's order
         self.progress = progress      # None: a probe, which hands out nothing for good
@@ -340,6 +343,8 @@ class Pass(Iterator[Any]):
                 if outcome is _NOTHING or isinstance(outcome, Failure):
                     continue
                 self.last_index = index
+                if self.clock is not None:
+                    self.clock.handed_out()
                 return (outcome,)
             if self._opt.ordered and self._next_seq in self._empty:
                 self._hand_out(self._empty.pop(self._next_seq))

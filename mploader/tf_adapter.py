@@ -267,18 +267,33 @@ def checkpointable(loader: Any) -> Any:
     return LoaderState()
 
 
-def keras_callback(loader: Any) -> Any:
-    """A Keras callback that makes the loader's epoch follow Keras's epoch.
+def keras_callback(loader: Any, verbose: bool = True) -> Any:
+    """A Keras callback that makes the loader's epoch follow Keras's epoch, and
+    says at each epoch's end where its input time went.
 
     ``model.fit`` resumed by ``BackupAndRestore`` starts at the interrupted
     epoch's number; the loader of a fresh process would start at epoch 0, with
     another order.  Keras creates each epoch's iterator after
     ``on_epoch_begin``, so setting the epoch there decides the pass's order.
+    At the epoch's end the pass's report (bottleneck.py) goes into the logs
+    (``mploader_consumer_wait``, ``mploader_worker_busy``: Keras's History
+    keeps them) and, with ``verbose``, its hint is printed.
     """
     import tensorflow as tf
 
     class FollowKerasEpochs(tf.keras.callbacks.Callback):
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             loader.set_epoch(epoch)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            report = loader.epoch_report()
+            if report is None:
+                return
+            if logs is not None:
+                logs["mploader_consumer_wait"] = report["consumer_wait_fraction"]
+                logs["mploader_worker_busy"] = report["worker_busy_fraction"]
+            if verbose:
+                print(f"mploader, epoch {epoch + 1}: {report['elements_per_s']:.1f} "
+                      f"elements/s; {report['hint']}", flush=True)
 
     return FollowKerasEpochs()

@@ -72,3 +72,20 @@ def stall_once(path: str):
             time.sleep(600)
         return x
     return fn
+
+
+def image(i):
+    """A 224x224x3 float32 image whose every value names its item."""
+    return np.full((224, 224, 3), i, np.float32) + np.arange(3, dtype=np.float32)
+
+
+def ragged(i):
+    """Items of varying shape (a volume whose depth varies), failing on 13."""
+    if i == 13:
+        raise ValueError("unreadable case 13")
+    return np.full((i % 4 + 1, 8), i, np.int32)
+
+
+def slow_item(i):
+    time.sleep(0.02)
+    return np.float32(i)

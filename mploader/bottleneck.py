@@ -1,0 +1,73 @@
+"""Where a pass's time went: waiting on the workers, or the workers waiting on the consumer.
+
+Two clocks tell the limit apart.  The consumer's wait (the time ``next()``
+spent in the pool's ``poll`` with nothing ready) is high when the workers
+cannot keep up: the pass is input-bound.  The workers' busy time (reported
+with each result) is low when they had nothing to do because their slots
+were full of results nobody took yet: the consumer is the limit, either the
+model or the hand-off into TensorFlow, which costs the parent CPU per
+element (``batch_size`` moves the batching into the workers, one hand-off
+per batch).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+_INPUT_BOUND = 0.5     # the consumer waited at least this fraction of the pass
+_CONSUMER_BOUND = 0.5  # the workers were busy at most this fraction of it
+
+
+@dataclass
+class PassClock:
+    """What a pass needs to say, at any time, where its time went so far."""
+    epoch: int
+    via_tensorflow: bool
+    batched: bool
+    cached: bool
+    workers: list[Any]            # the pool's handles (their busy_s grows)
+    waited_at_start: float
+    busy_at_start: dict[int, float] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.perf_counter)
+    last_at: float | None = None  # when the last element was handed out
+    elements: int = 0
+
+    def __post_init__(self) -> None:
+        self.busy_at_start = {id(h): h.busy_s for h in self.workers}
+
+    def handed_out(self) -> None:
+        self.elements += 1
+        self.last_at = time.perf_counter()
+
+    def report(self, waited_now: float, workers: list[Any]) -> dict[str, Any]:
+        """The pass so far: elements, seconds, the two fractions, the verdict and a hint."""
+        elapsed = (self.last_at or time.perf_counter()) - self.started_at
+        waited = waited_now - self.waited_at_start
+        busy = sum(h.busy_s - self.busy_at_start.get(id(h), 0.0) for h in workers)
+        wait_fraction = waited / elapsed if elapsed > 0 else 0.0
+        busy_fraction = busy / (elapsed * len(workers)) if elapsed > 0 and workers else 0.0
+        bound, hint = verdict(wait_fraction, busy_fraction, self.via_tensorflow, self.batched,
+                              self.cached)
+        return {"epoch": self.epoch, "elements": self.elements, "elapsed_s": elapsed,
+                "elements_per_s": self.elements / elapsed if elapsed > 0 else 0.0,
+                "consumer_wait_fraction": wait_fraction,
+                "worker_busy_fraction": busy_fraction, "bound": bound, "hint": hint}
+
+
+def verdict(wait_fraction: float, busy_fraction: float, via_tensorflow: bool, batched: bool,
+            cached: bool) -> tuple[str, str]:
+    """("input" | "consumer" | "balanced", a one-line hint)."""
+    numbers = (f"the consumer waited {wait_fraction:.0%} of the time, the workers were busy "
+               f"{busy_fraction:.0%}")
+    if wait_fraction >= _INPUT_BOUND:
+        more = "" if cached else ", cache the deterministic stage (prepare=)"
+        return "input", (f"input-bound ({numbers}): the workers are the limit; use more "
+                         f"workers (cores){more}, or less work per item")
+    if busy_fraction <= _CONSUMER_BOUND:
+        if via_tensorflow and not batched:
+            return "consumer", (f"the consumer is the limit ({numbers}): the model, or the "
+                                "hand-off into TensorFlow one element at a time; pass "
+                                "batch_size to MPLoader to batch in the workers")
+        return "consumer", f"the consumer (the model) is the limit ({numbers}): the input keeps up"
+    return "balanced", f"balanced ({numbers})"
