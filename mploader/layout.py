@@ -38,6 +38,41 @@ class ArrayRef:
 
 
 Write = tuple[int, np.ndarray]  # (offset in the slot, array to copy there)
+# (offset, array, the padded shape it goes into, the pad value around it)
+PadWrite = tuple[int, np.ndarray, tuple[int, ...], Any]
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Batches of items whose array shapes vary, padded (a ``padded_batch``).
+
+    ``shapes``: a nest like the result, one shape per array leaf, each
+    dimension an int or None (the largest in the batch), or None for every
+    leaf padded to the largest; ``values``: the pad value, one for every leaf
+    or a nest like the result.
+    """
+    shapes: Any = None
+    values: Any = 0
+
+    def shape_at(self, path: tuple, rank: int) -> tuple[int | None, ...]:
+        shape = _at(self.shapes, path)
+        return (None,) * rank if shape is None else tuple(shape)
+
+    def value_at(self, path: tuple) -> Any:
+        value = _at(self.values, path)
+        return 0 if value is None else value
+
+
+def _at(nest: Any, path: tuple) -> Any:
+    """The part of ``nest`` at ``path``; a leaf (or None) stands for all below it."""
+    for key in path:
+        if isinstance(nest, dict):
+            nest = nest.get(key)
+        elif isinstance(nest, (tuple, list)):
+            nest = nest[key] if key < len(nest) else None
+        else:
+            return nest
+    return nest
 
 
 def path_text(path: tuple) -> str:
@@ -111,8 +146,42 @@ def _flatten(value: Any) -> tuple[Any, list[tuple[tuple, Any]]]:
     return map_nest(leaf, value), leaves
 
 
-def pack_batch(results: list[Any], indices: tuple[int, ...]) -> tuple[Any, list[Write], int]:
-    """Stack the results of consecutive items along a new first axis."""
+def _padded_column(column: list[np.ndarray], indices: tuple[int, ...], path: tuple,
+                   padding: Padding) -> tuple[tuple[int, ...], Any]:
+    """(the batch's shape for this leaf without its first axis, the pad value),
+    after checking every item's array: same dtype and rank, within a given shape."""
+    head = column[0]
+    wanted = padding.shape_at(path, head.ndim)
+    for v, index in zip(column, indices):
+        if not isinstance(v, np.ndarray) or v.dtype != head.dtype or v.ndim != head.ndim:
+            got = f"{v.ndim}-d {v.dtype}" if isinstance(v, np.ndarray) else type(v).__name__
+            raise UnsupportedResult(
+                f"cannot pad {path_text(path)}: source index {indices[0]} gave a "
+                f"{head.ndim}-d {head.dtype} array, source index {index} gave {got} "
+                "(padding changes sizes, never dtypes or ranks)")
+    if len(wanted) != head.ndim:
+        raise UnsupportedResult(f"padded_shapes gives {path_text(path)} {len(wanted)} "
+                                f"dimensions; the result has {head.ndim}")
+    shape = []
+    for axis, size in enumerate(wanted):
+        largest = max(v.shape[axis] for v in column)
+        if size is not None and largest > size:
+            index, v = next((i, v) for i, v in zip(indices, column) if v.shape[axis] > size)
+            raise UnsupportedResult(
+                f"cannot pad {path_text(path)}: source index {index} has {v.shape[axis]} "
+                f"along axis {axis}, more than padded_shapes allows ({size})")
+        shape.append(largest if size is None else size)
+    value = padding.value_at(path)
+    if np.asarray(value).astype(head.dtype) != value:
+        raise UnsupportedResult(f"the padding value {value!r} of {path_text(path)} does not "
+                                f"fit its dtype {head.dtype}")
+    return tuple(shape), value
+
+
+def pack_batch(results: list[Any], indices: tuple[int, ...], padding: Padding | None = None
+               ) -> tuple[Any, list[Write | PadWrite], int]:
+    """Stack the results of consecutive items along a new first axis (padded
+    to one shape per leaf with ``padding``)."""
     skeleton, first = _flatten(results[0])
     columns: list[list[Any]] = [[v] for _, v in first]
     for result, index in zip(results[1:], indices[1:]):
@@ -123,11 +192,21 @@ def pack_batch(results: list[Any], indices: tuple[int, ...]) -> tuple[Any, list[
                 f"structure than source index {indices[0]}")
         for column, (_, v) in zip(columns, leaves):
             column.append(v)
-    writes: list[Write] = []
+    writes: list[Write | PadWrite] = []
     end = 0
     stacked: list[Any] = []
     for (path, head), column in zip(first, columns):
-        if isinstance(head, np.ndarray):
+        if isinstance(head, np.ndarray) and padding is not None:
+            for v in column:
+                if isinstance(v, np.ndarray):
+                    _check_array(v, path)
+            shape, value = _padded_column(column, indices, path, padding)
+            size = int(np.prod(shape)) * head.itemsize
+            offset = _aligned(end)
+            writes.extend((offset + i * size, v, shape, value) for i, v in enumerate(column))
+            end = offset + size * len(column)
+            stacked.append(ArrayRef(offset, (len(column),) + shape, head.dtype))
+        elif isinstance(head, np.ndarray):
             for v, index in zip(column, indices):
                 if isinstance(v, np.ndarray):
                     _check_array(v, path)
@@ -159,11 +238,19 @@ def pack_batch(results: list[Any], indices: tuple[int, ...]) -> tuple[Any, list[
     return tree, writes, end
 
 
-def copy_writes(region: np.ndarray, writes: list[Write]) -> None:
-    """Copy each array to its offset in ``region`` (a uint8 array), never casting."""
-    for offset, array in writes:
-        np.copyto(np.ndarray(array.shape, array.dtype, buffer=region, offset=offset),
-                  array, casting="no")
+def copy_writes(region: np.ndarray, writes: list[Write | PadWrite]) -> None:
+    """Copy each array to its offset in ``region`` (a uint8 array), never
+    casting; a padded one into the corner of its padded shape, the rest filled."""
+    for write in writes:
+        offset, array = write[0], write[1]
+        if len(write) == 2:
+            np.copyto(np.ndarray(array.shape, array.dtype, buffer=region, offset=offset),
+                      array, casting="no")
+            continue
+        target = np.ndarray(write[2], array.dtype, buffer=region, offset=offset)
+        if target.shape != array.shape:
+            target.fill(write[3])
+        np.copyto(target[tuple(slice(0, n) for n in array.shape)], array, casting="no")
 
 
 def unpack(tree: Any, region: np.ndarray, copy: bool) -> Any:

@@ -23,6 +23,7 @@ from . import resources
 from .cache import Cache, check_cache_bytes, default_cache_bytes
 from .epochs import Plan, Progress, Resume, fingerprint, parse_state, shard_of
 from .errors import not_the_owner
+from .layout import Padding
 from .messages import Bootstrap
 from .bottleneck import PassClock
 from .passes import Options, Pass, Skipped, Stats
@@ -125,6 +126,7 @@ class MPLoader:
     def __init__(self, fn: Callable[[Any], Any], source: Any, *,
                  num_workers: int | None = None, ordered: bool = True,
                  batch_size: int | None = None, drop_remainder: bool = False,
+                 padded_shapes: Any = None, padding_values: Any = None,
                  prefetch: int = 2, output_signature: Any = None,
                  worker_init: Callable[[int], Any] | None = None,
                  seed: int | None = None, shuffle: bool = False, shard: Any = None,
@@ -162,6 +164,14 @@ class MPLoader:
         samples_per_item = None if samples_per_item is None else int(samples_per_item)
         # A generator fn yields several samples (elements) per item.
         samples = samples_per_item is not None or inspect.isgeneratorfunction(fn)
+        padded = padded_shapes is not None or padding_values is not None
+        _check(not padded or batch_size is not None,
+               "padded_shapes and padding_values need batch_size: they pad the items of a batch")
+        _check(not padded or not samples,
+               "padded batches are made in the workers from one result per item; a fn that "
+               "yields samples is batched in the parent, without padding")
+        self.padding = Padding(padded_shapes, 0 if padding_values is None else padding_values) \
+            if padded else None
         self._source = Source(source)
         self.shuffle = shuffle
         self.shard = shard_of(shard)
@@ -190,7 +200,7 @@ class MPLoader:
             fn=fn_payload, worker_init=init_payload,
             code_files={**init_files, **prepare_files, **fn_files},
             seed=seed, stack_batches=self._options.stacked, samples=samples,
-            samples_per_item=samples_per_item, prepare=prepare_payload,
+            samples_per_item=samples_per_item, prepare=prepare_payload, padding=self.padding,
             cache=self._cache.where if self._cache is not None else None)
         self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"

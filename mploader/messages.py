@@ -45,6 +45,7 @@ class Bootstrap:
     samples_per_item: int | None = None  # the count every item's generator must yield
     prepare: bytes | None = None  # cloudpickled prepare, whose results are cached (cache.py)
     cache: str | None = None    # "memory", a cache directory, or None: prepare is not cached
+    padding: Any = None         # layout.Padding: batches of items whose shapes vary
 
 
 @dataclass(frozen=True)

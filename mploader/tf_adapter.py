@@ -19,16 +19,19 @@ import numpy as np
 
 from . import pool as pool_module
 from .passes import PassAbandoned
-from .layout import map_nest, path_text
+from .layout import Padding, map_nest, path_text
 from .errors import MPLoaderError
 from .signature import Leaf, SignatureCheck, SignatureMismatch
 
 
-def _spec(value: Any, batch_dim: int | None, batched: bool) -> Any:
+def _spec(value: Any, path: tuple, batch_dim: int | None, batched: bool,
+          padding: Padding | None) -> Any:
     import tensorflow as tf
     array = np.asarray(value)
     dtype = tf.string if array.dtype.kind in "OSU" else tf.as_dtype(array.dtype)
     shape = list(array.shape)
+    if padding is not None and isinstance(value, np.ndarray) and array.ndim > 1:
+        shape[1:] = padding.shape_at(path, array.ndim - 1)  # None: the batch's largest
     if batched:
         shape[0] = batch_dim
     return tf.TensorSpec(shape=shape, dtype=dtype)
@@ -48,7 +51,8 @@ def infer_signature(loader: Any) -> tuple[Any, str]:
     _check_keys(result, ())
     origin = ("inferred from fn's result on " +
               (f"the batch starting at source index {index}" if batched else f"source index {index}"))
-    return map_nest(lambda v, _p: _spec(v, batch_dim, batched), result), origin
+    return map_nest(lambda v, path: _spec(v, path, batch_dim, batched, loader.padding),
+                    result), origin
 
 
 def _check_keys(value: Any, path: tuple) -> None:

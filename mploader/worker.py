@@ -98,6 +98,7 @@ class _TaskRunner:
         self._stack = boot.stack_batches
         self._samples = boot.samples
         self._samples_per_item = boot.samples_per_item
+        self._padding = boot.padding
         self._slots = slots
         self._status = slots.status
 
@@ -227,7 +228,7 @@ class _TaskRunner:
         tree, nbytes, capacity = None, 0, task.capacity
         if outputs:
             try:
-                tree, writes, nbytes = pack_batch(outputs, tuple(done))
+                tree, writes, nbytes = pack_batch(outputs, tuple(done), self._padding)
                 capacity = self._slots.write(task.slot, task.capacity, writes, nbytes)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
                 failures.extend(_failure(exc, index, items[index]) for index in done)

@@ -75,3 +75,18 @@ def test_dataset_without_batch_size_that_the_consumer_limits_suggests_batch_size
             time.sleep(0.002)
         report = loader.epoch_report()
     assert report["bound"] == "consumer" and "pass batch_size to MPLoader" in report["hint"]
+
+
+def test_padded_batches_through_dataset_have_open_dimensions_and_the_loaders_values():
+    with MPLoader(helpers.ragged, 12, num_workers=2, batch_size=4, padding_values=-1) as loader:
+        # padded to the largest of each batch: no size is known beyond the first batch
+        assert loader.dataset().element_spec == tf.TensorSpec((None, None, None), tf.int32)
+    with MPLoader(helpers.ragged, 12, num_workers=2, batch_size=4, padding_values=-1,
+                  padded_shapes=(None, 8), on_error="skip") as loader:
+        ds = loader.dataset()
+        assert ds.element_spec == tf.TensorSpec((None, None, 8), tf.int32)
+        direct = [b.tolist() for b in loader]
+        through_tf = [b.tolist() for b in ds.as_numpy_iterator()]
+    assert through_tf == direct
+    assert [len(b) for b in direct] == [4, 4, 4]
+    assert np.array(direct[0]).shape == (4, 4, 8) and direct[0][0][1] == [-1] * 8
