@@ -18,7 +18,7 @@ OTHER_PYTHONS_MARKS ?= not tf and not slow
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
-PYTEST := $(PY) -m pytest -q -p no:cacheprovider -rfEs
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -rfEs --durations=12
 VENV_STAMP := $(VENV)/.stamp-venv
 DEMO_STAMP := $(VENV)/.stamp-demo
 TEST_STAMP := $(VENV)/.stamp-test

@@ -146,6 +146,8 @@ sys.path[:0] = {path!r}
 from workloads import WORKLOADS
 fn = WORKLOADS[{name!r}][0]
 fn({start})  # imports and first-call costs, outside the window
+print("ready", flush=True)
+sys.stdin.readline()  # every process starts its loop at the same moment
 begin = time.time()
 for i in range({start}, {stop}):
     fn(i)
@@ -155,12 +157,18 @@ print(begin, time.time())
 
 def ceiling(name, n, workers):
     """The machine's parallel ceiling for fn: ``workers`` independent
-    processes, each running fn serially over its share at the same time; the
-    summed rate, from the first start to the last end of their timed loops."""
+    processes, each running fn serially over its share, started together
+    once all are warm; the summed rate, from the first start to the last end
+    of their timed loops."""
     shares = [(n * k // workers, n * (k + 1) // workers) for k in range(workers)]
     children = [subprocess.Popen([sys.executable, "-c", _CEILING_CHILD.format(
-        path=sys.path, name=name, start=a, stop=b)], stdout=subprocess.PIPE, text=True)
-        for a, b in shares]
+        path=sys.path, name=name, start=a, stop=b)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True) for a, b in shares]
+    for child in children:  # all imported and warm
+        assert child.stdout.readline().strip() == "ready"
+    for child in children:
+        child.stdin.write("go\n")
+        child.stdin.flush()
     windows = [tuple(map(float, child.communicate()[0].split())) for child in children]
     rate = n / (max(end for _, end in windows) - min(begin for begin, _ in windows))
     return float("nan"), rate, rate, None
