@@ -202,6 +202,7 @@ def _cache_memory(pid: int) -> tuple[int, int]:
     return pss, private
 
 
+@pytest.mark.slow  # over 1.5 s, the same on every Python
 def test_the_memory_cache_is_one_copy_whatever_num_workers(tmp_path):
     """24 volumes of 8 MiB: the cache file's pages, summed over the parent and
     every worker (Pss splits a shared page among its mappers), are the cache's
@@ -296,6 +297,7 @@ def finished(proc, n, mib=1, timeout=120):
     return got
 
 
+@pytest.mark.slow  # over 1.5 s, the same on every Python
 def test_a_directory_cache_survives_a_new_process_and_a_version_bump(tmp_path):
     cache = tmp_path / "cache"
     first = finished(fill(tmp_path, cache), 8)
@@ -307,6 +309,7 @@ def test_a_directory_cache_survives_a_new_process_and_a_version_bump(tmp_path):
     assert bumped["cache"]["misses"] == 8 and len(calls(tmp_path / "count")) == 16
 
 
+@pytest.mark.slow  # over 1.5 s, the same on every Python
 def test_a_truncated_or_damaged_entry_is_prepared_again(tmp_path):
     cache = tmp_path / "cache"
     finished(fill(tmp_path, cache, n=4), 4)
@@ -326,6 +329,7 @@ def test_a_truncated_or_damaged_entry_is_prepared_again(tmp_path):
     assert (healed["cache"]["corrupt"], healed["cache"]["hits"]) == (0, 4)
 
 
+@pytest.mark.slow  # over 1.5 s, the same on every Python
 def test_sigkill_in_the_middle_of_writing_an_entry_leaves_no_half_entry(tmp_path):
     """Entries of 64 MiB take long enough to write that the test sees the
     temporary file and SIGKILLs its writer (the worker, whose pid is in the
@@ -358,6 +362,7 @@ def test_sigkill_in_the_middle_of_writing_an_entry_leaves_no_half_entry(tmp_path
     assert calls(tmp_path / "count_after") == []
 
 
+@pytest.mark.slow  # over 1.5 s, the same on every Python
 def test_two_processes_filling_one_directory_at_once_agree(tmp_path):
     cache = tmp_path / "cache"
     a, b = fill(tmp_path, cache, n=16, count="a"), fill(tmp_path, cache, n=16, count="b")
