@@ -16,7 +16,8 @@ Address space.  A worker's arena reserves ``slots * stride`` bytes of address
 space in the parent (no memory: the file is sparse).  The stride is the
 largest result one task can return; it shrinks when many workers and slots
 share ``_ADDRESS_BUDGET_BYTES`` (per pool, so about 60 of the largest pools,
-or 400 default ones, can be alive in one process).
+or about 110 default ones on 2 cores, whose slots include the consumer's
+leases, can be alive in one process).
 """
 from __future__ import annotations
 
