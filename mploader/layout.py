@@ -15,6 +15,7 @@ object array.
 """
 from __future__ import annotations
 
+import cmath
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,15 +53,48 @@ class Padding:
     or a nest like the result.
     """
     shapes: Any = None
-    values: Any = 0
-
-    def shape_at(self, path: tuple, rank: int) -> tuple[int | None, ...]:
-        shape = _at(self.shapes, path)
-        return (None,) * rank if shape is None else tuple(shape)
+    values: Any = None
 
     def value_at(self, path: tuple) -> Any:
-        value = _at(self.values, path)
-        return 0 if value is None else value
+        """The pad value of a leaf; None: its dtype's zero ('' for strings)."""
+        return _at(self.values, path)
+
+    def shape_at(self, path: tuple, rank: int) -> tuple[Any, ...]:
+        shape = _at(self.shapes, path)
+        if shape is None:
+            return (None,) * rank
+        if not isinstance(shape, (tuple, list)):
+            raise UnsupportedResult(f"padded_shapes gives {path_text(path)} {shape!r}, not "
+                                    "a shape (a tuple of ints or None)")
+        return tuple(shape)
+
+    def check(self, result: Any) -> None:
+        """Every key and position the padding names exists in the result (a
+        typo would silently pad with the defaults)."""
+        _check_nest(self.shapes, result, "padded_shapes")
+        _check_nest(self.values, result, "padding_values")
+
+
+def _check_nest(nest: Any, result: Any, what: str, path: tuple = ()) -> None:
+    if isinstance(nest, dict):
+        if not isinstance(result, dict):
+            raise UnsupportedResult(f"{what} gives a dict for {path_text(path)}, where the "
+                                    f"result has a {type(result).__name__}")
+        for key, sub in nest.items():
+            if key not in result:
+                raise UnsupportedResult(
+                    f"{what} names {path_text(path + (key,))}, which the result does not "
+                    f"have (its keys there: {', '.join(map(repr, result))})")
+            _check_nest(sub, result[key], what, path + (key,))
+    elif isinstance(nest, (tuple, list)) and isinstance(result, (tuple, list)):
+        if len(nest) != len(result):
+            raise UnsupportedResult(f"{what} gives {len(nest)} entries for {path_text(path)}, "
+                                    f"where the result has {len(result)}")
+        for i, (sub, part) in enumerate(zip(nest, result)):
+            _check_nest(sub, part, what, path + (i,))
+    elif isinstance(nest, (tuple, list)) and isinstance(result, dict):
+        raise UnsupportedResult(f"{what} gives a {type(nest).__name__} for {path_text(path)}, "
+                                "where the result has a dict: give a dict with its keys")
 
 
 def _at(nest: Any, path: tuple) -> Any:
@@ -159,9 +193,12 @@ def _padded_column(column: list[np.ndarray], indices: tuple[int, ...], path: tup
                 f"cannot pad {path_text(path)}: source index {indices[0]} gave a "
                 f"{head.ndim}-d {head.dtype} array, source index {index} gave {got} "
                 "(padding changes sizes, never dtypes or ranks)")
-    if len(wanted) != head.ndim:
-        raise UnsupportedResult(f"padded_shapes gives {path_text(path)} {len(wanted)} "
-                                f"dimensions; the result has {head.ndim}")
+    if len(wanted) != head.ndim or not all(
+            size is None or (isinstance(size, (int, np.integer)) and not isinstance(size, bool)
+                             and size >= 0) for size in wanted):
+        raise UnsupportedResult(
+            f"padded_shapes gives {path_text(path)} the shape {tuple(wanted)!r}; the result "
+            f"there has {head.ndim} dimensions: give one int >= 0 or None per dimension")
     shape = []
     for axis, size in enumerate(wanted):
         largest = max(v.shape[axis] for v in column)
@@ -171,17 +208,40 @@ def _padded_column(column: list[np.ndarray], indices: tuple[int, ...], path: tup
                 f"cannot pad {path_text(path)}: source index {index} has {v.shape[axis]} "
                 f"along axis {axis}, more than padded_shapes allows ({size})")
         shape.append(largest if size is None else size)
-    value = padding.value_at(path)
-    if np.asarray(value).astype(head.dtype) != value:
+    return tuple(shape), _pad_value(padding.value_at(path), head.dtype, path)
+
+
+def _pad_value(value: Any, dtype: np.dtype, path: tuple) -> Any:
+    """The pad value as a scalar of ``dtype``; an error when it does not fit:
+    integers exactly, floats within range (NaN and infinities as given)."""
+    if value is None:
+        return np.zeros((), dtype)[()]
+    problem = None
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            converted = np.array(value, dtype=dtype)
+        if converted.ndim != 0:
+            problem = "is not a single value"
+        elif dtype.kind in "iub" and (not float(np.asarray(value).real).is_integer()
+                                      or converted.item() != value):
+            problem = "is not a value of it"
+        elif (dtype.kind in "fc" and cmath.isfinite(complex(value))
+              and not np.isfinite(converted)):
+            problem = "is out of its range"
+    except (TypeError, ValueError, OverflowError) as exc:
+        problem = f"cannot be converted ({exc})"
+    if problem is not None:
         raise UnsupportedResult(f"the padding value {value!r} of {path_text(path)} does not "
-                                f"fit its dtype {head.dtype}")
-    return tuple(shape), value
+                                f"fit its dtype {dtype}: it {problem}")
+    return converted[()]
 
 
 def pack_batch(results: list[Any], indices: tuple[int, ...], padding: Padding | None = None
                ) -> tuple[Any, list[Write | PadWrite], int]:
     """Stack the results of consecutive items along a new first axis (padded
     to one shape per leaf with ``padding``)."""
+    if padding is not None:
+        padding.check(results[0])
     skeleton, first = _flatten(results[0])
     columns: list[list[Any]] = [[v] for _, v in first]
     for result, index in zip(results[1:], indices[1:]):
@@ -250,7 +310,8 @@ def copy_writes(region: np.ndarray, writes: list[Write | PadWrite]) -> None:
         target = np.ndarray(write[2], array.dtype, buffer=region, offset=offset)
         if target.shape != array.shape:
             target.fill(write[3])
-        np.copyto(target[tuple(slice(0, n) for n in array.shape)], array, casting="no")
+        corner = tuple(slice(0, n) for n in array.shape) + (Ellipsis,)  # a view, even 0-d
+        np.copyto(target[corner], array, casting="no")
 
 
 def unpack(tree: Any, region: np.ndarray, copy: bool) -> Any:

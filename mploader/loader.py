@@ -36,7 +36,8 @@ log = logging.getLogger("mploader")
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 # Results the consumer may hold as zero-copy views of the workers' slots (see
-# slots.py): at least _MIN_LEASES per worker, and _POOL_LEASES in all, so that
+# slots.py and resources.leases_per_worker): at least _MIN_LEASES per worker,
+# and _POOL_LEASES in all, so that
 # a TensorFlow ``.batch(32)`` after ``dataset()``, which holds 32 elements
 # until its batch is built, holds views, not copies (a copy goes into fresh
 # memory, whose page faults cost more than the copy: measured, 224x224x3
@@ -170,8 +171,7 @@ class MPLoader:
         _check(not padded or not samples,
                "padded batches are made in the workers from one result per item; a fn that "
                "yields samples is batched in the parent, without padding")
-        self.padding = Padding(padded_shapes, 0 if padding_values is None else padding_values) \
-            if padded else None
+        self.padding = Padding(padded_shapes, padding_values) if padded else None
         self._source = Source(source)
         self.shuffle = shuffle
         self.shard = shard_of(shard)
@@ -240,7 +240,7 @@ class MPLoader:
             # One slot per task in flight, plus room for results the consumer
             # still holds as zero-copy views (see slots.py).
             prefetch = self._options.prefetch
-            leases = max(_MIN_LEASES, _POOL_LEASES // self.num_workers)
+            leases = resources.leases_per_worker(self.num_workers, _MIN_LEASES, _POOL_LEASES)
             self._box[0] = WorkerPool(self.num_workers, self._bootstrap,
                                       slots_per_worker=prefetch + leases,
                                       max_leases=leases, keep_free=prefetch,
@@ -267,8 +267,7 @@ class MPLoader:
             self._passes += 1
             clock = None if progress is None else PassClock(
                 epoch, via_tensorflow=route_interrupts, batched=self.batch_size is not None,
-                cached=self._cache is not None, workers=pool.workers,
-                waited_at_start=self._stats.waited_s)
+                cached=self._cache is not None, workers=pool.workers, stats=self._stats)
             self._current_pass = Pass(pool, items, self._passes, epoch, options, self._stats,
                                       self.skipped if progress is not None else None,
                                       self._discard_pool, progress, route_interrupts,
@@ -278,15 +277,15 @@ class MPLoader:
     def _keep_report(self, one_pass: Pass) -> None:
         """Keep where a finished pass's time went (stats()["epochs"])."""
         if one_pass.clock is not None and one_pass.clock.elements:
-            self._reports.append(one_pass.clock.report(self._stats.waited_s,
-                                                       one_pass.clock.workers))
+            self._reports.append(one_pass.clock.report())
             del self._reports[:-_REPORTS_KEPT]
 
     def epoch_report(self) -> dict[str, Any] | None:
         """Where the time of the newest pass (epoch) went so far: elements,
         seconds, the fraction the consumer waited on the workers, the workers'
-        busy fraction, ``bound`` ("input", "consumer" or "balanced") and a
-        one-line hint.  None before any element."""
+        busy fraction, ``bound`` ("input", "consumer", "source" or "balanced")
+        and a one-line hint, from its first element to its last.  None before
+        any element."""
         with self._lock:
             current = self._current_report()
             return current if current is not None else (self._reports[-1] if self._reports
@@ -436,13 +435,14 @@ class MPLoader:
         from .tf_adapter import checkpointable
         return checkpointable(self)
 
-    def keras_callback(self, verbose: bool = True) -> Any:
+    def keras_callback(self, verbose: bool = True, name: str = "mploader") -> Any:
         """A Keras callback that keeps the loader's epoch equal to Keras's
         (``model.fit(..., callbacks=[loader.keras_callback(), BackupAndRestore(...)])``)
         and says at each epoch's end where the input time went (printed with
-        ``verbose``; always in Keras's logs)."""
+        ``verbose``; always in Keras's logs, under ``name``: give each loader
+        its own, e.g. "train" and "val")."""
         from .tf_adapter import keras_callback
-        return keras_callback(self, verbose)
+        return keras_callback(self, verbose, name)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next pass continue where the loader that saved ``state`` stopped.
@@ -458,6 +458,7 @@ class MPLoader:
         resume.plan(self._source.length, self.shuffle, self.shard)  # fits this shard?
         with self._lock:
             if self._current_pass is not None:
+                self._keep_report(self._current_pass)
                 self._current_pass.abandon()
                 self._current_pass = None
             self._order_seed = resume.seed
@@ -510,8 +511,7 @@ class MPLoader:
         """The newest pass's report, if it handed out an element (not a probe)."""
         one_pass = self._current_pass
         clock = one_pass.clock if one_pass is not None else None
-        return clock.report(self._stats.waited_s, clock.workers) if clock and clock.elements \
-            else None
+        return clock.report() if clock and clock.elements else None
 
     # -- lifecycle ------------------------------------------------------------------------
 

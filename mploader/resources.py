@@ -75,6 +75,15 @@ def check_workers(num_workers: int) -> None:
         "in the shell, or resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard)) in Python")
 
 
+def leases_per_worker(num_workers: int, at_least: int, per_pool: int) -> int:
+    """Results a worker's consumer may hold as views of its slots: ``per_pool``
+    shared by the workers, at least ``at_least`` each; only ``at_least`` under
+    an ``RLIMIT_AS`` cap, where every slot more shrinks the largest result."""
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        return at_least
+    return max(at_least, per_pool // num_workers)
+
+
 def slot_stride(num_workers: int, slots_per_worker: int) -> int:
     """Bytes of address space per slot: the largest result a task may return.
 

@@ -271,7 +271,7 @@ def checkpointable(loader: Any) -> Any:
     return LoaderState()
 
 
-def keras_callback(loader: Any, verbose: bool = True) -> Any:
+def keras_callback(loader: Any, verbose: bool = True, name: str = "mploader") -> Any:
     """A Keras callback that makes the loader's epoch follow Keras's epoch, and
     says at each epoch's end where its input time went.
 
@@ -280,8 +280,10 @@ def keras_callback(loader: Any, verbose: bool = True) -> Any:
     another order.  Keras creates each epoch's iterator after
     ``on_epoch_begin``, so setting the epoch there decides the pass's order.
     At the epoch's end the pass's report (bottleneck.py) goes into the logs
-    (``mploader_consumer_wait``, ``mploader_worker_busy``: Keras's History
-    keeps them) and, with ``verbose``, its hint is printed.
+    (``<name>_consumer_wait``, ``<name>_worker_busy``: Keras's History keeps
+    them) and, with ``verbose``, its hint is printed.  The report is the
+    loader's pass that the epoch read (with ``steps_per_epoch`` over a
+    repeated dataset, that pass so far).
     """
     import tensorflow as tf
 
@@ -294,10 +296,10 @@ def keras_callback(loader: Any, verbose: bool = True) -> Any:
             if report is None:
                 return
             if logs is not None:
-                logs["mploader_consumer_wait"] = report["consumer_wait_fraction"]
-                logs["mploader_worker_busy"] = report["worker_busy_fraction"]
+                logs[f"{name}_consumer_wait"] = report["consumer_wait_fraction"]
+                logs[f"{name}_worker_busy"] = report["worker_busy_fraction"]
             if verbose:
-                print(f"mploader, epoch {epoch + 1}: {report['elements_per_s']:.1f} "
+                print(f"{name}, epoch {epoch + 1}: {report['elements_per_s']:.1f} "
                       f"elements/s; {report['hint']}", flush=True)
 
     return FollowKerasEpochs()

@@ -89,3 +89,11 @@ def ragged(i):
 def slow_item(i):
     time.sleep(0.02)
     return np.float32(i)
+
+
+def slow_last(i):
+    """Item 9 takes 1 s, then fails."""
+    if i == 9:
+        time.sleep(1.0)
+        raise ValueError("slow and bad")
+    return np.float32(i)

@@ -90,3 +90,13 @@ def test_padded_batches_through_dataset_have_open_dimensions_and_the_loaders_val
     assert through_tf == direct
     assert [len(b) for b in direct] == [4, 4, 4]
     assert np.array(direct[0]).shape == (4, 4, 8) and direct[0][0][1] == [-1] * 8
+
+
+def test_an_epoch_report_stays_within_its_pass():
+    """The last item is slow and then skipped: the wait after the last element
+    handed out is not the pass's (fractions never above 1)."""
+    with MPLoader(helpers.slow_last, 10, num_workers=2, on_error="skip") as loader:
+        assert len(list(loader)) == 9
+        report = loader.epoch_report()
+    assert report["elements"] == 9
+    assert 0 <= report["consumer_wait_fraction"] <= 1 and 0 <= report["worker_busy_fraction"] <= 1

@@ -74,3 +74,39 @@ def test_padding_refuses_other_dtypes_and_ranks_and_bad_arguments():
         yield np.zeros(i + 1)
     with pytest.raises(ValueError, match="without padding"):
         MPLoader(samples, 4, batch_size=2, padding_values=0)
+
+
+def scalars_and_strings(i):
+    return {"img": np.full(i % 3 + 1, i, np.float32), "d": np.array(i),
+            "tag": np.array(["ab"] * (i % 2 + 1))}
+
+
+def test_0d_leaves_strings_and_nan_pads():
+    with MPLoader(scalars_and_strings, 4, num_workers=1, batch_size=4,
+                  padding_values={"img": np.nan}) as loader:
+        batch = next(iter(loader))
+    assert batch["d"].tolist() == [0, 1, 2, 3]
+    assert batch["tag"].tolist() == [["ab", ""], ["ab", "ab"], ["ab", ""], ["ab", "ab"]]
+    np.testing.assert_array_equal(batch["img"], [[0, np.nan, np.nan], [1, 1, np.nan],
+                                                 [2, 2, 2], [3, np.nan, np.nan]])
+
+
+@pytest.mark.parametrize("value, dtype, fits", [
+    (1e40, np.float32, False), (1.5, np.int32, False), (-1, np.uint8, False),
+    (0.1, np.float32, True), (np.float64(0.1), np.float32, True), (-1024, np.int16, True)])
+def test_a_pad_value_must_fit_its_dtype(value, dtype, fits):
+    with MPLoader(lambda i: np.zeros(i + 1, dtype), 2, num_workers=1, batch_size=2,
+                  padding_values=value) as loader:
+        if fits:
+            assert next(iter(loader))[0, 1] == np.array(value, dtype)
+        else:
+            with pytest.raises(WorkerError, match="does not fit its dtype"):
+                list(loader)
+
+
+def test_padding_that_names_what_the_result_lacks_is_an_error():
+    with MPLoader(volume, 4, num_workers=1, batch_size=2,
+                  padding_values={"imgae": 3}) as loader:
+        with pytest.raises(WorkerError, match=r"names result\['imgae'\], which the result "
+                                              r"does not have \(its keys there: 'image', 'label'\)"):
+            list(loader)
