@@ -72,13 +72,8 @@ def skip_reason(peer: str) -> str | None:
 
 
 def run_measure(workload: str, peer: str, n: int, reps: int, workers: int, env: dict) -> dict:
-    cmd = [sys.executable, str(HERE / "measure.py"), workload, peer, "--n", str(n),
-           "--reps", str(reps), "--workers", str(workers)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    return run_script("measure.py", env, workload, peer, "--n", str(n), "--reps", str(reps),
+                      "--workers", str(workers))
 
 
 def medical_cases(tiny: bool) -> Path:

@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache_stores import HEADER_BYTES, Place
-from .messages import Result
+from .messages import PLAIN_TYPES, Result
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})  # as messages.ItemEncoder
 _MEMINFO = "/proc/meminfo"
 _CGROUP_LIMIT = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 _CGROUP_USED = ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
@@ -162,7 +161,7 @@ class Cache:
         view, start, keys = memoryview(encoded), 0, []
         for item, end in zip(items, ends):
             data: Any = view[start:end]
-            if type(item) not in _PLAIN:
+            if type(item) not in PLAIN_TYPES:
                 try:
                     data = pickle.dumps(item, protocol=4)
                 except Exception:  # noqa: BLE001 - only cloudpickle can: key by that

@@ -40,9 +40,7 @@ DEFAULT_CLOSE_TIMEOUT_S = 5.0
 # and _POOL_LEASES in all, so that
 # a TensorFlow ``.batch(32)`` after ``dataset()``, which holds 32 elements
 # until its batch is built, holds views, not copies (a copy goes into fresh
-# memory, whose page faults cost more than the copy: measured, 224x224x3
-# float32 through dataset().batch(32) with 2 workers, 8 leases per worker
-# gave 325 elements/s, 40 gave 701).
+# memory, whose page faults cost more than the copy; `make bench` section (h)).
 _MIN_LEASES = 8
 _POOL_LEASES = 64
 _PROBE_ITEMS = 32  # with on_error="skip", items tried to infer output_signature

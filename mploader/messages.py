@@ -179,7 +179,7 @@ def write_frame(fd: int, message: object) -> None:
         view = view[os.write(fd, view):]
 
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})  # plain pickle decodes anywhere
 
 
 class ItemEncoder:
@@ -205,7 +205,7 @@ class ItemEncoder:
         for position, item in enumerate(items):
             if out.tell() >= max_bytes:
                 return position
-            if type(item) in _PLAIN:
+            if type(item) in PLAIN_TYPES:
                 out.write(dumps(item, PROTOCOL))
             else:
                 self._add_by_value(item, position)
