@@ -34,7 +34,7 @@ import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -160,6 +160,9 @@ class Progress:
         # handed() runs on the pass's thread, state() on any (a checkpoint
         # saved while TensorFlow's thread drives the generator).
         self._lock = threading.Lock()
+        # Applies what was handed out but waits in TensorFlow, counted only
+        # once the consumer took it (grouping.py); state() runs it first.
+        self.settle: Callable[[], None] | None = None
 
     def sampled(self, step: int) -> None:
         """One more sample of the item at ``step`` is out (not its last)."""
@@ -179,6 +182,10 @@ class Progress:
                 self.ahead.discard(self.prefix)
                 self.prefix += 1
 
+    def end(self, _: Any = None) -> None:
+        """The pass ran to its end."""
+        self.ended = True
+
     def done(self) -> bool:
         total = self.plan.steps()
         if self.ended or total is None:
@@ -191,6 +198,8 @@ class Progress:
     def state(self, fingerprint: dict[str, Any], roll_over: bool = True) -> dict[str, Any]:
         """The JSON-serialisable state (see the module docstring); an epoch
         with nothing left is the next epoch's start, unless not ``roll_over``."""
+        if self.settle is not None:
+            self.settle()
         plan = self.plan
         with self._lock:
             epoch, position = plan.epoch, plan.base + plan.shards * self.prefix

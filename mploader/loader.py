@@ -501,6 +501,9 @@ class MPLoader:
             "shared_memory_bytes": sum(h.ring.reserved_bytes() for h in workers),
             "skipped": len(self.skipped),
             "worker_restarts": self._stats.restarts,
+            "elements_per_tensorflow_call": (self._stats.handoff_elements /
+                                             self._stats.handoff_calls
+                                             if self._stats.handoff_calls else 0.0),
             "cache": self._cache.stats() if self._cache is not None else None,
             "epochs": self._reports + [r for r in [self._current_report()] if r is not None],
         }

@@ -109,6 +109,8 @@ class Stats:
     tasks: int = 0
     waited_s: float = 0.0
     restarts: int = 0
+    handoff_calls: int = 0      # calls of TensorFlow's generator that gave elements
+    handoff_elements: int = 0   # elements they gave
 
 
 class PassAbandoned(RuntimeError):
@@ -165,13 +167,22 @@ class Pass(Iterator[Any]):
     # -- iteration ---------------------------------------------------------------
 
     def __next__(self) -> Any:
+        return self._pull(wait=True)
+
+    def next_if_ready(self) -> Any:
+        """The next value if it is here without waiting on a worker, else
+        ``NOT_READY``; raises like ``next()`` (a consumer that takes several
+        values per call: tf_adapter.py)."""
+        return self._pull(wait=False)
+
+    def _pull(self, wait: bool) -> Any:
         if _forked and os.getpid() != self._pool.owner_pid:
             raise not_the_owner(self._pool.owner_pid)
         if self._finished and not self._abandoned:
             raise StopIteration
         try:
             with self._pool.lock:
-                return self._next_locked()
+                return self._next_locked(wait)
         except BaseException as exc:
             self._finished = True
             if (not isinstance(exc, (StopIteration, WorkerError, PassAbandoned))
@@ -187,7 +198,8 @@ class Pass(Iterator[Any]):
                 raise StopIteration from None
             raise
 
-    def _next_locked(self) -> Any:
+    def _next_locked(self, wait: bool) -> Any:
+        polled = False
         while True:
             if self._abandoned or self._pool.closing:
                 raise _abandoned()
@@ -206,16 +218,19 @@ class Pass(Iterator[Any]):
                 if self._source_error is not None:
                     raise self._source_error  # at its position: every item before it is out
                 if self.progress is not None:
-                    self.progress.ended = True
+                    self._record(self.progress.end, None)
                 raise StopIteration
             if self._pool.closing:  # closed re-entrantly (a signal handler) during a wait
                 raise _abandoned()
+            if polled and not wait:
+                return NOT_READY
             if not self._pool.any_pending():
                 raise MPLoaderError("no worker of this loader is alive, and the pass has "
                                     "work left; start a new iteration")
             started = time.perf_counter()
-            events = self._pool.wait(WAIT_SLICE_S)
+            events = self._pool.wait(WAIT_SLICE_S if wait else 0.0)
             self._stats.waited_s += time.perf_counter() - started
+            polled = True
             for event in events:
                 if isinstance(event, Delivered):
                     self._on_delivered(event)
@@ -372,6 +387,11 @@ class Pass(Iterator[Any]):
     def hold(self) -> None:
         """Count nothing as handed out until :meth:`commit` (a batch being gathered)."""
         self._held = []
+
+    def take_held(self) -> list[tuple[Callable[[Any], None], Any]]:
+        """What was held so far, to apply later; the pass goes on holding."""
+        held, self._held = self._held or [], []
+        return held
 
     def commit(self, apply: bool = True) -> None:
         """Count what was held as handed out (or, without ``apply``, forget it)."""
@@ -531,6 +551,7 @@ os.register_at_fork(after_in_child=_note_fork)
 
 
 _NOTHING = object()  # a pending entry that hands out steps and yields no value
+NOT_READY = object()  # next_if_ready(): no value without waiting
 
 
 def _abandoned() -> PassAbandoned:

@@ -13,12 +13,13 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from . import pool as pool_module
-from .passes import PassAbandoned
+from .grouping import TAG_SHIFT, Deferred, chunk_elements, stack
+from .passes import NOT_READY, PassAbandoned
 from .layout import Padding, map_nest, path_text
 from .errors import MPLoaderError
 from .signature import Leaf, SignatureCheck, SignatureMismatch
@@ -86,6 +87,8 @@ def _leaves(spec: Any) -> Any:
 class _Stream:
     """What one dataset remembers between calls of its generator function.
 
+    Each call gives one element, or a chunk of small ones (grouping.py).
+
     A pass that ended on Ctrl-C ends the element stream *normally*: TensorFlow
     returns end-of-sequence to the main thread, which then runs Python's own
     SIGINT handler and raises a plain KeyboardInterrupt that ``except
@@ -100,10 +103,15 @@ class _Stream:
     the dataset was made ends its repetition the same way.
     """
 
-    def __init__(self, loader: Any, expected: int | None, check: SignatureCheck) -> None:
+    def __init__(self, loader: Any, expected: int | None, check: SignatureCheck,
+                 leaves: Any, per_call: int, read_tag: Callable[[], int] | None) -> None:
         self.loader = loader
         self.expected = expected
         self.check = check
+        self.leaves = leaves            # the signature as Leaf specs
+        self.per_call = per_call        # elements per call at most (grouping.py)
+        self.read_tag = read_tag        # the tag of the element last taken (grouping.py)
+        self.passes = 0                 # passes started, to tag their elements
         self.end_next_call = False      # the last pass ended this repetition early
         self.short: str | None = None   # a pass ended early without an interrupt
 
@@ -118,12 +126,22 @@ class _Stream:
         rest = self.loader._pending_elements()  # a restored epoch: its rest only
         expected = self.expected if rest is None or self.expected is None else rest
         one_pass = self.loader._iterate(route_interrupts=True)
+        stats = self.loader._stats
         count = 0
         try:
-            for element in one_pass:
-                self.check.check(element, one_pass.last_index)
-                count += 1
-                yield element
+            if self.per_call == 1:
+                for element in one_pass:
+                    self.check.check(element, one_pass.last_index)
+                    count += 1
+                    stats.handoff_calls += 1
+                    stats.handoff_elements += 1
+                    yield element
+            else:
+                for tags, chunk in self._chunks(one_pass):
+                    count += len(tags)
+                    stats.handoff_calls += 1
+                    stats.handoff_elements += len(tags)
+                    yield tags, chunk
         except PassAbandoned:
             if not _exiting:
                 raise
@@ -143,6 +161,45 @@ class _Stream:
                           "what iterating it gives")
         elif expected is not None and expected < self.expected:
             self.end_next_call = ends_early
+
+
+    def _chunks(self, one_pass: Any) -> Iterator[tuple[np.ndarray, Any]]:
+        """(tags, stacked elements) per call: the element the consumer waits
+        for, then those ready without waiting (grouping.py).  A failure goes
+        out after the elements before it, on the next call."""
+        self.passes += 1
+        deferred = Deferred(self.passes, self.read_tag)
+        one_pass.progress.settle = deferred.settle
+        one_pass.hold()
+        first_tag = self.passes << TAG_SHIFT
+        number, elements = 0, []
+        while True:
+            try:
+                element = one_pass.next_if_ready() if elements else next(one_pass)
+                if element is not NOT_READY:
+                    self.check.check(element, one_pass.last_index)
+            except StopIteration:
+                break
+            except BaseException:
+                deferred.add(number, one_pass.take_held())
+                if elements:
+                    yield self._chunk(first_tag, number, elements)
+                raise
+            if element is not NOT_READY:
+                number += 1
+                elements.append(element)
+                deferred.add(number, one_pass.take_held())
+            if elements and (element is NOT_READY or len(elements) == self.per_call):
+                yield self._chunk(first_tag, number, elements)
+                elements = []
+        deferred.add(number, one_pass.take_held())  # the pass's end, skips at its end
+        if elements:
+            yield self._chunk(first_tag, number, elements)
+
+    def _chunk(self, first_tag: int, number: int, elements: list) -> tuple[np.ndarray, Any]:
+        tags = np.arange(first_tag + number - len(elements) + 1, first_tag + number + 1,
+                         dtype=np.int64)
+        return tags, stack(elements, self.leaves)
 
 
 def _for_tensorflow(exc: BaseException) -> BaseException:
@@ -231,8 +288,26 @@ def make_dataset(loader: Any) -> Any:
         count = None
     if loader._options.on_error != "raise":
         count = None  # skips make a pass shorter than len()
-    stream = _Stream(loader, count, SignatureCheck(_leaves(signature), origin))
-    dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
+    leaves = _leaves(signature)
+    per_call = _elements_per_call(loader, signature, leaves, tf)
+    if per_call == 1:
+        stream = _Stream(loader, count, SignatureCheck(leaves, origin), leaves, 1, None)
+        dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
+    else:
+        with tf.init_scope(), tf.device("/cpu:0"):
+            last_taken = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                     name="mploader_last_taken")
+        stream = _Stream(loader, count, SignatureCheck(leaves, origin), leaves, per_call,
+                         lambda: int(last_taken.numpy()))
+
+        def taken(tag: Any, element: Any) -> Any:
+            with tf.control_dependencies([last_taken.assign(tag, read_value=False)]):
+                return tf.nest.map_structure(tf.identity, element)
+
+        chunks = (tf.TensorSpec((None,), tf.int64), tf.nest.map_structure(
+            lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), signature))
+        dataset = tf.data.Dataset.from_generator(
+            stream.generate, output_signature=chunks).unbatch().map(taken)
     # The workers already compute ahead (prefetch tasks each), so TensorFlow's
     # injected prefetch buys nothing here, and its background thread is what
     # can be inside the generator when the interpreter finalizes: TensorFlow's
@@ -250,6 +325,27 @@ def make_dataset(loader: Any) -> Any:
     if count is not None:
         dataset = dataset.repeat().take(count)  # see _Stream
     return dataset
+
+
+def _elements_per_call(loader: Any, signature: Any, leaves: Any, tf: Any) -> int:
+    """Elements per generator call (grouping.py): several only for small
+    fixed-shape elements one at a time (batches are groups already), in a
+    signature of plain tuples and dicts, and where the variable that tracks
+    what the consumer took is an ordinary one (not inside ``tf.function`` nor
+    a distribution strategy's scope, which would make it a distributed one)."""
+    if loader.batch_size is not None or not _plain_nest(signature, tf):
+        return 1
+    if not tf.executing_eagerly() or tf.distribute.has_strategy():
+        return 1
+    return chunk_elements(leaves)
+
+
+def _plain_nest(spec: Any, tf: Any) -> bool:
+    if type(spec) is dict:
+        return all(_plain_nest(sub, tf) for sub in spec.values())
+    if type(spec) is tuple:
+        return all(_plain_nest(sub, tf) for sub in spec)
+    return isinstance(spec, tf.TensorSpec)
 
 
 def checkpointable(loader: Any) -> Any:

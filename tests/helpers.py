@@ -97,3 +97,10 @@ def slow_last(i):
         time.sleep(1.0)
         raise ValueError("slow and bad")
     return np.float32(i)
+
+
+def small_record(x: int) -> dict:
+    """A small fixed-shape element (several go per TensorFlow call); item 7 fails."""
+    if x == 7:
+        raise ValueError(f"bad item {x}")
+    return {"x": np.full(4, x, np.float32), "label": (np.int64(x % 3), x % 2 == 0)}

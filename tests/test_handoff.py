@@ -100,3 +100,75 @@ def test_an_epoch_report_stays_within_its_pass():
         report = loader.epoch_report()
     assert report["elements"] == 9
     assert 0 <= report["consumer_wait_fraction"] <= 1 and 0 <= report["worker_busy_fraction"] <= 1
+
+
+def _slowly(iterator, delay_s=0.002):
+    """Consume slower than two workers produce, so results wait ready and
+    TensorFlow's generator takes several per call."""
+    for x in iterator:
+        time.sleep(delay_s)
+        yield x
+
+
+def _leaves(element):
+    return (element["x"].tolist(), int(element["label"][0]), bool(element["label"][1]))
+
+
+def test_small_elements_go_several_per_call_and_the_stream_is_unchanged():
+    with MPLoader(helpers.small_record, 300, num_workers=2, on_error="skip") as loader:
+        direct = [_leaves(e) for e in loader]
+        ds = loader.dataset()
+        assert ds.element_spec == {"x": tf.TensorSpec((4,), tf.float32),
+                                   "label": (tf.TensorSpec((), tf.int64),
+                                             tf.TensorSpec((), tf.bool))}
+        through_tf = [_leaves(e) for e in _slowly(ds.as_numpy_iterator())]
+        assert loader.stats()["elements_per_tensorflow_call"] > 2
+        assert len(loader.skipped) == 2 and [s.index for s in loader.skipped] == [7, 7]
+    assert through_tf == direct and len(direct) == 299
+    assert [row[1] for row in direct[:8]] == [0, 1, 2, 0, 1, 2, 0, 2]  # item 7 skipped
+
+
+def test_small_elements_raise_at_their_position_after_every_element_before():
+    with MPLoader(helpers.fail_on_7, 100, num_workers=2) as loader:
+        seen = []
+        with pytest.raises(tf.errors.OpError, match="bad item 7"):
+            iterator = loader.dataset().as_numpy_iterator()
+            time.sleep(0.5)  # every result before item 7 is ready: they go as one chunk
+            for x in iterator:
+                seen.append(int(x))
+        assert loader.stats()["elements_per_tensorflow_call"] > 1
+    assert seen == list(range(7))
+
+
+@pytest.mark.parametrize("shuffle,batch", [(False, 1), (True, 1), (True, 4)])
+def test_resume_is_exact_inside_a_chunk_tensorflow_still_holds(shuffle, batch):
+    """The state counts only what the consumer took, not the rest of a chunk
+    waiting in TensorFlow; skips count once the element after them is taken."""
+    with MPLoader(helpers.fail_on_7, 100, num_workers=2, on_error="skip", shuffle=shuffle,
+                  seed=3) as loader:
+        whole = [int(x) for x in loader]
+        loader.set_epoch(0)
+        iterator = loader.dataset().batch(batch).as_numpy_iterator()
+        taken = next(iterator).tolist()
+        time.sleep(0.5)  # the rest of the epoch is ready: the next call takes it all
+        while len(taken) < 12:
+            taken += next(iterator).tolist()
+            time.sleep(0.05)  # a training step
+        assert loader.stats()["elements_per_tensorflow_call"] > 2
+        state = loader.state_dict()
+        taken += next(iterator).tolist()  # more, after the state was saved
+        del iterator
+    assert taken == whole[:12 + batch] and 7 not in whole
+    with MPLoader(helpers.fail_on_7, 100, num_workers=3, on_error="skip", shuffle=shuffle,
+                  seed=3) as resumed:
+        resumed.load_state_dict(state)
+        rest = [int(x) for x in resumed.dataset()]
+    assert taken[:12] + rest == whole
+
+
+def test_inside_a_distribution_strategy_elements_go_one_per_call():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with MPLoader(helpers.fail_on_7, 6, num_workers=2) as loader, strategy.scope():
+        ds = loader.dataset()
+        assert [int(x) for x in _slowly(ds)] == list(range(6))
+        assert loader.stats()["elements_per_tensorflow_call"] == 1
