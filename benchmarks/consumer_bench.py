@@ -53,7 +53,7 @@ def timed(iterable, batched: bool) -> tuple[float, float]:
     return count / elapsed, 1000 * cpu / count
 
 
-def measure(element: str, peer: str, n: int, workers: int, tf) -> tuple[float, float]:
+def measure(element: str, peer: str, n: int, workers: int, tf) -> tuple[float, ...]:
     fn, spec = READY[element]
     signature = tf.TensorSpec(spec[1], tf.as_dtype(spec[0]))
     if peer == "bare":
@@ -70,7 +70,8 @@ def measure(element: str, peer: str, n: int, workers: int, tf) -> tuple[float, f
         if peer == "loader":
             return timed(loader, batched=False)
         ds = loader.dataset()
-        return timed(ds.batch(32) if peer == "dataset_batch32" else ds, batched=True)
+        rate, cpu = timed(ds.batch(32) if peer == "dataset_batch32" else ds, batched=True)
+        return rate, cpu, loader.stats()["elements_per_tensorflow_call"]
 
 
 def main() -> None:
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fewer elements (a smoke test)")
     args = parser.parse_args()
     import tensorflow as tf
-    runs: dict[str, dict[str, list[tuple[float, float]]]] = {
+    runs: dict[str, dict[str, list[tuple[float, ...]]]] = {
         e: {p: [] for p in PEERS} for e in ELEMENTS}
     for _ in range(args.reps):
         for element, n in ELEMENTS.items():
@@ -96,6 +97,9 @@ def main() -> None:
             "x_bare": statistics.median(r[0] / b[0] for r, b in zip(done, bare)),
             "x_bare_min": min(r[0] / b[0] for r, b in zip(done, bare)),
             "x_bare_max": max(r[0] / b[0] for r, b in zip(done, bare)),
+            # through dataset(): elements per call of TensorFlow's generator (grouping.py)
+            "per_call": (statistics.median(r[2] for r in done)
+                         if all(len(r) > 2 for r in done) else None),
         } for peer, done in peers.items()}
     print(json.dumps(out))
 

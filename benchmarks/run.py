@@ -140,6 +140,10 @@ def consumer_text(h: dict) -> str:
             cells.append(f"{r['per_s']:.0f} ({r['cpu_ms']:.3f} ms) {r['x_bare']:.2f}x "
                          f"({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})")
         lines.append(f"  {name:<40}" + "".join(f"{c:>40}" for c in cells))
+    per_call = [h["elements"][e]["dataset_batch32"].get("per_call") for e in elements]
+    if None not in per_call:
+        lines.append(f"  {'dataset(): elements per generator call':<40}" +
+                     "".join(f"{p:>40.1f}" for p in per_call))
     return "\n".join(lines)
 
 
