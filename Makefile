@@ -7,13 +7,15 @@
 #   make test        + .[test]; the whole suite but the `bench` test on .venv,
 #                    then `pytest -m "$(OTHER_PYTHONS_MARKS)"` on each of
 #                    OTHER_PYTHONS, each in its own .venv-3.X holding only
-#                    .[test] (tests/other_pythons.sh)
+#                    .[test] (tests/other_pythons.sh): the oldest and the
+#                    newest supported; `make test OTHER_PYTHONS="3.10 3.12 3.13"`
+#                    adds 3.12 (the suite then takes over 10 minutes here)
 #   make bench       + .[bench]; the benchmark
 #   make test-bench  the `bench` test (the benchmark's tiny mode)
 #   make soak        the TensorFlow exit and Ctrl-C scenarios, 20 runs each
 #                    (the suite runs fewer, to stay under 10 minutes)
 PYTHON ?= python3
-OTHER_PYTHONS ?= 3.10 3.12 3.13
+OTHER_PYTHONS ?= 3.10 3.13
 OTHER_PYTHONS_MARKS ?= not tf and not slow
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tests that need neither TensorFlow nor the demo extra, less the slow ones
 # (pytest -m "not tf and not slow"), on each Python version in $OTHER_PYTHONS
-# (default: 3.10 3.12 3.13), each in its own venv .venv-3.X holding `.[test]`
+# (default: 3.10 3.12 3.13; `make test` passes the oldest and newest), each in its own venv .venv-3.X holding `.[test]`
 # only: numpy, cloudpickle, pytest, pytest-timeout, psutil.  `make test` runs it
 # after the full suite on .venv.
 #
