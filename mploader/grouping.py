@@ -37,6 +37,12 @@ MAX_ELEMENT_BYTES = 64 << 10  # larger elements: one per call
 MAX_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_ELEMENTS = 256
 TAG_SHIFT = 40  # tag = pass number << TAG_SHIFT | element number in the pass (from 1)
+PASS_TAGS = (1 << (63 - TAG_SHIFT)) - 1  # pass numbers 1..PASS_TAGS, then round again
+# Calls after which a call's elements are surely taken: TensorFlow asks for a
+# call only once ``unbatch`` gave out the last one, through the map that
+# counts them (nothing buffers in between); a margin over that one.
+SURELY_TAKEN_AFTER_CALLS = 4
+_UNBATCHABLE_KINDS = "biufc"  # bool, integers, floats, complex
 
 Records = list[tuple[Callable[[Any], None], Any]]
 
@@ -50,10 +56,12 @@ def chunk_elements(spec: Any) -> int:
     for leaf in leaves:
         if leaf is None or leaf.dtype is None or leaf.shape is None or None in leaf.shape:
             return 1  # strings, ragged, varying shapes
+        if leaf.dtype.kind not in _UNBATCHABLE_KINDS or 0 in leaf.shape:
+            return 1  # unbatch fails on ml_dtypes' float8 and int4; crashes on empty leaves
         nbytes += leaf.dtype.itemsize * int(np.prod(leaf.shape, dtype=np.int64))
     if not leaves or nbytes > MAX_ELEMENT_BYTES:
         return 1
-    return max(1, min(MAX_CHUNK_ELEMENTS, MAX_CHUNK_BYTES // max(1, nbytes)))
+    return max(1, min(MAX_CHUNK_ELEMENTS, MAX_CHUNK_BYTES // nbytes))
 
 
 def _flatten(spec: Any, out: list) -> None:
@@ -82,7 +90,8 @@ class Deferred:
     took the element (see the module docstring).
 
     ``add`` runs on the thread that drives the pass, ``settle`` on whichever
-    asks for the state: a lock of its own, held only to move entries.
+    asks for the state: a lock of its own, held to apply entries in order
+    (each takes the progress's lock after it, never the other way round).
     """
 
     def __init__(self, tag: int, read_tag: Callable[[], int]) -> None:
@@ -100,10 +109,14 @@ class Deferred:
     def settle(self) -> None:
         """Apply the records of every element the consumer has taken."""
         last = self._read_tag()
-        taken = last & ((1 << TAG_SHIFT) - 1) if last >> TAG_SHIFT == self.tag else 0
-        with self._lock:
-            due = []
+        self.settle_through(last & ((1 << TAG_SHIFT) - 1) if last >> TAG_SHIFT == self.tag
+                            else 0)
+
+    def settle_through(self, taken: int) -> None:
+        """Apply the records of the elements up to number ``taken``; the
+        pass calls it too, for calls surely taken, so that entries do not pile
+        up over an epoch nobody saves mid-way."""
+        with self._lock:  # applied in order, before another thread's state() reads
             while self._entries and self._entries[0][0] <= taken:
-                due.extend(self._entries.popleft()[1])
-        for update, arg in due:
-            update(arg)
+                for update, arg in self._entries.popleft()[1]:
+                    update(arg)

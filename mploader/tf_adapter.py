@@ -13,12 +13,14 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from . import pool as pool_module
-from .grouping import TAG_SHIFT, Deferred, chunk_elements, stack
+from .grouping import (PASS_TAGS, SURELY_TAKEN_AFTER_CALLS, TAG_SHIFT, Deferred,
+                       chunk_elements, stack)
 from .passes import NOT_READY, PassAbandoned
 from .layout import Padding, map_nest, path_text
 from .errors import MPLoaderError
@@ -110,7 +112,7 @@ class _Stream:
         self.check = check
         self.leaves = leaves            # the signature as Leaf specs
         self.per_call = per_call        # elements per call at most (grouping.py)
-        self.read_tag = read_tag        # the tag of the element last taken (grouping.py)
+        self.read_tag = read_tag        # the tag of the element last taken; None: untagged
         self.passes = 0                 # passes started, to tag their elements
         self.end_next_call = False      # the last pass ended this repetition early
         self.short: str | None = None   # a pass ended early without an interrupt
@@ -129,7 +131,7 @@ class _Stream:
         stats = self.loader._stats
         count = 0
         try:
-            if self.per_call == 1:
+            if self.read_tag is None:
                 for element in one_pass:
                     self.check.check(element, one_pass.last_index)
                     count += 1
@@ -137,11 +139,11 @@ class _Stream:
                     stats.handoff_elements += 1
                     yield element
             else:
-                for tags, chunk in self._chunks(one_pass):
-                    count += len(tags)
+                for number, elements in self._groups(one_pass):
+                    count += len(elements)
                     stats.handoff_calls += 1
-                    stats.handoff_elements += len(tags)
-                    yield tags, chunk
+                    stats.handoff_elements += len(elements)
+                    yield self._tagged(number, elements)
         except PassAbandoned:
             if not _exiting:
                 raise
@@ -163,16 +165,18 @@ class _Stream:
             self.end_next_call = ends_early
 
 
-    def _chunks(self, one_pass: Any) -> Iterator[tuple[np.ndarray, Any]]:
-        """(tags, stacked elements) per call: the element the consumer waits
-        for, then those ready without waiting (grouping.py).  A failure goes
-        out after the elements before it, on the next call."""
-        self.passes += 1
+    def _groups(self, one_pass: Any) -> Iterator[tuple[int, list]]:
+        """(number of the last, elements) per call: the element the consumer
+        waits for, then, up to ``per_call``, those ready without waiting.  A
+        failure goes out after the elements before it, on the next call.  What
+        the pass hands out waits in a Deferred until the consumer took the
+        element it came with (grouping.py)."""
+        self.passes = self.passes % PASS_TAGS + 1
         deferred = Deferred(self.passes, self.read_tag)
         one_pass.progress.settle = deferred.settle
         one_pass.hold()
-        first_tag = self.passes << TAG_SHIFT
         number, elements = 0, []
+        call_ends: deque[int] = deque()  # number of the last element of each call
         while True:
             try:
                 element = one_pass.next_if_ready() if elements else next(one_pass)
@@ -183,23 +187,27 @@ class _Stream:
             except BaseException:
                 deferred.add(number, one_pass.take_held())
                 if elements:
-                    yield self._chunk(first_tag, number, elements)
+                    yield number, elements
                 raise
             if element is not NOT_READY:
                 number += 1
                 elements.append(element)
                 deferred.add(number, one_pass.take_held())
             if elements and (element is NOT_READY or len(elements) == self.per_call):
-                yield self._chunk(first_tag, number, elements)
+                yield number, elements
                 elements = []
+                call_ends.append(number)
+                if len(call_ends) > SURELY_TAKEN_AFTER_CALLS:
+                    deferred.settle_through(call_ends.popleft())
         deferred.add(number, one_pass.take_held())  # the pass's end, skips at its end
         if elements:
-            yield self._chunk(first_tag, number, elements)
+            yield number, elements
 
-    def _chunk(self, first_tag: int, number: int, elements: list) -> tuple[np.ndarray, Any]:
-        tags = np.arange(first_tag + number - len(elements) + 1, first_tag + number + 1,
-                         dtype=np.int64)
-        return tags, stack(elements, self.leaves)
+    def _tagged(self, number: int, elements: list) -> tuple[np.ndarray, Any]:
+        """What one call gives TensorFlow: (tags, the elements stacked)."""
+        last = (self.passes << TAG_SHIFT) + number
+        return (np.arange(last - len(elements) + 1, last + 1, dtype=np.int64),
+                stack(elements, self.leaves))
 
 
 def _for_tensorflow(exc: BaseException) -> BaseException:
@@ -289,15 +297,16 @@ def make_dataset(loader: Any) -> Any:
     if loader._options.on_error != "raise":
         count = None  # skips make a pass shorter than len()
     leaves = _leaves(signature)
+    check = SignatureCheck(leaves, origin)
     per_call = _elements_per_call(loader, signature, leaves, tf)
     if per_call == 1:
-        stream = _Stream(loader, count, SignatureCheck(leaves, origin), leaves, 1, None)
+        stream = _Stream(loader, count, check, leaves, 1, None)
         dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
     else:
         with tf.init_scope(), tf.device("/cpu:0"):
             last_taken = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="mploader_last_taken")
-        stream = _Stream(loader, count, SignatureCheck(leaves, origin), leaves, per_call,
+        stream = _Stream(loader, count, check, leaves, per_call,
                          lambda: int(last_taken.numpy()))
 
         def taken(tag: Any, element: Any) -> Any:
@@ -309,8 +318,10 @@ def make_dataset(loader: Any) -> Any:
         dataset = tf.data.Dataset.from_generator(
             stream.generate, output_signature=chunks).unbatch().map(taken)
     # The workers already compute ahead (prefetch tasks each), so TensorFlow's
-    # injected prefetch buys nothing here, and its background thread is what
-    # can be inside the generator when the interpreter finalizes: TensorFlow's
+    # injected prefetch buys nothing here; it would go past the point where
+    # elements are counted (the generator, or the tags), so the state would
+    # count what it read ahead; and its background thread is what can be
+    # inside the generator when the interpreter finalizes: TensorFlow's
     # iterator destructor then waits for a thread that waits for the GIL
     # (a bare from_generator over a slow generator hangs at exit that way).
     options = tf.data.Options()
@@ -331,8 +342,9 @@ def _elements_per_call(loader: Any, signature: Any, leaves: Any, tf: Any) -> int
     """Elements per generator call (grouping.py): several only for small
     fixed-shape elements one at a time (batches are groups already), in a
     signature of plain tuples and dicts, and where the variable that tracks
-    what the consumer took is an ordinary one (not inside ``tf.function`` nor
-    a distribution strategy's scope, which would make it a distributed one)."""
+    what the consumer took is an ordinary one (not inside ``tf.function``,
+    nor in a distribution strategy's scope, which would make it a
+    distributed one)."""
     if loader.batch_size is not None or not _plain_nest(signature, tf):
         return 1
     if not tf.executing_eagerly() or tf.distribute.has_strategy():

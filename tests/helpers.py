@@ -104,3 +104,14 @@ def small_record(x: int) -> dict:
     if x == 7:
         raise ValueError(f"bad item {x}")
     return {"x": np.full(4, x, np.float32), "label": (np.int64(x % 3), x % 2 == 0)}
+
+
+def empty_leaf(x: int) -> tuple:
+    """A leaf with no values next to a scalar: TensorFlow's unbatch cannot take it."""
+    return np.zeros((0, 3), np.float32), np.int64(x)
+
+
+def float8_leaf(x: int) -> np.ndarray:
+    """A dtype numpy knows through ml_dtypes (TensorFlow's float8) that unbatch cannot take."""
+    import ml_dtypes
+    return np.full(2, x % 8, ml_dtypes.float8_e4m3fn)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mploader import MPLoader
+from mploader.grouping import MAX_CHUNK_ELEMENTS, SURELY_TAKEN_AFTER_CALLS
 
 from . import helpers  # fns live there: a worker importing this module would import TensorFlow
 
@@ -172,3 +173,25 @@ def test_inside_a_distribution_strategy_elements_go_one_per_call():
         ds = loader.dataset()
         assert [int(x) for x in _slowly(ds)] == list(range(6))
         assert loader.stats()["elements_per_tensorflow_call"] == 1
+
+
+@pytest.mark.parametrize("fn", [helpers.empty_leaf, helpers.float8_leaf])
+def test_small_elements_that_unbatch_cannot_take_go_one_per_call(fn):
+    with MPLoader(fn, 40, num_workers=2) as loader:
+        direct = [repr(e) for e in loader]
+        through_tf = [repr(e) for e in _slowly(loader.dataset().as_numpy_iterator())]
+        assert loader.stats()["elements_per_tensorflow_call"] == 1
+    assert through_tf == direct
+
+
+def test_what_a_long_epoch_hands_out_is_applied_as_it_goes_not_kept():
+    """Nobody saves mid-epoch: the records of calls surely taken are applied
+    during the pass, so they do not pile up element by element."""
+    with MPLoader(helpers.fail_on_7, 6000, num_workers=2, on_error="skip") as loader:
+        iterator = loader.dataset().as_numpy_iterator()
+        for _, _ in zip(range(5000), _slowly(iterator, 0.0002)):
+            pass
+        deferred = loader._progress.settle.__self__
+        assert len(deferred._entries) <= (SURELY_TAKEN_AFTER_CALLS + 1) * MAX_CHUNK_ELEMENTS
+        assert loader.stats()["elements_per_tensorflow_call"] > 1
+        assert loader.state_dict()["position"] == 5001  # item 7 skipped
