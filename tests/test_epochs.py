@@ -31,6 +31,7 @@ def epochs(loader, count):
     return [list(loader) for _ in range(count)]
 
 
+@pytest.mark.slow  # the order's logic, the same on every Python (3 s): main Python only
 def test_every_epoch_is_a_new_permutation_identical_for_1_and_3_workers():
     with MPLoader(seeded_noise, 50, num_workers=1, shuffle=True, seed=7) as one, \
             MPLoader(seeded_noise, 50, num_workers=3, shuffle=True, seed=7, ordered=True,

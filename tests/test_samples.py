@@ -84,6 +84,8 @@ def test_skip_drops_the_rest_of_the_item_and_reports_it_once():
     assert [s.index for s in skipped] == [2] and "after 2 samples" in skipped[0].message
 
 
+# Logic of the epoch's state, the same on every Python (2-3 s each): main Python only.
+@pytest.mark.slow
 @pytest.mark.parametrize("taken, options", [
     (4, dict(samples_per_item=3)),                  # between two samples of volume 1
     (2, dict(batch_size=4, samples_per_item=3)),    # a batch boundary inside volume 2
