@@ -9,7 +9,7 @@
 #                    OTHER_PYTHONS, each in its own .venv-3.X holding only
 #                    .[test] (tests/other_pythons.sh): the oldest and the
 #                    newest supported; `make test OTHER_PYTHONS="3.10 3.12 3.13"`
-#                    adds 3.12 (the suite then takes over 10 minutes here)
+#                    adds 3.12 (about 2 minutes more on the 2-core machine)
 #   make bench       + .[bench]; the benchmark
 #   make test-bench  the `bench` test (the benchmark's tiny mode)
 #   make soak        the TensorFlow exit and Ctrl-C scenarios, 20 runs each
