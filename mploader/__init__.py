@@ -20,15 +20,45 @@ Modules, one job each:
     random_state.py  per-item random state (item_rng)
     signature.py     every element checked against the dataset's signature
     interrupts.py    Ctrl-C while TensorFlow's threads run the consumer
+    cache.py         the cache of prepare's results, from the parent
+    cache_stores.py  the cache's stores, from a worker
+    bottleneck.py    where a pass's time went, and a hint
+    grouping.py      several small elements per TensorFlow generator call
     tf_adapter.py    the TensorFlow adapter (the only module that imports TensorFlow)
     errors.py        the errors users catch
 """
-from .errors import MPLoaderError, WorkerDied, WorkerError, WorkerTimeout
-from .loader import MPLoader
-from .passes import PassAbandoned, Skipped
-from .random_state import item_rng, item_scope
-from .signature import SignatureMismatch
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import MPLoaderError, WorkerDied, WorkerError, WorkerTimeout
+    from .loader import MPLoader
+    from .passes import PassAbandoned, Skipped
+    from .random_state import item_rng, item_scope
+    from .signature import SignatureMismatch
 
 __all__ = ["MPLoader", "MPLoaderError", "WorkerError", "WorkerDied", "WorkerTimeout",
            "PassAbandoned", "Skipped", "SignatureMismatch", "item_rng", "item_scope"]
 __version__ = "0.1.0"
+
+# Each public name and its module, imported on first use: a worker imports
+# ``mploader.worker``, which imports this package first, and the parent's
+# modules (the loader, its passes, the pool, epochs...) are none of its
+# business; importing them cost every worker's start about 60 ms here.
+_HOMES = {"MPLoader": "loader", "MPLoaderError": "errors", "WorkerError": "errors",
+          "WorkerDied": "errors", "WorkerTimeout": "errors", "PassAbandoned": "passes",
+          "Skipped": "passes", "SignatureMismatch": "signature", "item_rng": "random_state",
+          "item_scope": "random_state"}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'mploader' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__ + ["__version__"])
