@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from .random_state import item_rng, item_scope
     from .signature import SignatureMismatch
 
-__all__ = ["MPLoader", "MPLoaderError", "WorkerError", "WorkerDied", "WorkerTimeout",
-           "PassAbandoned", "Skipped", "SignatureMismatch", "item_rng", "item_scope"]
 __version__ = "0.1.0"
 
 # Each public name and its module, imported on first use: a worker imports
@@ -48,6 +46,7 @@ _HOMES = {"MPLoader": "loader", "MPLoaderError": "errors", "WorkerError": "error
           "WorkerDied": "errors", "WorkerTimeout": "errors", "PassAbandoned": "passes",
           "Skipped": "passes", "SignatureMismatch": "signature", "item_rng": "random_state",
           "item_scope": "random_state"}
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str) -> Any:

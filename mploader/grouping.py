@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .layout import map_nest
 from .signature import Leaf
 
 MAX_ELEMENT_BYTES = 64 << 10  # larger elements: one per call
@@ -42,7 +43,7 @@ PASS_TAGS = (1 << (63 - TAG_SHIFT)) - 1  # pass numbers 1..PASS_TAGS, then round
 # call only once ``unbatch`` gave out the last one, through the map that
 # counts them (nothing buffers in between); a margin over that one.
 SURELY_TAKEN_AFTER_CALLS = 4
-_UNBATCHABLE_KINDS = "biufc"  # bool, integers, floats, complex
+_UNBATCH_KINDS = "biufc"  # bool, integers, floats, complex
 
 Records = list[tuple[Callable[[Any], None], Any]]
 
@@ -51,28 +52,17 @@ def chunk_elements(spec: Any) -> int:
     """How many elements of signature ``spec`` (a nest of Leaf) one call may
     carry; 1 when they are not small, fixed-shape numbers."""
     leaves: list[Leaf | None] = []
-    _flatten(spec, leaves)
+    map_nest(lambda leaf, _: leaves.append(leaf), spec)
     nbytes = 0
     for leaf in leaves:
         if leaf is None or leaf.dtype is None or leaf.shape is None or None in leaf.shape:
             return 1  # strings, ragged, varying shapes
-        if leaf.dtype.kind not in _UNBATCHABLE_KINDS or 0 in leaf.shape:
+        if leaf.dtype.kind not in _UNBATCH_KINDS or 0 in leaf.shape:
             return 1  # unbatch fails on ml_dtypes' float8 and int4; crashes on empty leaves
         nbytes += leaf.dtype.itemsize * int(np.prod(leaf.shape, dtype=np.int64))
     if not leaves or nbytes > MAX_ELEMENT_BYTES:
         return 1
     return max(1, min(MAX_CHUNK_ELEMENTS, MAX_CHUNK_BYTES // nbytes))
-
-
-def _flatten(spec: Any, out: list) -> None:
-    if isinstance(spec, dict):
-        for sub in spec.values():
-            _flatten(sub, out)
-    elif isinstance(spec, tuple):
-        for sub in spec:
-            _flatten(sub, out)
-    else:
-        out.append(spec)
 
 
 def stack(elements: list[Any], spec: Any) -> Any:
@@ -100,11 +90,12 @@ class Deferred:
         self._lock = threading.Lock()
         self._entries: deque[tuple[int, Records]] = deque()  # (element number, records)
 
-    def add(self, number: int, records: Records) -> None:
-        """``records`` count as handed out once element ``number`` (from 1) was taken."""
-        if records:
-            with self._lock:
-                self._entries.append((number, records))
+    def add(self, entries: list[tuple[int, Records]]) -> None:
+        """Each entry's records count as handed out once its element
+        ``number`` (from 1) was taken; a call's entries at once, before
+        TensorFlow can take any of its elements."""
+        with self._lock:
+            self._entries.extend(entry for entry in entries if entry[1])
 
     def settle(self) -> None:
         """Apply the records of every element the consumer has taken."""

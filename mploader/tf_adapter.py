@@ -176,6 +176,7 @@ class _Stream:
         one_pass.progress.settle = deferred.settle
         one_pass.hold()
         number, elements = 0, []
+        entries: list = []  # (element number, what the pass handed out with it)
         call_ends: deque[int] = deque()  # number of the last element of each call
         while True:
             try:
@@ -185,21 +186,24 @@ class _Stream:
             except StopIteration:
                 break
             except BaseException:
-                deferred.add(number, one_pass.take_held())
+                entries.append((number, one_pass.take_held()))
+                deferred.add(entries)
                 if elements:
                     yield number, elements
                 raise
             if element is not NOT_READY:
                 number += 1
                 elements.append(element)
-                deferred.add(number, one_pass.take_held())
+                entries.append((number, one_pass.take_held()))
             if elements and (element is NOT_READY or len(elements) == self.per_call):
+                deferred.add(entries)
                 yield number, elements
-                elements = []
+                elements, entries = [], []
                 call_ends.append(number)
                 if len(call_ends) > SURELY_TAKEN_AFTER_CALLS:
                     deferred.settle_through(call_ends.popleft())
-        deferred.add(number, one_pass.take_held())  # the pass's end, skips at its end
+        entries.append((number, one_pass.take_held()))  # the pass's end, skips at its end
+        deferred.add(entries)
         if elements:
             yield number, elements
 
