@@ -11,11 +11,22 @@ Without ``batch_size`` a task may still carry several consecutive items (when
 items are tiny, see passes.py); their results are laid out one after another.
 With ``batch_size`` the worker stacks the items of a task along a new first
 axis directly in the slot: numeric scalars become 1-D arrays, strings a 1-D
-object array.
+object array.  The items of a batch follow one rule for every leaf, scalars
+as arrays: the same structure and the same dtype (a Python ``int`` is an
+int64, a ``float`` a float64), and the same shape unless padded.  An item that
+breaks it fails alone, named with the leaf, and the others are batched
+(under ``on_error="skip"`` the batch comes out without it); the layout the
+batch keeps is the one most of its items have.
+
+A CPU ``torch.Tensor`` leaf (MONAI's ``MetaTensor`` too, its metadata left
+behind) is taken as the numpy array over its memory, same dtype and shape;
+torch is never imported here, only recognised when the worker has it.
 """
 from __future__ import annotations
 
 import cmath
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,11 +34,21 @@ import numpy as np
 
 ALIGN_BYTES = 64  # TensorFlow's EIGEN_MAX_ALIGN_BYTES: aligned arrays are used in place
 _SCALARS = (bool, int, float, np.bool_, np.number)
+_NUMBERS = (int, float, complex, np.number)
+_BOOLS = (bool, np.bool_)
 _STRINGS = (str, bytes)
+# dtype kind -> (the pad values it takes, how to say it); any other kind takes _NUMBERS
+_PAD_KINDS = {"b": (_BOOLS, "a bool"), "U": ((str,), "a str"), "S": ((bytes,), "bytes")}
 
 
 class UnsupportedResult(TypeError):
     """fn returned something that cannot be laid out in shared memory."""
+
+
+class PaddingDoesNotFit(UnsupportedResult):
+    """The loader's padding (a pad value, a padded shape) does not fit fn's
+    result: a mistake of the settings, not of an item, so it is raised
+    whatever ``on_error`` says (skipping would skip every item)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +76,35 @@ class Padding:
     shapes: Any = None
     values: Any = None
 
+    def __post_init__(self) -> None:
+        """Every pad value is one scalar (a number, bool, str or bytes): anything
+        else is refused here, at construction, not at the first batch."""
+        def check(value: Any, path: tuple) -> None:
+            if value is not None and not isinstance(value, _SCALARS + _STRINGS):
+                raise PaddingDoesNotFit(
+                    f"padding_values gives {path_text(path)} {value!r}, a "
+                    f"{type(value).__name__}: a pad value is one number, bool, str or bytes "
+                    "(or None for the dtype's zero), or a nest of them like the result")
+        map_nest(check, self.values)
+
+    def check_signature(self, signature: Any) -> None:
+        """Each pad value against the dtype the signature gives its leaf (a nest
+        of ``tf.TensorSpec``, read by duck typing: TensorFlow is not imported)."""
+        def check(spec: Any, path: tuple) -> None:
+            value, dtype = self.value_at(path), getattr(spec, "dtype", None)
+            numpy_dtype = getattr(dtype, "as_numpy_dtype", None)
+            if value is None or numpy_dtype is None:
+                return
+            dtype = np.dtype(numpy_dtype)
+            if dtype.kind == "O":  # tf.string: the leaf's width is known only per batch
+                if not isinstance(value, _STRINGS):
+                    raise PaddingDoesNotFit(
+                        f"the padding value {value!r} of {path_text(path)} does not fit "
+                        "its dtype string: give a str or bytes")
+                return
+            _pad_value(value, dtype, path)
+        map_nest(check, signature)
+
     def value_at(self, path: tuple) -> Any:
         """The pad value of a leaf; None: its dtype's zero ('' for strings)."""
         return _at(self.values, path)
@@ -64,7 +114,7 @@ class Padding:
         if shape is None:
             return (None,) * rank
         if not isinstance(shape, (tuple, list)):
-            raise UnsupportedResult(f"padded_shapes gives {path_text(path)} {shape!r}, not "
+            raise PaddingDoesNotFit(f"padded_shapes gives {path_text(path)} {shape!r}, not "
                                     "a shape (a tuple of ints or None)")
         return tuple(shape)
 
@@ -156,6 +206,7 @@ def pack_items(results: list[Any], base: int = 0) -> tuple[tuple[Any, ...], list
 
     def leaf(value: Any, path: tuple) -> Any:
         nonlocal end
+        value = from_torch(value, path)
         if isinstance(value, np.ndarray):
             _check_array(value, path)
             offset = _aligned(end)
@@ -170,132 +221,235 @@ def pack_items(results: list[Any], base: int = 0) -> tuple[tuple[Any, ...], list
     return trees, writes, end
 
 
-def _flatten(value: Any) -> tuple[Any, list[tuple[tuple, Any]]]:
-    """(skeleton, [(path, leaf), ...]); equal skeletons mean equal structure."""
-    leaves: list[tuple[tuple, Any]] = []
+def from_torch(value: Any, path: tuple) -> Any:
+    """A CPU ``torch.Tensor`` leaf as the numpy array over its memory (no copy,
+    no cast; a subclass such as MONAI's ``MetaTensor`` as a plain tensor, its
+    metadata left behind); any other value unchanged.  A tensor numpy cannot
+    hold as it is (on a device, sparse, bfloat16) is an error naming the leaf."""
+    torch = sys.modules.get("torch")  # only if fn's own code imported it
+    if torch is None or not isinstance(value, torch.Tensor):
+        return value
+    where = f"fn returned a torch tensor at {path_text(path)}"
+    if value.device.type != "cpu":
+        raise UnsupportedResult(
+            f"{where} on device {value.device}: only CPU tensors can be placed in shared "
+            "memory; return x.cpu() (mploader never moves a tensor off its device itself)")
+    if value.layout != torch.strided:
+        raise UnsupportedResult(f"{where} with layout {value.layout}: return x.to_dense()")
+    tensor = value.as_subclass(torch.Tensor).detach().resolve_conj().resolve_neg()
+    try:
+        return tensor.numpy()
+    except TypeError as exc:  # a dtype numpy lacks: bfloat16, float8, complex32, ...
+        raise UnsupportedResult(
+            f"{where} of dtype {value.dtype}, which numpy has no dtype for; convert it "
+            "yourself, e.g. x.float() (mploader never casts)") from exc
 
-    def leaf(v: Any, path: tuple) -> None:
-        leaves.append((path, v))
 
-    return map_nest(leaf, value), leaves
+def _scalar_dtype(value: Any, path: tuple) -> np.dtype:
+    """The dtype a scalar leaf stacks as: a numpy scalar's own, int64 for a
+    Python int, float64 for a float, complex128 for a complex, bool for a bool."""
+    if isinstance(value, np.generic):
+        return value.dtype
+    dtype = np.asarray(value).dtype
+    if dtype.kind == "O":
+        raise UnsupportedResult(f"fn returned {value!r} at {path_text(path)}, an int that "
+                                "no integer dtype holds")
+    return dtype
 
 
-def _padded_column(column: list[np.ndarray], indices: tuple[int, ...], path: tuple,
-                   padding: Padding) -> tuple[tuple[int, ...], Any]:
-    """(the batch's shape for this leaf without its first axis, the pad value),
-    after checking every item's array: same dtype and rank, within a given shape."""
+# One item's leaf as the batch sees it: ("array", dtype, shape, or rank when
+# padded), ("scalar", dtype) or ("string",).
+Kind = tuple
+
+
+def _kind(value: Any, path: tuple, padded: bool) -> Kind:
+    if isinstance(value, np.ndarray):
+        _check_array(value, path)
+        return ("array", value.dtype, value.ndim if padded else value.shape)
+    if isinstance(value, _STRINGS):
+        return ("string",)
+    if isinstance(value, _SCALARS):
+        return ("scalar", _scalar_dtype(value, path))
+    raise _unsupported(value, path)
+
+
+def _describe(kind: Kind | None) -> str:
+    if kind is None:
+        return "nothing"
+    if kind[0] == "array":
+        form = f"{kind[2]}-d" if isinstance(kind[2], int) else f"shape {kind[2]}"
+        return f"a {form} array of {kind[1]}"
+    return "a string" if kind[0] == "string" else f"a scalar of {kind[1]}"
+
+
+def _canonical(skeleton: Any) -> Any:
+    """A hashable form of a nest's structure; a dict's key order does not count
+    (its leaves are matched by key, not by position)."""
+    if isinstance(skeleton, dict):
+        return ("dict", tuple(sorted((repr(k), _canonical(v)) for k, v in skeleton.items())))
+    if isinstance(skeleton, tuple):
+        return ("tuple", tuple(_canonical(v) for v in skeleton))
+    return None
+
+
+class _Item:
+    """One result of a batch: its leaves by path, and its layout."""
+
+    def __init__(self, result: Any, padded: bool) -> None:
+        self.leaves: dict[tuple, Any] = {}
+
+        def leaf(value: Any, path: tuple) -> None:
+            value = from_torch(value, path)
+            self.kinds[path] = _kind(value, path, padded)
+            self.leaves[path] = value
+
+        self.kinds: dict[tuple, Kind] = {}
+        self.skeleton = map_nest(leaf, result)
+        self.layout = (_canonical(self.skeleton),
+                       tuple(sorted(((repr(p), k) for p, k in self.kinds.items()), key=repr)))
+
+
+def _odd_one(item: _Item, index: int, like: _Item, like_index: int, padded: bool
+             ) -> UnsupportedResult:
+    """The error of an item whose layout is not the batch's."""
+    rule = ("padding changes sizes, never structures, dtypes or ranks" if padded else
+            "give every item the same structure, dtypes and shapes, or use batch_size=None")
+    if _canonical(item.skeleton) != _canonical(like.skeleton):
+        return UnsupportedResult(
+            f"cannot batch: source index {index} returned a different structure than "
+            f"the batch's other items (source index {like_index}); {rule}")
+    path = next(p for p in like.kinds if item.kinds.get(p) != like.kinds[p])
+    return UnsupportedResult(
+        f"cannot batch {path_text(path)}: source index {index} gave "
+        f"{_describe(item.kinds.get(path))}, the batch's other items {_describe(like.kinds[path])} "
+        f"(source index {like_index}); {rule}")
+
+
+def _padded_shape(column: list[np.ndarray], path: tuple, padding: Padding
+                  ) -> tuple[tuple[int, ...], list[int]]:
+    """(the leaf's shape in the batch without its first axis, the positions of
+    items that exceed a size padded_shapes fixes)."""
     head = column[0]
     wanted = padding.shape_at(path, head.ndim)
-    for v, index in zip(column, indices):
-        if not isinstance(v, np.ndarray) or v.dtype != head.dtype or v.ndim != head.ndim:
-            got = f"{v.ndim}-d {v.dtype}" if isinstance(v, np.ndarray) else type(v).__name__
-            raise UnsupportedResult(
-                f"cannot pad {path_text(path)}: source index {indices[0]} gave a "
-                f"{head.ndim}-d {head.dtype} array, source index {index} gave {got} "
-                "(padding changes sizes, never dtypes or ranks)")
     if len(wanted) != head.ndim or not all(
             size is None or (isinstance(size, (int, np.integer)) and not isinstance(size, bool)
                              and size >= 0) for size in wanted):
-        raise UnsupportedResult(
+        raise PaddingDoesNotFit(
             f"padded_shapes gives {path_text(path)} the shape {tuple(wanted)!r}; the result "
             f"there has {head.ndim} dimensions: give one int >= 0 or None per dimension")
-    shape = []
-    for axis, size in enumerate(wanted):
-        largest = max(v.shape[axis] for v in column)
-        if size is not None and largest > size:
-            index, v = next((i, v) for i, v in zip(indices, column) if v.shape[axis] > size)
-            raise UnsupportedResult(
-                f"cannot pad {path_text(path)}: source index {index} has {v.shape[axis]} "
-                f"along axis {axis}, more than padded_shapes allows ({size})")
-        shape.append(largest if size is None else size)
-    return tuple(shape), _pad_value(padding.value_at(path), head.dtype, path)
+    too_large = [position for position, v in enumerate(column)
+                 if any(size is not None and n > size for n, size in zip(v.shape, wanted))]
+    fitting = [v for position, v in enumerate(column) if position not in too_large] or column
+    shape = tuple(max(v.shape[axis] for v in fitting) if size is None else size
+                  for axis, size in enumerate(wanted))
+    return shape, too_large
 
 
 def _pad_value(value: Any, dtype: np.dtype, path: tuple) -> Any:
-    """The pad value as a scalar of ``dtype``; an error when it does not fit:
-    integers exactly, floats within range (NaN and infinities as given)."""
+    """The pad value as a scalar of ``dtype``; an error when it does not fit,
+    never a conversion that changes it: a number for a number (integers
+    exactly, floats within range and not flushed to zero; NaN and infinities as
+    given), a bool for a bool, a str for a str leaf and bytes for a bytes
+    leaf, within the leaf's width."""
     if value is None:
         return np.zeros((), dtype)[()]
     problem = None
-    try:
-        with np.errstate(over="ignore", invalid="ignore"):
-            converted = np.array(value, dtype=dtype)
-        if converted.ndim != 0:
-            problem = "is not a single value"
-        elif dtype.kind in "iub" and (not float(np.asarray(value).real).is_integer()
-                                      or converted.item() != value):
-            problem = "is not a value of it"
-        elif (dtype.kind in "fc" and cmath.isfinite(complex(value))
-              and not np.isfinite(converted)):
-            problem = "is out of its range"
-    except (TypeError, ValueError, OverflowError) as exc:
-        problem = f"cannot be converted ({exc})"
+    wanted, kind = _PAD_KINDS.get(dtype.kind, (_NUMBERS, "a number"))
+    if not isinstance(value, wanted) or (wanted is _NUMBERS and isinstance(value, _BOOLS)):
+        problem = f"is a {type(value).__name__}, not {kind}"
+    else:
+        try:
+            with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+                converted = np.array(value, dtype=dtype)
+            if dtype.kind in "US" and converted.item() != value:
+                problem = f"is longer than the leaf's width ({dtype}), and would be cut"
+            elif dtype.kind in "iu" and (not float(np.asarray(value).real).is_integer()
+                                         or converted.item() != value):
+                problem = "is not a value of it"
+            elif dtype.kind in "fc" and cmath.isfinite(complex(value)):
+                if not np.isfinite(converted):
+                    problem = "is out of its range"
+                elif value != 0 and converted == 0:
+                    problem = "is too small for it, and would become 0"
+        except (TypeError, ValueError, OverflowError) as exc:
+            problem = f"cannot be converted ({exc})"
     if problem is not None:
-        raise UnsupportedResult(f"the padding value {value!r} of {path_text(path)} does not "
+        raise PaddingDoesNotFit(f"the padding value {value!r} of {path_text(path)} does not "
                                 f"fit its dtype {dtype}: it {problem}")
     return converted[()]
 
 
 def pack_batch(results: list[Any], indices: tuple[int, ...], padding: Padding | None = None
-               ) -> tuple[Any, list[Write | PadWrite], int]:
+               ) -> tuple[Any, list[Write | PadWrite], int, dict[int, UnsupportedResult]]:
     """Stack the results of consecutive items along a new first axis (padded
-    to one shape per leaf with ``padding``)."""
-    if padding is not None:
-        padding.check(results[0])
-    skeleton, first = _flatten(results[0])
-    columns: list[list[Any]] = [[v] for _, v in first]
-    for result, index in zip(results[1:], indices[1:]):
-        other_skeleton, leaves = _flatten(result)
-        if other_skeleton != skeleton:
-            raise UnsupportedResult(
-                f"cannot batch: source index {index} returned a different "
-                f"structure than source index {indices[0]}")
-        for column, (_, v) in zip(columns, leaves):
-            column.append(v)
+    to one shape per leaf with ``padding``): (tree, writes, bytes, rejected).
+
+    ``rejected`` maps the position of each item left out to its error: a leaf
+    that cannot be sent, a layout other than the batch's (the layout most items
+    have; on a tie, the earliest), a size over ``padded_shapes``.  ``tree`` is
+    None when every item was rejected.  Errors of the batch's own settings
+    (a pad value or padded shape that does not fit) are raised.
+    """
+    padded = padding is not None
+    rejected: dict[int, UnsupportedResult] = {}
+    items: dict[int, _Item] = {}
+    for position, result in enumerate(results):
+        try:
+            if padding is not None:
+                padding.check(result)
+            items[position] = _Item(result, padded)
+        except UnsupportedResult as exc:
+            rejected[position] = exc
+    if not items:
+        return None, [], 0, rejected
+    votes = Counter(item.layout for item in items.values())
+    first = next(p for p, item in items.items() if votes[item.layout] == max(votes.values()))
+    like = items[first]
+    for position, item in list(items.items()):
+        if item.layout != like.layout:
+            rejected[position] = _odd_one(item, indices[position], like, indices[first], padded)
+            del items[position]
+    shapes: dict[tuple, tuple[tuple[int, ...], Any]] = {}
+    for path, kind in like.kinds.items():
+        if kind[0] == "array" and padding is not None:
+            column = [item.leaves[path] for item in items.values()]
+            shape, too_large = _padded_shape(column, path, padding)
+            shapes[path] = shape, _pad_value(padding.value_at(path), kind[1], path)
+            for position in [list(items)[k] for k in too_large]:
+                axis, n, size = next((axis, n, size) for axis, (n, size) in enumerate(
+                    zip(items[position].leaves[path].shape, padding.shape_at(path, kind[2])))
+                    if size is not None and n > size)
+                rejected[position] = UnsupportedResult(
+                    f"cannot pad {path_text(path)}: source index {indices[position]} has {n} "
+                    f"along axis {axis}, more than padded_shapes allows ({size})")
+                del items[position]
+    if not items:
+        return None, [], 0, rejected
     writes: list[Write | PadWrite] = []
     end = 0
-    stacked: list[Any] = []
-    for (path, head), column in zip(first, columns):
-        if isinstance(head, np.ndarray) and padding is not None:
-            for v in column:
-                if isinstance(v, np.ndarray):
-                    _check_array(v, path)
-            shape, value = _padded_column(column, indices, path, padding)
-            size = int(np.prod(shape)) * head.itemsize
-            offset = _aligned(end)
-            writes.extend((offset + i * size, v, shape, value) for i, v in enumerate(column))
-            end = offset + size * len(column)
-            stacked.append(ArrayRef(offset, (len(column),) + shape, head.dtype))
-        elif isinstance(head, np.ndarray):
-            for v, index in zip(column, indices):
-                if isinstance(v, np.ndarray):
-                    _check_array(v, path)
-                if not isinstance(v, np.ndarray) or v.shape != head.shape or v.dtype != head.dtype:
-                    got = (f"shape {v.shape} {v.dtype}" if isinstance(v, np.ndarray)
-                           else type(v).__name__)
-                    raise UnsupportedResult(
-                        f"cannot batch {path_text(path)}: source index {indices[0]} "
-                        f"gave shape {head.shape} {head.dtype}, source index {index} "
-                        f"gave {got}; give every item the same shape, or use "
-                        "batch_size=None")
-            _check_array(head, path)
-            offset = _aligned(end)
-            writes.extend((offset + i * head.nbytes, v) for i, v in enumerate(column))
-            end = offset + head.nbytes * len(column)
-            stacked.append(ArrayRef(offset, (len(column),) + head.shape, head.dtype))
-        elif all(isinstance(v, _STRINGS) for v in column):
-            stacked.append(np.array(column, dtype=object))
-        elif all(isinstance(v, _SCALARS) for v in column):
-            array = np.asarray(column)
-            offset = _aligned(end)
-            writes.append((offset, array))
-            end = offset + array.nbytes
-            stacked.append(ArrayRef(offset, array.shape, array.dtype))
-        else:
-            raise _unsupported(next(v for v in column if not isinstance(v, _SCALARS)), path)
-    rebuilt = iter(stacked)
-    tree = map_nest(lambda _v, _p: next(rebuilt), skeleton)
-    return tree, writes, end
+    stacked: dict[tuple, Any] = {}
+    for path, kind in like.kinds.items():
+        column = [item.leaves[path] for item in items.values()]
+        if kind[0] == "string":
+            stacked[path] = np.array(column, dtype=object)
+            continue
+        if kind[0] == "scalar":
+            column = [np.asarray(column, dtype=kind[1])]  # one dtype: no value changes
+        head = column[0]
+        shape, value = shapes.get(path, (head.shape if kind[0] == "array" else None, None))
+        offset = _aligned(end)
+        if kind[0] == "scalar":
+            writes.append((offset, head))
+            end = offset + head.nbytes
+            stacked[path] = ArrayRef(offset, head.shape, head.dtype)
+            continue
+        size = int(np.prod(shape)) * head.itemsize
+        writes.extend((offset + i * size, v, shape, value) if padding is not None
+                      else (offset + i * size, v) for i, v in enumerate(column))
+        end = offset + size * len(column)
+        stacked[path] = ArrayRef(offset, (len(column),) + shape, head.dtype)
+    tree = map_nest(lambda _v, path: stacked[path], like.skeleton)
+    return tree, writes, end, rejected
 
 
 def copy_writes(region: np.ndarray, writes: list[Write | PadWrite]) -> None:

@@ -170,6 +170,8 @@ class MPLoader:
                "padded batches are made in the workers from one result per item; a fn that "
                "yields samples is batched in the parent, without padding")
         self.padding = Padding(padded_shapes, padding_values) if padded else None
+        if self.padding is not None and output_signature is not None:
+            self.padding.check_signature(output_signature)  # a pad value that cannot fit
         self._source = Source(source)
         self.shuffle = shuffle
         self.shard = shard_of(shard)
@@ -179,6 +181,13 @@ class MPLoader:
                 f"{what} needs a source with len() and [] (a sequence or an int), to read "
                 f"any index of it; this source is a {type(source).__name__}.  Pass a list "
                 "of the items (e.g. file paths), or an int and index your data in fn")
+        if shuffle and self.shard[1] > 1 and seed is None:
+            raise ValueError(
+                f"shuffle=True with shard={shard!r} needs seed=: every shard's loader "
+                "shuffles the whole source and keeps its part, so all of them must draw "
+                "the same order. A seed drawn on each host would give each its own order, "
+                "and the shards would overlap and miss items. Pass the same seed=... to "
+                "the loader of every shard")
         # The order's seed: given, or drawn once per loader (state_dict() keeps it).
         self._order_seed = seed if seed is not None else secrets.randbits(63)
         self._seed_given = seed is not None

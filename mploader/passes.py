@@ -46,7 +46,8 @@ from .cache import Cache
 from .epochs import Progress
 from .errors import (MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, not_the_owner,
                      short_repr)
-from .messages import Failure, ItemEncoder, ItemNotPicklable, Task
+from .layout import PaddingDoesNotFit
+from .messages import Failure, ItemEncoder, ItemNotPicklable, Result, Task
 from .pool import Delivered, Died, WorkerPool
 
 log = logging.getLogger("mploader")
@@ -419,6 +420,14 @@ class Pass(Iterator[Any]):
         elif result.tree is None:  # items that yielded no sample, or failed
             ring.release(result.slot)
             values = self._samples(result, step_of, [])
+        elif self._opt.stacked and self._short_batch_dropped(result):
+            ring.release(result.slot)
+            values = []
+            # Its skips, then its good items as skipped too; the last hands out the steps.
+            dropped = [_dropped_with_batch(index, chunk) for index in result.indices]
+            failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures] + [
+                ((math.inf, 0), f.index, chunk.steps if f is dropped[-1] else (),
+                 f, None) for f in dropped]
         elif self._opt.stacked:  # one batch stacked by the worker; its failures first
             batch = ring.open_result(result.slot, result.nbytes, result.tree)
             values = [((math.inf, 0), result.indices[0], chunk.steps + chunk.dropped, batch,
@@ -438,6 +447,13 @@ class Pass(Iterator[Any]):
         if len(outcomes) > len(values):  # values alone are in the epoch's order already
             outcomes.sort(key=lambda entry: entry[0])
         self._pending.extend((worker_id, *entry[1:]) for entry in outcomes)
+
+    def _short_batch_dropped(self, result: Result) -> bool:
+        """A worker batch that skipped items came out short: with
+        drop_remainder=True it is dropped, never handed out (a fixed batch size
+        is what drop_remainder promises, and dataset()'s signature says)."""
+        return (self._opt.drop_remainder and bool(result.failures)
+                and len(result.indices) < (self._opt.batch_size or 0))
 
     def _samples(self, result: Any, step_of: dict[int, int], trees: list[Any]) -> list[Any]:
         """Entries for each value of ``result``: an item's last sample hands its
@@ -462,7 +478,7 @@ class Pass(Iterator[Any]):
         return entries
 
     def _report(self, worker_id: int, failure: Failure) -> None:
-        if self._opt.on_error == "raise":
+        if self._opt.on_error == "raise" or failure.exc_type == _SETTINGS_ERROR:
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
                               worker_id, failure.index, failure.item, failure.sample)
         message = failure.message
@@ -550,7 +566,9 @@ def _note_fork() -> None:
 os.register_at_fork(after_in_child=_note_fork)
 
 
-_NOTHING = object()  # a pending entry that hands out steps and yields no value
+_NOTHING = object()
+# A failure that says the loader's settings do not fit (layout.py): raised even under "skip".
+_SETTINGS_ERROR = f"{PaddingDoesNotFit.__module__}.{PaddingDoesNotFit.__qualname__}"  # a pending entry that hands out steps and yields no value
 NOT_READY = object()  # next_if_ready(): no value without waiting
 
 
@@ -574,6 +592,15 @@ def _without(chunk: Chunk, indices: set[int]) -> Chunk:
                  *encoder.finish(), steps=tuple(step for _, _, step in kept),
                  dropped=chunk.dropped + tuple(s for i, _, s in entries if i in indices),
                  keys=tuple(keys[i] for i, _, _ in kept) if chunk.keys else ())
+
+
+def _dropped_with_batch(index: int, chunk: Chunk) -> Failure:
+    """The record of a good item dropped with its short batch (on_error="skip"
+    with drop_remainder=True): it goes to loader.skipped, so nothing is lost unsaid."""
+    item = chunk.items[chunk.indices.index(index)]
+    return Failure(index, short_repr(item), "DroppedWithShortBatch",
+                   "dropped with its batch: other items of the batch were skipped, and "
+                   "drop_remainder=True never hands out a short batch", "")
 
 
 def _named(failure: Failure, chunk: Chunk | None) -> Failure:

@@ -7,7 +7,8 @@ them in the parent, one copy per batch.  The samples of a batch count as handed
 out (epochs.py) only when the batch is, so a state saved from another thread
 while a batch is gathered does not count them.  An error met while gathering
 comes after the samples gathered before it, as a short batch: no sample is
-lost.
+lost; with ``drop_remainder=True`` (a batch is always full) the error comes at
+once, and the samples of the unfinished batch are dropped with the pass.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class SampleBatches(Iterator[Any]):
                 except StopIteration:
                     break
                 except Exception as exc:
-                    if not samples:
+                    if not samples or self._drop:  # drop_remainder: never a short batch
                         raise
                     self._error = exc  # the samples before it first, as a short batch
                     break

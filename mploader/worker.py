@@ -228,8 +228,14 @@ class _TaskRunner:
         tree, nbytes, capacity = None, 0, task.capacity
         if outputs:
             try:
-                tree, writes, nbytes = pack_batch(outputs, tuple(done), self._padding)
-                capacity = self._slots.write(task.slot, task.capacity, writes, nbytes)
+                tree, writes, nbytes, rejected = pack_batch(outputs, tuple(done), self._padding)
+                # An item the batch cannot take fails alone; the others are batched.
+                failures.extend(_failure(exc, done[position], items[done[position]])
+                                for position, exc in rejected.items())
+                failures.sort(key=lambda failure: failure.index)  # raised in the epoch's order
+                done = [index for position, index in enumerate(done) if position not in rejected]
+                if tree is not None:
+                    capacity = self._slots.write(task.slot, task.capacity, writes, nbytes)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
                 failures.extend(_failure(exc, index, items[index]) for index in done)
                 tree, done, nbytes = None, [], 0

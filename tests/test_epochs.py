@@ -302,3 +302,16 @@ def test_state_dict_from_another_thread_while_a_pass_runs_is_consistent():
     for state in states:  # every position ahead is past the prefix, none repeated
         assert all(p >= state["position"] for p in state["ahead"]), state
         assert len(set(state["ahead"])) == len(state["ahead"])
+
+
+def test_shuffled_shards_without_a_seed_are_refused_hosts_cannot_agree_on_a_drawn_one():
+    with pytest.raises(ValueError, match=r"shuffle=True with shard=\(1, 2\) needs seed=.*overlap"):
+        MPLoader(identity, 100, shuffle=True, shard=(1, 2))
+    # Unshuffled shards, or one shard, need no seed; a seed makes the shards disjoint.
+    MPLoader(identity, 10, shard=(1, 2), num_workers=1).close()
+    MPLoader(identity, 10, shuffle=True, shard=(0, 1), num_workers=1).close()
+    shards = []
+    for k in range(2):
+        with MPLoader(identity, 100, shuffle=True, shard=(k, 2), seed=3, num_workers=1) as loader:
+            shards.append(set(loader))
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 100

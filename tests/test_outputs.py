@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import re
 
 import numpy as np
 import pytest
@@ -105,8 +106,8 @@ def test_batching_items_of_different_shapes_names_both_items():
     with MPLoader(helpers.variable, range(10), num_workers=1, batch_size=4) as loader:
         with pytest.raises(WorkerError) as info:
             list(loader)
-    assert "source index 0 gave shape (1,)" in str(info.value)
-    assert "source index 1 gave shape (2,)" in str(info.value)
+    assert ("source index 1 gave a shape (2,) array of int32, the batch's other items a "
+            "shape (1,) array of int32 (source index 0)") in str(info.value)
 
 
 def test_int_source_and_generator_source():
@@ -153,3 +154,43 @@ def test_big_results_are_never_chunked_even_when_fast():
         assert loader.stats()["items_per_task"] == 1
     for x, block in enumerate(kept):
         assert (block == x).all()
+
+
+@pytest.mark.parametrize("fn, odd, got, batch", [
+    (lambda i: np.float32(i) if i == 5 else np.float16(i), 5, "a scalar of float32",
+     "a scalar of float16"),
+    (lambda i: 300 if i == 6 else np.int8(i), 6, "a scalar of int64", "a scalar of int8"),
+    (lambda i: 0.5 if i == 1 else i, 1, "a scalar of float64", "a scalar of int64"),
+    (lambda i: np.zeros(2, np.float32 if i == 5 else np.float16), 5,
+     "a shape (2,) array of float32", "a shape (2,) array of float16"),
+])
+def test_worker_batches_keep_the_rule_of_items_scalars_as_arrays_no_promotion(fn, odd, got, batch):
+    with MPLoader(fn, 8, batch_size=4, num_workers=1) as loader:
+        with pytest.raises(Exception, match=rf"cannot batch result: source index {odd} gave "
+                                            rf"{re.escape(got)}, the batch's other items "
+                                            rf"{re.escape(batch)}"):
+            list(loader)
+    with MPLoader(fn, 8, batch_size=4, num_workers=1, on_error="skip") as loader:
+        batches = list(loader)
+    assert [s.index for s in loader.skipped] == [odd]
+    assert [len(b) for b in batches] == [4 - (odd < 4), 4 - (odd >= 4)]
+    assert len({b.dtype for b in batches}) == 1
+    rows = np.concatenate(batches).tolist()
+    assert rows == [np.asarray(fn(i)).tolist() for i in range(8) if i != odd]
+
+
+def test_python_scalars_stack_as_numpy_would_take_them_one_by_one():
+    def plain(i):
+        return {"n": i, "x": i / 2, "flag": i % 2 == 0}
+    with MPLoader(plain, 4, batch_size=4, num_workers=1) as loader:
+        (batch,) = list(loader)
+    assert [batch[k].dtype for k in ("n", "x", "flag")] == [np.int64, np.float64, np.bool_]
+
+
+def test_dict_leaves_are_batched_by_key_whatever_order_each_item_built_its_dict_in():
+    def reordered(i):
+        return {"a": np.int64(i), "b": np.float64(i + 0.5)} if i % 2 else \
+            {"b": np.float64(i + 0.5), "a": np.int64(i)}
+    with MPLoader(reordered, 4, batch_size=4, num_workers=1) as loader:
+        (batch,) = list(loader)
+    assert batch["a"].tolist() == [0, 1, 2, 3] and batch["b"].tolist() == [0.5, 1.5, 2.5, 3.5]

@@ -61,7 +61,9 @@ def test_padding_refuses_other_dtypes_and_ranks_and_bad_arguments():
     def mixed(i):
         return np.zeros((i + 1,), np.float32 if i < 2 else np.float64)
     with MPLoader(mixed, 4, num_workers=1, batch_size=4, padding_values=0) as loader:
-        with pytest.raises(WorkerError, match="never dtypes or ranks"):
+        with pytest.raises(WorkerError, match=r"source index 2 gave a 1-d array of float64, the "
+                           r"batch's other items a 1-d array of float32 \(source index 0\); "
+                           "padding changes sizes, never structures, dtypes or ranks"):
             list(loader)
     with MPLoader(lambda i: np.zeros(i + 1, np.uint8), 4, num_workers=1, batch_size=4,
                   padding_values=-1) as loader:
@@ -110,3 +112,88 @@ def test_padding_that_names_what_the_result_lacks_is_an_error():
         with pytest.raises(WorkerError, match=r"names result\['imgae'\], which the result "
                                               r"does not have \(its keys there: 'image', 'label'\)"):
             list(loader)
+
+
+def odd_rank_and_dtype(i):
+    """Item 3 is 2-d and item 6 float64 among 1-d float32 items (each named by its value)."""
+    if i == 3:
+        return np.ones((2, 2), np.float32)
+    if i == 6:
+        return np.ones(3, np.float64)
+    return np.full(1 + i % 3, i, np.float32)
+
+
+def test_an_odd_item_under_skip_is_skipped_alone_and_its_batch_padded_to_the_others():
+    with MPLoader(odd_rank_and_dtype, 8, batch_size=4, num_workers=2, padding_values=-1.0,
+                  on_error="skip") as loader:
+        batches = list(loader)
+    assert [s.index for s in loader.skipped] == [3, 6]
+    assert "source index 3 gave a 2-d array of float32" in loader.skipped[0].message
+    assert "source index 6 gave a 1-d array of float64" in loader.skipped[1].message
+    expected = [[[0, -1, -1], [1, 1, -1], [2, 2, 2]], [[4, 4, -1], [5, 5, 5], [7, 7, -1]]]
+    assert [b.tolist() for b in batches] == expected
+    assert all(b.dtype == np.float32 for b in batches)
+
+
+def test_the_layout_most_items_share_is_kept_even_when_the_first_item_is_the_odd_one():
+    def first_is_odd(i):
+        return np.zeros((1, 1), np.float32) if i == 0 else np.full(i, i, np.float32)
+    with MPLoader(first_is_odd, 4, batch_size=4, num_workers=1, padding_values=0.0,
+                  on_error="skip") as loader:
+        (batch,) = list(loader)
+    assert [s.index for s in loader.skipped] == [0]
+    assert batch.tolist() == [[1, 0, 0], [2, 2, 0], [3, 3, 3]]
+
+
+@pytest.mark.parametrize("value, leaf, problem", [
+    ("xyzw", np.array(["ab"]), "longer than the leaf's width"),
+    ("7", np.zeros(1, np.float32), "it is a str, not a number"),
+    (True, np.zeros(1, np.float32), "it is a bool, not a number"),
+    (1e-50, np.zeros(1, np.float32), "too small for it, and would become 0"),
+    (70000.5, np.zeros(1, np.int32), "is not a value of it"),
+    (b"x", np.array(["ab"]), "it is a bytes, not a str"),
+    (1, np.zeros(1, bool), "it is a int, not a bool"),
+])
+def test_a_pad_value_that_does_not_fit_its_leaf_is_an_error_even_under_skip(value, leaf, problem):
+    """Never truncated, parsed or flushed to zero; a settings error, so "skip"
+    does not skip every item with it."""
+    with MPLoader(lambda i, leaf=leaf: np.repeat(leaf, i % 2 + 1), 4, batch_size=2,
+                  num_workers=1, padding_values=value,
+                  on_error="skip") as loader:
+        with pytest.raises(WorkerError, match=f"PaddingDoesNotFit: the padding value .* of "
+                                              f"result does not fit its dtype .*{problem}"):
+            list(loader)
+    assert loader.skipped == []
+
+
+def test_a_pad_value_that_is_not_one_scalar_is_refused_at_construction():
+    from mploader.layout import PaddingDoesNotFit
+    with pytest.raises(PaddingDoesNotFit, match=r"padding_values gives result\['img'\] "
+                                                r"array\(\[0, 1\]\), a ndarray: a pad value is one"):
+        MPLoader(volume, 4, batch_size=2, padding_values={"img": np.array([0, 1])})
+
+
+@pytest.mark.tf
+def test_with_output_signature_a_pad_value_of_the_wrong_kind_is_refused_at_construction():
+    import tensorflow as tf
+    from mploader.layout import PaddingDoesNotFit
+    signature = {"image": tf.TensorSpec((None, None, 3), tf.int16),
+                 "label": tf.TensorSpec((None,), tf.int64)}
+    with pytest.raises(PaddingDoesNotFit, match=r"padding value '0' of result\['image'\] does "
+                                                "not fit its dtype int16"):
+        MPLoader(volume, 4, batch_size=2, padding_values={"image": "0"},
+                 output_signature=signature)
+    with MPLoader(volume, 4, batch_size=2, padding_values={"image": -1}, num_workers=1,
+                  output_signature=signature) as loader:
+        assert [b["image"].shape for b in loader] == [(2, 2, 3), (2, 4, 3)]
+
+
+def test_drop_remainder_never_hands_out_a_batch_made_short_by_skips():
+    """Its good items are dropped with it, each recorded in loader.skipped."""
+    with MPLoader(volume, 12, batch_size=4, num_workers=2, padding_values=-1,
+                  on_error="skip", drop_remainder=True) as loader:
+        batches = list(loader)
+    assert [len(b["label"]) for b in batches] == [4, 4]
+    assert [s.index for s in loader.skipped] == [9, 8, 10, 11]
+    assert loader.skipped[0].exc_type == "ValueError"
+    assert {s.exc_type for s in loader.skipped[1:]} == {"DroppedWithShortBatch"}

@@ -203,3 +203,25 @@ def test_a_plain_fn_returning_a_generator_says_to_pass_samples_per_item():
     with pytest.raises(WorkerError, match="yielded 1 samples.*samples_per_item=2"), \
             MPLoader(lambda i: np.int64(i), 3, num_workers=1, samples_per_item=2) as loader:
         list(loader)
+
+
+def test_with_drop_remainder_an_error_comes_at_once_never_after_a_short_batch():
+    batches = []
+    with MPLoader(cracked, 5, samples_per_item=3, num_workers=2, batch_size=3, drop_remainder=True) as loader:
+        with pytest.raises(WorkerError, match=r"patch 2 of volume 2 is cut off.*source index 2"):
+            for batch in loader:
+                batches.append(batch.tolist())
+    assert batches == [[[0, 0], [0, 1], [0, 2]], [[1, 0], [1, 1], [1, 2]]]  # not [[2, 0], [2, 1]]
+
+
+@pytest.mark.tf
+def test_through_dataset_the_error_is_the_items_own_not_a_signature_mismatch():
+    import tensorflow as tf
+    with MPLoader(cracked, 6, num_workers=1, batch_size=3, drop_remainder=True) as loader:
+        shapes = []
+        with pytest.raises(tf.errors.OpError) as info:
+            for batch in loader.dataset():
+                shapes.append(tuple(batch.shape))
+    assert shapes == [(3, 2), (3, 2)]
+    assert "WorkerError: ValueError: patch 2 of volume 2 is cut off" in str(info.value)
+    assert "SignatureMismatch" not in str(info.value)

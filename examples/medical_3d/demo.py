@@ -74,8 +74,11 @@ def main() -> int:
         f"corrupt, in {args.cache} ({time.perf_counter() - start:.1f} s)")
 
     say("== 2. real NIfTI files shipped with nibabel, read by the same workers")
-    from nibabel.testing import data_path
-    files = sorted(str(p) for p in Path(data_path).glob("*.nii*") if "dconn" not in p.name)
+    # nibabel.testing would name this folder, but it imports pytest, which a
+    # user's environment need not have: the folder is found beside the package.
+    import nibabel
+    data_path = Path(nibabel.__file__).parent / "tests" / "data"
+    files = sorted(str(p) for p in data_path.glob("*.nii*") if "dconn" not in p.name)
     with MPLoader(pipeline.describe, files, num_workers=args.workers) as loader:
         workers_seen.update(loader.worker_pids())
         for info in loader:
