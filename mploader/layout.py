@@ -120,7 +120,9 @@ class Padding:
 
     def check(self, result: Any) -> None:
         """Every key and position the padding names exists in the result (a
-        typo would silently pad with the defaults)."""
+        typo would silently pad with the defaults).  Checked against the
+        layout most of a batch's items share: an item of another structure
+        fails alone, a padding that names what the batch lacks is the settings' error."""
         _check_nest(self.shapes, result, "padded_shapes")
         _check_nest(self.values, result, "padding_values")
 
@@ -128,22 +130,22 @@ class Padding:
 def _check_nest(nest: Any, result: Any, what: str, path: tuple = ()) -> None:
     if isinstance(nest, dict):
         if not isinstance(result, dict):
-            raise UnsupportedResult(f"{what} gives a dict for {path_text(path)}, where the "
+            raise PaddingDoesNotFit(f"{what} gives a dict for {path_text(path)}, where the "
                                     f"result has a {type(result).__name__}")
         for key, sub in nest.items():
             if key not in result:
-                raise UnsupportedResult(
+                raise PaddingDoesNotFit(
                     f"{what} names {path_text(path + (key,))}, which the result does not "
                     f"have (its keys there: {', '.join(map(repr, result))})")
             _check_nest(sub, result[key], what, path + (key,))
     elif isinstance(nest, (tuple, list)) and isinstance(result, (tuple, list)):
         if len(nest) != len(result):
-            raise UnsupportedResult(f"{what} gives {len(nest)} entries for {path_text(path)}, "
+            raise PaddingDoesNotFit(f"{what} gives {len(nest)} entries for {path_text(path)}, "
                                     f"where the result has {len(result)}")
         for i, (sub, part) in enumerate(zip(nest, result)):
             _check_nest(sub, part, what, path + (i,))
     elif isinstance(nest, (tuple, list)) and isinstance(result, dict):
-        raise UnsupportedResult(f"{what} gives a {type(nest).__name__} for {path_text(path)}, "
+        raise PaddingDoesNotFit(f"{what} gives a {type(nest).__name__} for {path_text(path)}, "
                                 "where the result has a dict: give a dict with its keys")
 
 
@@ -282,16 +284,6 @@ def _describe(kind: Kind | None) -> str:
     return "a string" if kind[0] == "string" else f"a scalar of {kind[1]}"
 
 
-def _canonical(skeleton: Any) -> Any:
-    """A hashable form of a nest's structure; a dict's key order does not count
-    (its leaves are matched by key, not by position)."""
-    if isinstance(skeleton, dict):
-        return ("dict", tuple(sorted((repr(k), _canonical(v)) for k, v in skeleton.items())))
-    if isinstance(skeleton, tuple):
-        return ("tuple", tuple(_canonical(v) for v in skeleton))
-    return None
-
-
 class _Item:
     """One result of a batch: its leaves by path, and its layout."""
 
@@ -305,8 +297,8 @@ class _Item:
 
         self.kinds: dict[tuple, Kind] = {}
         self.skeleton = map_nest(leaf, result)
-        self.layout = (_canonical(self.skeleton),
-                       tuple(sorted(((repr(p), k) for p, k in self.kinds.items()), key=repr)))
+        # What the batch votes on: each leaf's kind by path, in any dict order.
+        self.layout = frozenset(self.kinds.items())
 
 
 def _odd_one(item: _Item, index: int, like: _Item, like_index: int, padded: bool
@@ -314,7 +306,7 @@ def _odd_one(item: _Item, index: int, like: _Item, like_index: int, padded: bool
     """The error of an item whose layout is not the batch's."""
     rule = ("padding changes sizes, never structures, dtypes or ranks" if padded else
             "give every item the same structure, dtypes and shapes, or use batch_size=None")
-    if _canonical(item.skeleton) != _canonical(like.skeleton):
+    if item.skeleton != like.skeleton or item.kinds.keys() != like.kinds.keys():
         return UnsupportedResult(
             f"cannot batch: source index {index} returned a different structure than "
             f"the batch's other items (source index {like_index}); {rule}")
@@ -395,8 +387,6 @@ def pack_batch(results: list[Any], indices: tuple[int, ...], padding: Padding | 
     items: dict[int, _Item] = {}
     for position, result in enumerate(results):
         try:
-            if padding is not None:
-                padding.check(result)
             items[position] = _Item(result, padded)
         except UnsupportedResult as exc:
             rejected[position] = exc
@@ -405,8 +395,10 @@ def pack_batch(results: list[Any], indices: tuple[int, ...], padding: Padding | 
     votes = Counter(item.layout for item in items.values())
     first = next(p for p, item in items.items() if votes[item.layout] == max(votes.values()))
     like = items[first]
+    if padding is not None:
+        padding.check(results[first])
     for position, item in list(items.items()):
-        if item.layout != like.layout:
+        if item.layout != like.layout or item.skeleton != like.skeleton:
             rejected[position] = _odd_one(item, indices[position], like, indices[first], padded)
             del items[position]
     shapes: dict[tuple, tuple[tuple[int, ...], Any]] = {}

@@ -197,3 +197,12 @@ def test_drop_remainder_never_hands_out_a_batch_made_short_by_skips():
     assert [s.index for s in loader.skipped] == [9, 8, 10, 11]
     assert loader.skipped[0].exc_type == "ValueError"
     assert {s.exc_type for s in loader.skipped[1:]} == {"DroppedWithShortBatch"}
+
+
+def test_a_padding_key_the_results_lack_is_raised_even_under_skip_not_skipping_every_item():
+    with MPLoader(volume, 8, batch_size=4, num_workers=1, padding_values={"imgae": -1},
+                  on_error="skip") as loader:
+        with pytest.raises(WorkerError, match=r"PaddingDoesNotFit: padding_values names "
+                                              r"result\['imgae'\], which the result does not have"):
+            list(loader)
+    assert loader.skipped == []
