@@ -24,9 +24,9 @@ torch is never imported here, only recognised when the worker has it.
 """
 from __future__ import annotations
 
-import cmath
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -80,7 +80,7 @@ class Padding:
         """Every pad value is one scalar (a number, bool, str or bytes): anything
         else is refused here, at construction, not at the first batch."""
         def check(value: Any, path: tuple) -> None:
-            if value is not None and not isinstance(value, _SCALARS + _STRINGS):
+            if value is not None and not isinstance(value, _NUMBERS + _BOOLS + _STRINGS):
                 raise PaddingDoesNotFit(
                     f"padding_values gives {path_text(path)} {value!r}, a "
                     f"{type(value).__name__}: a pad value is one number, bool, str or bytes "
@@ -93,8 +93,9 @@ class Padding:
         def check(spec: Any, path: tuple) -> None:
             value, dtype = self.value_at(path), getattr(spec, "dtype", None)
             numpy_dtype = getattr(dtype, "as_numpy_dtype", None)
-            if value is None or numpy_dtype is None:
-                return
+            rank = getattr(getattr(spec, "shape", None), "rank", None)
+            if value is None or numpy_dtype is None or rank is not None and rank < 2:
+                return  # a scalar leaf per item (rank 1 with the batch axis): never padded
             dtype = np.dtype(numpy_dtype)
             if dtype.kind == "O":  # tf.string: the leaf's width is known only per batch
                 if not isinstance(value, _STRINGS):
@@ -147,6 +148,9 @@ def _check_nest(nest: Any, result: Any, what: str, path: tuple = ()) -> None:
     elif isinstance(nest, (tuple, list)) and isinstance(result, dict):
         raise PaddingDoesNotFit(f"{what} gives a {type(nest).__name__} for {path_text(path)}, "
                                 "where the result has a dict: give a dict with its keys")
+    elif path and nest is not None and not isinstance(result, (np.ndarray, dict, tuple, list)):
+        raise PaddingDoesNotFit(f"{what} names {path_text(path)}, where the result has a "
+                                f"{type(result).__name__}: only array leaves are padded")
 
 
 def _at(nest: Any, path: tuple) -> Any:
@@ -223,12 +227,13 @@ def pack_items(results: list[Any], base: int = 0) -> tuple[tuple[Any, ...], list
     return trees, writes, end
 
 
-def from_torch(value: Any, path: tuple) -> Any:
+def from_torch(value: Any, path: tuple, torch: Any = None) -> Any:
     """A CPU ``torch.Tensor`` leaf as the numpy array over its memory (no copy,
     no cast; a subclass such as MONAI's ``MetaTensor`` as a plain tensor, its
     metadata left behind); any other value unchanged.  A tensor numpy cannot
-    hold as it is (on a device, sparse, bfloat16) is an error naming the leaf."""
-    torch = sys.modules.get("torch")  # only if fn's own code imported it
+    hold as it is (on a device, sparse or nested, bfloat16) is an error naming
+    the leaf.  ``torch``: the module, when the caller looked it up already."""
+    torch = torch or sys.modules.get("torch")  # only if fn's own code imported it
     if torch is None or not isinstance(value, torch.Tensor):
         return value
     where = f"fn returned a torch tensor at {path_text(path)}"
@@ -236,8 +241,9 @@ def from_torch(value: Any, path: tuple) -> Any:
         raise UnsupportedResult(
             f"{where} on device {value.device}: only CPU tensors can be placed in shared "
             "memory; return x.cpu() (mploader never moves a tensor off its device itself)")
-    if value.layout != torch.strided:
-        raise UnsupportedResult(f"{where} with layout {value.layout}: return x.to_dense()")
+    if value.layout != torch.strided or value.is_nested:
+        raise UnsupportedResult(f"{where} with layout {value.layout}: return a dense, "
+                                "strided tensor (for a sparse one, x.to_dense())")
     tensor = value.as_subclass(torch.Tensor).detach().resolve_conj().resolve_neg()
     try:
         return tensor.numpy()
@@ -253,26 +259,17 @@ def _scalar_dtype(value: Any, path: tuple) -> np.dtype:
     if isinstance(value, np.generic):
         return value.dtype
     dtype = np.asarray(value).dtype
-    if dtype.kind == "O":
-        raise UnsupportedResult(f"fn returned {value!r} at {path_text(path)}, an int that "
-                                "no integer dtype holds")
+    if dtype.kind == "O" or (isinstance(value, int) and dtype.kind == "u"):
+        raise UnsupportedResult(f"fn returned the Python int {value} at {path_text(path)}, "
+                                "outside int64: return it as a numpy scalar of the dtype "
+                                "you mean (np.uint64(...)), or as a str")
     return dtype
 
 
 # One item's leaf as the batch sees it: ("array", dtype, shape, or rank when
-# padded), ("scalar", dtype) or ("string",).
+# padded), ("scalar", dtype), ("string", str or bytes); a container at a path:
+# ("dict",) or ("sequence",) (what it holds is at the paths below it).
 Kind = tuple
-
-
-def _kind(value: Any, path: tuple, padded: bool) -> Kind:
-    if isinstance(value, np.ndarray):
-        _check_array(value, path)
-        return ("array", value.dtype, value.ndim if padded else value.shape)
-    if isinstance(value, _STRINGS):
-        return ("string",)
-    if isinstance(value, _SCALARS):
-        return ("scalar", _scalar_dtype(value, path))
-    raise _unsupported(value, path)
 
 
 def _describe(kind: Kind | None) -> str:
@@ -281,88 +278,127 @@ def _describe(kind: Kind | None) -> str:
     if kind[0] == "array":
         form = f"{kind[2]}-d" if isinstance(kind[2], int) else f"shape {kind[2]}"
         return f"a {form} array of {kind[1]}"
-    return "a string" if kind[0] == "string" else f"a scalar of {kind[1]}"
+    if kind[0] == "string":
+        return f"a {kind[1].__name__}"
+    if kind[0] == "scalar":
+        return f"a scalar of {kind[1]}"
+    return f"a {kind[0]} (a tuple or list)" if kind[0] == "sequence" else "a dict"
 
 
 class _Item:
-    """One result of a batch: its leaves by path, and its layout."""
+    """One result of a batch, walked once: its leaves and their kinds by path,
+    its containers, and its layout (what the batch votes on: every path's
+    kind, in any dict order)."""
 
-    def __init__(self, result: Any, padded: bool) -> None:
+    __slots__ = ("result", "leaves", "kinds", "layout")
+
+    def __init__(self, result: Any, padded: bool, torch: Any) -> None:
+        self.result = result
         self.leaves: dict[tuple, Any] = {}
+        self.kinds: dict[tuple, Kind] = {}
+        self._walk(result, (), padded, torch)
+        self.layout = frozenset(self.kinds.items())
 
-        def leaf(value: Any, path: tuple) -> None:
-            value = from_torch(value, path)
-            self.kinds[path] = _kind(value, path, padded)
+    def _walk(self, value: Any, path: tuple, padded: bool, torch: Any) -> None:
+        if isinstance(value, (tuple, list)):
+            self.kinds[path] = ("sequence",)
+            for key, part in enumerate(value):
+                self._walk(part, path + (key,), padded, torch)
+        elif isinstance(value, dict):
+            self.kinds[path] = ("dict",)
+            for key, part in value.items():
+                self._walk(part, path + (key,), padded, torch)
+        else:
+            try:
+                value = from_torch(value, path, torch)
+                self.kinds[path] = _kind(value, path, padded)
+            except UnsupportedResult:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a leaf nothing here can read
+                raise UnsupportedResult(f"cannot read {path_text(path)}: "
+                                        f"{type(exc).__name__}: {exc}") from exc
             self.leaves[path] = value
 
-        self.kinds: dict[tuple, Kind] = {}
-        self.skeleton = map_nest(leaf, result)
-        # What the batch votes on: each leaf's kind by path, in any dict order.
-        self.layout = frozenset(self.kinds.items())
+    def arrays(self) -> Iterator[tuple[tuple, Kind]]:
+        return ((path, kind) for path, kind in self.kinds.items() if kind[0] == "array")
+
+    def converted(self) -> Any:
+        """The result with its leaves as the batch takes them (tensors as arrays)."""
+        return map_nest(lambda _value, path: self.leaves[path], self.result)
+
+
+def _kind(value: Any, path: tuple, padded: bool) -> Kind:
+    if isinstance(value, np.ndarray):
+        _check_array(value, path)
+        return ("array", value.dtype, value.ndim if padded else value.shape)
+    if isinstance(value, _STRINGS):
+        return ("string", str if isinstance(value, str) else bytes)
+    if isinstance(value, _SCALARS):
+        return ("scalar", _scalar_dtype(value, path))
+    raise _unsupported(value, path)
 
 
 def _odd_one(item: _Item, index: int, like: _Item, like_index: int, padded: bool
              ) -> UnsupportedResult:
-    """The error of an item whose layout is not the batch's."""
+    """The error of an item whose layout is not the batch's: the first path
+    (outermost first) where the two differ, and what each has there."""
     rule = ("padding changes sizes, never structures, dtypes or ranks" if padded else
             "give every item the same structure, dtypes and shapes, or use batch_size=None")
-    if item.skeleton != like.skeleton or item.kinds.keys() != like.kinds.keys():
-        return UnsupportedResult(
-            f"cannot batch: source index {index} returned a different structure than "
-            f"the batch's other items (source index {like_index}); {rule}")
-    path = next(p for p in like.kinds if item.kinds.get(p) != like.kinds[p])
+    paths = sorted(item.kinds.keys() | like.kinds.keys(), key=lambda p: (len(p), repr(p)))
+    path = next(p for p in paths if item.kinds.get(p) != like.kinds.get(p))
     return UnsupportedResult(
         f"cannot batch {path_text(path)}: source index {index} gave "
-        f"{_describe(item.kinds.get(path))}, the batch's other items {_describe(like.kinds[path])} "
-        f"(source index {like_index}); {rule}")
+        f"{_describe(item.kinds.get(path))}, the batch's other items "
+        f"{_describe(like.kinds.get(path))} (source index {like_index}); {rule}")
 
 
-def _padded_shape(column: list[np.ndarray], path: tuple, padding: Padding
-                  ) -> tuple[tuple[int, ...], list[int]]:
-    """(the leaf's shape in the batch without its first axis, the positions of
-    items that exceed a size padded_shapes fixes)."""
-    head = column[0]
-    wanted = padding.shape_at(path, head.ndim)
-    if len(wanted) != head.ndim or not all(
+def _settings_problem(padding: Padding, item: _Item) -> PaddingDoesNotFit | None:
+    """What in the padding does not fit this item's layout (a key it lacks, a
+    pad value its dtype cannot hold, a shape of another rank), or None."""
+    try:
+        padding.check(item.converted())
+        for path, kind in item.arrays():
+            _checked_shape(padding, path, kind[2])
+            _pad_value(padding.value_at(path), kind[1], path)
+    except PaddingDoesNotFit as exc:
+        return exc
+    return None
+
+
+def _checked_shape(padding: Padding, path: tuple, rank: int) -> tuple[Any, ...]:
+    wanted = padding.shape_at(path, rank)
+    if len(wanted) != rank or not all(
             size is None or (isinstance(size, (int, np.integer)) and not isinstance(size, bool)
                              and size >= 0) for size in wanted):
         raise PaddingDoesNotFit(
             f"padded_shapes gives {path_text(path)} the shape {tuple(wanted)!r}; the result "
-            f"there has {head.ndim} dimensions: give one int >= 0 or None per dimension")
-    too_large = [position for position, v in enumerate(column)
-                 if any(size is not None and n > size for n, size in zip(v.shape, wanted))]
-    fitting = [v for position, v in enumerate(column) if position not in too_large] or column
-    shape = tuple(max(v.shape[axis] for v in fitting) if size is None else size
-                  for axis, size in enumerate(wanted))
-    return shape, too_large
+            f"there has {rank} dimensions: give one int >= 0 or None per dimension")
+    return wanted
 
 
 def _pad_value(value: Any, dtype: np.dtype, path: tuple) -> Any:
     """The pad value as a scalar of ``dtype``; an error when it does not fit,
-    never a conversion that changes it: a number for a number (integers
-    exactly, floats within range and not flushed to zero; NaN and infinities as
-    given), a bool for a bool, a str for a str leaf and bytes for a bytes
-    leaf, within the leaf's width."""
+    never a conversion that changes it: a number for a number (an integer
+    exactly, in an integer or a float leaf; a float within range and not
+    flushed to zero, its nearest value in the leaf's precision; NaN and
+    infinities as given), a bool for a bool, a str for a str leaf and bytes
+    for a bytes leaf, within the leaf's width."""
     if value is None:
         return np.zeros((), dtype)[()]
     problem = None
     wanted, kind = _PAD_KINDS.get(dtype.kind, (_NUMBERS, "a number"))
     if not isinstance(value, wanted) or (wanted is _NUMBERS and isinstance(value, _BOOLS)):
         problem = f"is a {type(value).__name__}, not {kind}"
+    elif dtype.kind in "iu" and (isinstance(value, (complex, np.complexfloating))
+                                 or not float(value).is_integer()):
+        problem = "is not an integer"
+    elif dtype.kind in "iu" and not np.iinfo(dtype).min <= int(value) <= np.iinfo(dtype).max:
+        problem = f"is out of its range [{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]"
     else:
         try:
             with np.errstate(over="ignore", invalid="ignore", under="ignore"):
                 converted = np.array(value, dtype=dtype)
-            if dtype.kind in "US" and converted.item() != value:
-                problem = f"is longer than the leaf's width ({dtype}), and would be cut"
-            elif dtype.kind in "iu" and (not float(np.asarray(value).real).is_integer()
-                                         or converted.item() != value):
-                problem = "is not a value of it"
-            elif dtype.kind in "fc" and cmath.isfinite(complex(value)):
-                if not np.isfinite(converted):
-                    problem = "is out of its range"
-                elif value != 0 and converted == 0:
-                    problem = "is too small for it, and would become 0"
+            problem = _changed(value, converted, dtype)
         except (TypeError, ValueError, OverflowError) as exc:
             problem = f"cannot be converted ({exc})"
     if problem is not None:
@@ -371,76 +407,112 @@ def _pad_value(value: Any, dtype: np.dtype, path: tuple) -> Any:
     return converted[()]
 
 
+def _changed(value: Any, converted: np.ndarray, dtype: np.dtype) -> str | None:
+    """How converting ``value`` into ``dtype`` changed it, or None."""
+    if dtype.kind in "US":
+        return (f"is longer than the leaf's width ({dtype}), and would be cut"
+                if converted.item() != value else None)
+    if dtype.kind not in "fc":
+        return None if converted.item() == value else "is not a value of it"
+    if isinstance(value, (int, np.integer)) and converted.item() != value:
+        return f"is an integer it cannot hold exactly (it would become {converted.item()!r})"
+    parts = [(complex(value).real, converted.real), (complex(value).imag, converted.imag)]
+    for given, got in parts:
+        if np.isfinite(given) and not np.isfinite(got):
+            return "is out of its range"
+        if given != 0 and got == 0:
+            return "is too small for it, and would become 0"
+    return None
+
+
+def _chosen_layout(items: dict[int, _Item], padding: Padding | None) -> int:
+    """The position of the item whose layout the batch keeps: one the padding
+    fits, then the one most items share, then the earliest.  A padding that
+    fits none of them is the settings' error, raised."""
+    votes = Counter(item.layout for item in items.values())
+    firsts: dict[frozenset, int] = {}
+    for position, item in items.items():
+        firsts.setdefault(item.layout, position)
+    problems = {layout: None if padding is None else _settings_problem(padding, items[first])
+                for layout, first in firsts.items()}
+    best = max(firsts, key=lambda layout: (problems[layout] is None, votes[layout],
+                                           -firsts[layout]))
+    if problems[best] is not None:
+        raise problems[best]
+    return firsts[best]
+
+
 def pack_batch(results: list[Any], indices: tuple[int, ...], padding: Padding | None = None
                ) -> tuple[Any, list[Write | PadWrite], int, dict[int, UnsupportedResult]]:
     """Stack the results of consecutive items along a new first axis (padded
     to one shape per leaf with ``padding``): (tree, writes, bytes, rejected).
 
     ``rejected`` maps the position of each item left out to its error: a leaf
-    that cannot be sent, a layout other than the batch's (the layout most items
-    have; on a tie, the earliest), a size over ``padded_shapes``.  ``tree`` is
-    None when every item was rejected.  Errors of the batch's own settings
-    (a pad value or padded shape that does not fit) are raised.
+    that cannot be sent, a layout other than the batch's (see _chosen_layout),
+    a size over ``padded_shapes``.  ``tree`` is None when every item was
+    rejected.  Errors of the padding itself are raised.
     """
-    padded = padding is not None
+    padded, torch = padding is not None, sys.modules.get("torch")
     rejected: dict[int, UnsupportedResult] = {}
     items: dict[int, _Item] = {}
     for position, result in enumerate(results):
         try:
-            items[position] = _Item(result, padded)
+            items[position] = _Item(result, padded, torch)
         except UnsupportedResult as exc:
             rejected[position] = exc
     if not items:
         return None, [], 0, rejected
-    votes = Counter(item.layout for item in items.values())
-    first = next(p for p, item in items.items() if votes[item.layout] == max(votes.values()))
+    first = _chosen_layout(items, padding)
     like = items[first]
-    if padding is not None:
-        padding.check(results[first])
     for position, item in list(items.items()):
-        if item.layout != like.layout or item.skeleton != like.skeleton:
+        if item.layout != like.layout:
             rejected[position] = _odd_one(item, indices[position], like, indices[first], padded)
             del items[position]
-    shapes: dict[tuple, tuple[tuple[int, ...], Any]] = {}
-    for path, kind in like.kinds.items():
-        if kind[0] == "array" and padding is not None:
-            column = [item.leaves[path] for item in items.values()]
-            shape, too_large = _padded_shape(column, path, padding)
-            shapes[path] = shape, _pad_value(padding.value_at(path), kind[1], path)
-            for position in [list(items)[k] for k in too_large]:
-                axis, n, size = next((axis, n, size) for axis, (n, size) in enumerate(
-                    zip(items[position].leaves[path].shape, padding.shape_at(path, kind[2])))
-                    if size is not None and n > size)
-                rejected[position] = UnsupportedResult(
-                    f"cannot pad {path_text(path)}: source index {indices[position]} has {n} "
-                    f"along axis {axis}, more than padded_shapes allows ({size})")
-                del items[position]
-    if not items:
-        return None, [], 0, rejected
+    if padding is not None:  # items over a fixed size, every leaf checked before any is sized
+        for path, kind in like.arrays():
+            wanted = _checked_shape(padding, path, kind[2])
+            for position, item in list(items.items()):
+                over = [(axis, n, size) for axis, (n, size)
+                        in enumerate(zip(item.leaves[path].shape, wanted))
+                        if size is not None and n > size]
+                if over:
+                    axis, n, size = over[0]
+                    rejected[position] = UnsupportedResult(
+                        f"cannot pad {path_text(path)}: source index {indices[position]} has "
+                        f"{n} along axis {axis}, more than padded_shapes allows ({size})")
+                    del items[position]
+        if not items:
+            return None, [], 0, rejected
     writes: list[Write | PadWrite] = []
     end = 0
     stacked: dict[tuple, Any] = {}
     for path, kind in like.kinds.items():
+        if kind[0] in ("dict", "sequence"):
+            continue
         column = [item.leaves[path] for item in items.values()]
         if kind[0] == "string":
             stacked[path] = np.array(column, dtype=object)
             continue
-        if kind[0] == "scalar":
-            column = [np.asarray(column, dtype=kind[1])]  # one dtype: no value changes
-        head = column[0]
-        shape, value = shapes.get(path, (head.shape if kind[0] == "array" else None, None))
         offset = _aligned(end)
         if kind[0] == "scalar":
-            writes.append((offset, head))
-            end = offset + head.nbytes
-            stacked[path] = ArrayRef(offset, head.shape, head.dtype)
+            array = np.asarray(column, dtype=kind[1])  # one dtype: no value changes
+            writes.append((offset, array))
+            end = offset + array.nbytes
+            stacked[path] = ArrayRef(offset, array.shape, array.dtype)
             continue
-        size = int(np.prod(shape)) * head.itemsize
+        if padding is not None:
+            wanted = padding.shape_at(path, kind[2])
+            shape = tuple(max(v.shape[axis] for v in column) if size is None else size
+                          for axis, size in enumerate(wanted))
+            value = _pad_value(padding.value_at(path), kind[1], path)
+        else:
+            shape, value = kind[2], None
+        size = int(np.prod(shape)) * kind[1].itemsize
         writes.extend((offset + i * size, v, shape, value) if padding is not None
                       else (offset + i * size, v) for i, v in enumerate(column))
         end = offset + size * len(column)
-        stacked[path] = ArrayRef(offset, (len(column),) + shape, head.dtype)
-    tree = map_nest(lambda _v, path: stacked[path], like.skeleton)
+        stacked[path] = ArrayRef(offset, (len(column),) + shape, kind[1])
+    tree = map_nest(lambda _v, path: stacked[path], like.result)
     return tree, writes, end, rejected
 
 

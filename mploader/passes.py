@@ -449,11 +449,10 @@ class Pass(Iterator[Any]):
         self._pending.extend((worker_id, *entry[1:]) for entry in outcomes)
 
     def _short_batch_dropped(self, result: Result) -> bool:
-        """A worker batch that skipped items came out short: with
-        drop_remainder=True it is dropped, never handed out (a fixed batch size
-        is what drop_remainder promises, and dataset()'s signature says)."""
-        return (self._opt.drop_remainder and bool(result.failures)
-                and len(result.indices) < (self._opt.batch_size or 0))
+        """A worker batch came out short (items skipped, or dropped after they
+        killed workers): with drop_remainder=True it is dropped, never handed
+        out (a fixed batch size is what drop_remainder promises)."""
+        return self._opt.drop_remainder and len(result.indices) < (self._opt.batch_size or 0)
 
     def _samples(self, result: Any, step_of: dict[int, int], trees: list[Any]) -> list[Any]:
         """Entries for each value of ``result``: an item's last sample hands its
@@ -599,7 +598,8 @@ def _dropped_with_batch(index: int, chunk: Chunk) -> Failure:
     with drop_remainder=True): it goes to loader.skipped, so nothing is lost unsaid."""
     item = chunk.items[chunk.indices.index(index)]
     return Failure(index, short_repr(item), "DroppedWithShortBatch",
-                   "dropped with its batch: other items of the batch were skipped, and "
+                   "dropped with its batch: other items of the batch were skipped (failed, "
+                   "or dropped after they ended workers), and "
                    "drop_remainder=True never hands out a short batch", "")
 
 

@@ -194,3 +194,21 @@ def test_dict_leaves_are_batched_by_key_whatever_order_each_item_built_its_dict_
     with MPLoader(reordered, 4, batch_size=4, num_workers=1) as loader:
         (batch,) = list(loader)
     assert batch["a"].tolist() == [0, 1, 2, 3] and batch["b"].tolist() == [0.5, 1.5, 2.5, 3.5]
+
+
+@pytest.mark.parametrize("fn, odd, got, batch", [
+    (lambda i: {"a": {0: np.full(2, i)}} if i == 1 else {"a": [np.full(2, i)]}, 1,
+     "a dict", "a sequence (a tuple or list)"),
+    (lambda i: {"x": 1, "extra": ()} if i == 0 else {"x": 1}, 0, "a sequence (a tuple or list)",
+     "nothing"),
+    (lambda i: b"b" if i == 2 else f"a{i}", 2, "a bytes", "a str"),
+    (lambda i: {"id": i} if i == 3 else {"id": i, "meta": {"site": "a"}}, 3, "nothing",
+     "a dict"),
+])
+def test_an_item_of_another_structure_is_named_with_the_first_path_that_differs(fn, odd, got,
+                                                                                batch):
+    with MPLoader(fn, 4, batch_size=4, num_workers=1, on_error="skip") as loader:
+        (out,) = list(loader)
+    assert [s.index for s in loader.skipped] == [odd]
+    assert f"source index {odd} gave {got}, the batch's other items {batch}" in \
+        loader.skipped[0].message

@@ -150,7 +150,11 @@ def test_the_layout_most_items_share_is_kept_even_when_the_first_item_is_the_odd
     ("7", np.zeros(1, np.float32), "it is a str, not a number"),
     (True, np.zeros(1, np.float32), "it is a bool, not a number"),
     (1e-50, np.zeros(1, np.float32), "too small for it, and would become 0"),
-    (70000.5, np.zeros(1, np.int32), "is not a value of it"),
+    (70000.5, np.zeros(1, np.int32), "it is not an integer"),
+    (-1, np.zeros(1, np.uint8), r"it is out of its range \[0, 255\]"),
+    (16777217, np.zeros(1, np.float32), "an integer it cannot hold exactly .*16777216"),
+    (2049, np.zeros(1, np.float16), "an integer it cannot hold exactly"),
+    (complex(1e-50, 1), np.zeros(1, np.complex64), "too small for it, and would become 0"),
     (b"x", np.array(["ab"]), "it is a bytes, not a str"),
     (1, np.zeros(1, bool), "it is a int, not a bool"),
 ])
@@ -206,3 +210,67 @@ def test_a_padding_key_the_results_lack_is_raised_even_under_skip_not_skipping_e
                                               r"result\['imgae'\], which the result does not have"):
             list(loader)
     assert loader.skipped == []
+
+
+def test_the_layout_the_padding_fits_is_kept_when_odd_items_are_as_many_as_good_ones():
+    """Two files load as uint8 among int16 ones: a pad of -1024 fits int16 only,
+    so the int16 items are the batch, whatever the order or the count."""
+    def loads(i):
+        return np.full(3 + i % 2, i, np.uint8 if i in (4, 5) else np.int16)
+    with MPLoader(loads, 12, batch_size=4, num_workers=1, padding_values=-1024,
+                  on_error="skip") as loader:
+        batches = list(loader)
+    assert [s.index for s in loader.skipped] == [4, 5]
+    assert [b[:, 0].tolist() for b in batches] == [[0, 1, 2, 3], [6, 7], [8, 9, 10, 11]]
+    assert {b.dtype for b in batches} == {np.dtype(np.int16)}
+
+
+def test_an_item_too_large_for_one_leaf_does_not_size_the_batchs_other_leaves():
+    def two(i):
+        return {"a": np.ones(10 if i == 0 else 2), "b": np.ones(5 if i == 0 else 2)}
+    with MPLoader(two, 4, batch_size=4, num_workers=1, on_error="skip",
+                  padded_shapes={"b": (3,)}) as loader:
+        (batch,) = list(loader)
+    assert [s.index for s in loader.skipped] == [0]
+    assert batch["a"].shape == (3, 2) and batch["b"].shape == (3, 3)
+
+
+def test_padding_that_names_a_scalar_or_string_leaf_is_an_error_not_ignored():
+    def named(i):
+        return {"image": np.ones(i + 1, np.float32), "n": i, "name": f"c{i}"}
+    for settings in ({"padded_shapes": {"n": (5,)}}, {"padding_values": {"name": "oops"}}):
+        with MPLoader(named, 4, batch_size=2, num_workers=1, on_error="skip",
+                      **settings) as loader:
+            with pytest.raises(WorkerError, match=r"PaddingDoesNotFit: .* names result\['n(ame)?'\], "
+                                                  r"where the result has a (int|str): only array "
+                                                  "leaves are padded"):
+                list(loader)
+
+
+@pytest.mark.tf
+def test_one_pad_value_for_every_leaf_is_checked_against_array_leaves_only():
+    """Scalars and strings are never padded: a global -1.0 does not have to fit them."""
+    import tensorflow as tf
+    def case(i):
+        return {"image": np.ones((2 + i % 3, 2), np.float32), "name": f"c{i}", "label": np.uint8(i)}
+    signature = {"image": tf.TensorSpec((None, None, 2), tf.float32),
+                 "name": tf.TensorSpec((None,), tf.string),
+                 "label": tf.TensorSpec((None,), tf.uint8)}
+    with MPLoader(case, 8, batch_size=4, padding_values=-1.0, num_workers=1,
+                  output_signature=signature) as loader:
+        batches = list(loader)
+    assert batches[0]["image"][0, 2:].tolist() == [[-1.0, -1.0], [-1.0, -1.0]]
+
+
+def test_drop_remainder_drops_a_batch_made_short_by_an_item_that_ended_two_workers():
+    import os
+
+    def ends_its_worker_on_5(i):
+        if i == 5:
+            os._exit(3)
+        return np.full(2, i)
+    with MPLoader(ends_its_worker_on_5, 16, batch_size=4, drop_remainder=True, num_workers=2,
+                  on_error="skip", on_worker_death="restart") as loader:
+        batches = [b[:, 0].tolist() for b in loader]
+    assert batches == [[0, 1, 2, 3], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert sorted(s.index for s in loader.skipped) == [4, 5, 6, 7]
