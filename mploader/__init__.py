@@ -21,7 +21,8 @@ Modules, one job each:
     signature.py     every element checked against the dataset's signature
     interrupts.py    Ctrl-C while TensorFlow's threads run the consumer
     cache.py         the cache of prepare's results, from the parent
-    cache_stores.py  the cache's stores, from a worker
+    cache_keys.py    a cache directory's key: the recipe of prepare's results
+    cache_stores.py  the cache's stores, from a worker; whose entries it reads
     bottleneck.py    where a pass's time went, and a hint
     grouping.py      several small elements per TensorFlow generator call
     tf_adapter.py    the TensorFlow adapter (the only module that imports TensorFlow)
@@ -30,7 +31,7 @@ Modules, one job each:
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import MPLoaderError, WorkerDied, WorkerError, WorkerTimeout
+    from .errors import CacheError, MPLoaderError, WorkerDied, WorkerError, WorkerTimeout
     from .loader import MPLoader
     from .passes import PassAbandoned, Skipped
     from .random_state import item_rng, item_scope
@@ -43,7 +44,8 @@ __version__ = "0.1.0"
 # modules (the loader, its passes, the pool, epochs...) are none of its
 # business; importing them cost every worker's start about 60 ms here.
 _HOMES = {"MPLoader": "loader", "MPLoaderError": "errors", "WorkerError": "errors",
-          "WorkerDied": "errors", "WorkerTimeout": "errors", "PassAbandoned": "passes",
+          "WorkerDied": "errors", "WorkerTimeout": "errors", "CacheError": "errors",
+          "PassAbandoned": "passes",
           "Skipped": "passes", "SignatureMismatch": "signature", "item_rng": "random_state",
           "item_scope": "random_state"}
 __all__ = list(_HOMES)

@@ -20,24 +20,75 @@ copy-on-write copy, so its memory grows with ``num_workers``):
 - a directory: files written by the workers themselves (cache_stores.py),
   found by key; no index here, only the counts the workers report.
 
-The key of an item is a hash of the cache version, of ``prepare``'s code
-(shipping.code_fingerprint: an edit of prepare misses, never serves old
-results) and of the item's plain pickle (the same bytes in every process;
-an item that only cloudpickle can pickle keys by that pickle, which for a
-class defined in ``__main__`` differs between processes: such items miss in
-a directory across runs, never hit wrongly).
+The key of an item is a hash of the item's plain pickle (the same bytes in
+every process; an item that only cloudpickle can pickle keys by that
+pickle, which for a class defined in ``__main__`` differs between processes:
+such items miss in a directory across runs, never hit wrongly) and of a salt.
+
+For ``cache="memory"`` the salt is a constant: the file belongs to one
+loader, whose prepare cannot change, and dies with it; fingerprinting prepare
+(pickling every value it reads) would cost time and could not make a key
+more right.
+
+For a directory, which later runs and other jobs share, the salt is the
+digest of a recipe of everything that determines prepare's results
+(cache_keys.py), so that a change of any of it misses, never serves old
+results:
+
+- the code of prepare (bytecode, names, constants, nested code; not its file
+  name or line numbers: a script moved elsewhere still hits), and of every
+  function and class of the user's own that it reaches, through globals,
+  ``module.attr``, imports inside functions, closures, defaults
+  (``__defaults__``, ``__kwdefaults__``), ``functools.partial`` arguments,
+  bound objects, attributes; a class by its bases, metaclass and attributes
+  (each method in turn).  "The user's own" is every module not under a
+  directory named site-packages or dist-packages (where pip, conda and
+  Debian install) and not Python's own library: ``__main__``, the user's
+  scripts and packages, packages installed in editable mode;
+- the values that code reads: each default, closure value, global and
+  module attribute it names, and prepare's own state (a bound ``self``, a
+  callable object, a partial's arguments), by their pickle, with sets
+  sorted (their order follows string hashes, which differ between
+  processes) and arrays hashed in place;
+- for each library reached (a function, class, module or object of it):
+  its top-level package's installed version, with a digest of the
+  distribution's RECORD (a reinstall of other files under one version
+  misses), else its ``__version__``; Python's implementation and version;
+- ``worker_init``'s, as prepare's (what it sets up, prepare may use);
+- ``cache_version``, when given.
+
+What cannot be fingerprinted (a value that does not pickle, compiled code
+of the user's own with no bytecode and no version, a value nested too deeply)
+is a CacheError unless ``cache_version`` is given: then the recipe names what
+it left out, the version keys it, and the rest is keyed as above.  Not keyed,
+ever: files prepare reads, environment variables, the time, names looked up
+at run time (``getattr(m, name)``, ``importlib.import_module(name)``), a
+library's own dependencies that prepare's code does not reach.
+
+The recipe is written beside the entries (``<directory>/recipes/<salt
+hex>.json``), so that cache_info() can say why a run missed: how this
+loader's recipe differs from the others found there.  Each worker of a
+directory cache takes the recipe again, of the prepare it unpickled and the
+modules it imported, before its worker_init: a difference (a module edited
+after the parent imported it, a module global changed at run time) is a
+CacheError, since the entries would hold what the key does not say.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import pickle
 import resource
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from .cache_stores import HEADER_BYTES, Place
+from .cache_keys import Recipe, differences, recipe
+from .cache_stores import HEADER_BYTES, MODES, Place, open_directory
 from .messages import PLAIN_TYPES, Result
+
+log = logging.getLogger("mploader")
 
 _MEMINFO = "/proc/meminfo"
 _CGROUP_LIMIT = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -107,14 +158,16 @@ class CacheCounts:
     uncached: int = 0         # ... and its result was not cached (no room, unwritable)
     corrupt: int = 0          # a directory entry that was truncated or damaged
     written_bytes: int = 0    # bytes of entries written
+    untrusted: int = 0        # a directory entry that others could have written: not read
 
-    def add(self, report: tuple[int, int, int, int, int]) -> None:
-        hits, misses, uncached, corrupt, written = report
+    def add(self, report: tuple[int, ...]) -> None:
+        hits, misses, uncached, corrupt, written, untrusted = report
         self.hits += hits
         self.misses += misses
         self.uncached += uncached
         self.corrupt += corrupt
         self.written_bytes += written
+        self.untrusted += untrusted
 
 
 @dataclass
@@ -146,14 +199,52 @@ class MemoryCache:
         self.entries.clear()
 
 
+_MEMORY_SALT = b"memory"  # one loader's, one prepare's: see the top
+_RECIPES = "recipes"       # <directory>/recipes/<salt hex>.json: each key's recipe
+_RECIPE_BYTES = 1 << 20    # a recipe file larger than this is not one of ours
+_RECIPES_SHOWN = 20        # by cache_info(): the most recently used
+
+
 class Cache:
     """The loader's cache of prepare's results, as the parent keeps it."""
 
-    def __init__(self, where: str, budget: int | None, salt: bytes) -> None:
+    def __init__(self, where: str, budget: int | None, prepare: Callable[[Any], Any],
+                 cache_version: str | int | None, trust: str,
+                 worker_init: Callable[[int], Any] | None = None) -> None:
         self.where = where  # "memory" or a directory
-        self._salt = salt   # the version and prepare's code fingerprint
+        self.trust = trust
+        self.recipe: Recipe | None = None
+        self._salt = _MEMORY_SALT
+        if where != "memory":
+            os.close(open_directory(where, trust))  # made, or refused, first
+            self.recipe = recipe(prepare, cache_version, where, worker_init)
+            self._salt = self.recipe.salt()
+            self._keep_recipe(self.recipe)
         self.memory = MemoryCache(budget) if budget is not None else None
         self.counts = CacheCounts()
+
+    def _keep_recipe(self, mine: Recipe) -> None:
+        """Write this key's recipe beside the entries (or mark it used now),
+        for cache_info(); a directory that cannot take it (read-only) goes without."""
+        folder = os.path.join(self.where, _RECIPES)
+        path = os.path.join(folder, self._salt.hex() + ".json")
+        directory_mode, file_mode = MODES[self.trust]
+        try:
+            try:
+                os.mkdir(folder, 0o700)
+                os.chmod(folder, directory_mode)
+            except FileExistsError:
+                pass
+            if os.path.exists(path):
+                os.utime(path)
+                return
+            temp = f"{path}.{os.getpid()}.tmp"
+            with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode), "w") as f:
+                os.fchmod(f.fileno(), file_mode)
+                json.dump(mine.to_json(), f, indent=1, sort_keys=True)
+            os.replace(temp, path)
+        except OSError:
+            pass
 
     def keys(self, items: tuple[Any, ...], encoded: bytes,
              ends: tuple[int, ...]) -> tuple[bytes, ...]:
@@ -183,7 +274,15 @@ class Cache:
     def learn(self, indices: tuple[int, ...], keys: tuple[bytes, ...], result: Result) -> None:
         """Take in what a worker's Result says about the cache (whoever's pass it was)."""
         if result.cache:
+            untrusted = self.counts.untrusted
             self.counts.add(result.cache)
+            if self.counts.untrusted and not untrusted:
+                log.warning(
+                    "cache %s: an entry owned by someone you do not trust, or that others "
+                    "can write, was not read (unpickling it could run their code); its item "
+                    "was prepared again and the entry replaced by yours.  Someone could write "
+                    "into this directory: look for files in it that are not yours "
+                    "(stats()['cache']['untrusted'] counts them)", self.where)
         memory = self.memory
         if result.cached and memory is not None:
             key_of = dict(zip(indices, keys))
@@ -197,10 +296,45 @@ class Cache:
         counts, memory = self.counts, self.memory
         return {"where": self.where, "hits": counts.hits, "misses": counts.misses,
                 "uncached": counts.uncached, "corrupt": counts.corrupt,
+                "untrusted": counts.untrusted,
                 "bytes": memory.held_bytes if memory is not None else None,
                 "written_bytes": counts.written_bytes,
                 "budget_bytes": memory.budget if memory is not None else None,
                 "entries": len(memory.entries) if memory is not None else None}
+
+    def info(self) -> dict[str, Any]:
+        """This cache's key and its recipe, and, for a directory, how the
+        recipes of the other keys found there differ from it (MPLoader.cache_info)."""
+        if self.recipe is None:  # cache="memory"
+            entries = len(self.memory.entries) if self.memory is not None else 0
+            return {"where": self.where, "key": None, "recipe": None, "entries": entries,
+                    "others": []}
+        with os.scandir(self.where) as found:
+            entries = sum(1 for entry in found if entry.name.endswith(".entry"))
+        return {"where": self.where, "key": self._salt.hex(), "recipe": self.recipe.to_json(),
+                "entries": entries, "others": self._other_recipes(self.recipe)}
+
+    def _other_recipes(self, mine: Recipe) -> list[dict[str, Any]]:
+        """The most recently used other recipes of the directory, newest
+        first, and why an entry of each is not one of this key's."""
+        try:
+            with os.scandir(os.path.join(self.where, _RECIPES)) as found:
+                files = [(entry.stat().st_mtime, entry.path, entry.name[:-len(".json")])
+                         for entry in found if entry.name.endswith(".json")
+                         and entry.name != self._salt.hex() + ".json"]
+        except FileNotFoundError:
+            return []
+        others = []
+        for used, path, key in sorted(files, reverse=True)[:_RECIPES_SHOWN]:
+            try:
+                with open(path, "rb") as f:
+                    other = Recipe.from_json(json.loads(f.read(_RECIPE_BYTES)))
+                why = differences(mine, other)
+                prepare = other.prepare
+            except (OSError, ValueError, RecursionError):
+                why, prepare = ["not a recipe this version of mploader can read"], None
+            others.append({"key": key, "used": used, "prepare": prepare, "differences": why})
+        return others
 
     def close(self) -> None:
         if self.memory is not None:

@@ -31,12 +31,15 @@ over the new shards from ``position``).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger("mploader")
 
 STATE_FORMAT = "mploader.state/1"
 _ROUNDS = 6            # Feistel rounds: enough mixing for a shuffle, cheap in numpy
@@ -195,9 +198,11 @@ class Progress:
             return steps_left == 0
         return steps_left * self.per_step - sum(self.partial.values()) < self.least
 
-    def state(self, fingerprint: dict[str, Any], roll_over: bool = True) -> dict[str, Any]:
-        """The JSON-serialisable state (see the module docstring); an epoch
-        with nothing left is the next epoch's start, unless not ``roll_over``."""
+    def state(self, fingerprint: dict[str, Any], then: int | None) -> dict[str, Any]:
+        """The JSON-serialisable state (see the module docstring).  ``then``:
+        the epoch after this one; an epoch with nothing left is that epoch's
+        start, and one under way says it when it is not simply the next
+        (``set_epoch`` during the pass), so a resume goes on to it too."""
         if self.settle is not None:
             self.settle()
         plan = self.plan
@@ -205,11 +210,104 @@ class Progress:
             epoch, position = plan.epoch, plan.base + plan.shards * self.prefix
             ahead = sorted(plan.position(step) for step in self.ahead)
             samples = {str(plan.position(step)): count for step, count in self.partial.items()}
-            if roll_over and self.done():
-                epoch, position, ahead, samples = epoch + 1, 0, [], {}
-        return {"format": STATE_FORMAT, "epoch": epoch, "position": position,
-                "ahead": ahead, "samples": samples, "shard": [plan.shard, plan.shards],
-                "seed": plan.seed, "fingerprint": fingerprint}
+            done = self.done()
+        state = {"format": STATE_FORMAT, "epoch": epoch, "position": position,
+                 "ahead": ahead, "samples": samples, "shard": [plan.shard, plan.shards],
+                 "seed": plan.seed, "fingerprint": fingerprint}
+        if then is not None and done:
+            state.update(epoch=then, position=0, ahead=[], samples={})
+        elif then is not None and then != epoch + 1:
+            state["next_epoch"] = then
+        return state
+
+
+class Epochs:
+    """The one owner of the epoch's state: the epoch the next pass runs, the
+    progress of the newest pass, and a restored point the next pass starts at.
+
+    Every pass begins here (:meth:`plan`, :meth:`begin`), ``set_epoch`` and
+    the Keras callback change only what the *next* pass runs, and
+    :meth:`state` describes the pass under way, or the next one's start when
+    none is.  So ``set_epoch`` during a pass never makes the state lose the
+    rest of that pass, and the Keras callback, which names the epoch that
+    begins in Keras's count (:meth:`follow`), never sends the loader back to
+    an order it already ran.  The loader calls it under its lock; ``state``
+    may also run on TensorFlow's thread (Progress has its own lock).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed                       # of every epoch's order
+        self.resume: Resume | None = None      # load_state_dict(): where the next pass starts
+        self._next = 0                         # the epoch of the next pass
+        self._progress: Progress | None = None  # of the newest pass
+        self._running: Callable[[], bool] = lambda: False  # is the newest pass going on?
+        self._trained: int | None = None   # Keras: the highest epoch a pass ran since fit began
+
+    def plan(self, n: int | None, shuffle: bool, shard: tuple[int, int]) -> Plan:
+        """What the next pass reads: the rest of a restored epoch, or a whole one."""
+        if self.resume is not None:
+            return self.resume.plan(n, shuffle, shard)
+        return Plan(n, self._next, shuffle, self.seed, *shard)
+
+    def begin(self, plan: Plan, progress: Progress, running: Callable[[], bool]) -> None:
+        """The pass of ``plan`` starts; ``running()`` says whether it goes on."""
+        then = self.resume.then if self.resume is not None else None
+        self.resume = None
+        self._next = plan.epoch + 1 if then is None else then
+        self._progress, self._running = progress, running
+        if self._trained is not None:
+            self._trained = max(self._trained, plan.epoch)
+
+    def running_epoch(self) -> int | None:
+        """The epoch of the pass under way (begun, neither ended nor left), or None."""
+        progress = self._progress
+        if progress is None or not self._running() or progress.done():
+            return None
+        return progress.plan.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass runs ``epoch`` from its start, unless a restored state
+        starts inside it.  While a pass of ``epoch`` is under way, that is the
+        epoch ``epoch``: nothing changes (the next pass is ``epoch + 1``)."""
+        if epoch == self.running_epoch():
+            return
+        if self.resume is not None:
+            if self.resume.epoch == epoch:
+                return
+            log.warning("set_epoch(%d) drops the restored state, which was inside epoch %d",
+                        epoch, self.resume.epoch)
+            self.resume = None
+        self._next = epoch
+        if self.running_epoch() is None:
+            self._progress = None  # state(): the start of that epoch
+
+    def follow(self, epoch: int) -> None:
+        """Keras's epoch ``epoch`` begins: :meth:`set_epoch`, unless a pass begun
+        during this training already ran that epoch or a later one (with
+        ``steps_per_epoch`` over ``.repeat()`` passes and Keras's epochs do not
+        line up, and a pass may be ahead of Keras's count: going back would
+        run an order twice).  Passes begun before training (Keras may read a
+        dataset once before its first epoch, to build the model) do not count:
+        training gets its epoch 0 from its start."""
+        self._trained = -1 if self._trained is None else self._trained
+        if self._trained < epoch:
+            self.set_epoch(epoch)
+
+    def load(self, resume: Resume) -> None:
+        """The next pass continues where ``resume`` says."""
+        self.seed = resume.seed
+        self.resume = resume
+        self._next = resume.epoch
+        self._progress = None
+
+    def state(self, fingerprint: dict[str, Any], progress_of: Callable[[Plan], Progress],
+              n: int | None, shuffle: bool, shard: tuple[int, int]) -> dict[str, Any]:
+        """The state of the pass under way or just ended (then the next
+        epoch's start), else the next pass's start (or the restored point)."""
+        if self._progress is not None:
+            return self._progress.state(fingerprint, self._next)
+        return progress_of(self.plan(n, shuffle, shard)).state(
+            fingerprint, self.resume.then if self.resume is not None else None)
 
 
 @dataclass(frozen=True)
@@ -221,6 +319,7 @@ class Resume:
     shard: tuple[int, int]
     seed: int
     samples: tuple[tuple[int, int], ...] = ()   # (position, samples out) of begun items
+    then: int | None = None  # the epoch after this one, when set_epoch chose it
 
     def plan(self, n: int | None, shuffle: bool, shard: tuple[int, int]) -> Plan:
         """The plan of the interrupted epoch's rest for the shard ``shard``."""
@@ -276,8 +375,11 @@ def parse_state(state: Any, expected: dict[str, Any]) -> Resume:
             or not isinstance(samples, dict)):
         raise ValueError(f"a malformed state: ahead {ahead!r}, shard {shard!r}, "
                          f"samples {samples!r}")
+    then = state.get("next_epoch")
+    if then is not None and (type(then) is not int or then < 0):
+        raise ValueError(f"a malformed state: next_epoch is {then!r}, not an int >= 0")
     resume = Resume(state["epoch"], state["position"], tuple(ahead), tuple(shard),
-                    state["seed"], tuple((int(p), c) for p, c in samples.items()))
+                    state["seed"], tuple((int(p), c) for p, c in samples.items()), then)
     per_item = expected.get("samples_per_item")
     for position, count in resume.samples:
         if count < 1 or (per_item is not None and count >= per_item):

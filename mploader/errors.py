@@ -75,6 +75,13 @@ def describe_exit(returncode: int | None) -> str:
     return f"killed by {name}" if name else f"exited with code {returncode}"
 
 
+class CacheError(MPLoaderError):
+    """A cache of prepare's results that mploader will not use as asked: a
+    ``prepare`` whose results a directory cache cannot key (pass
+    ``cache_version``), or a cache directory that others could write into
+    (``cache_trust``).  The message says why, and what to do."""
+
+
 class WorkerDied(MPLoaderError):
     """A worker process ended while it owed results.
 

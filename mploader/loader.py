@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from . import resources
 from .cache import Cache, check_cache_bytes, default_cache_bytes
-from .epochs import Plan, Progress, Resume, fingerprint, parse_state, shard_of
+from .cache_stores import TRUSTS
+from .epochs import Epochs, Plan, Progress, fingerprint, parse_state, shard_of
 from .errors import not_the_owner
 from .layout import Padding
 from .messages import Bootstrap
@@ -29,7 +30,7 @@ from .bottleneck import PassClock
 from .passes import Options, Pass, Skipped, Stats
 from .pool import WorkerPool
 from .samples import SampleBatches
-from .shipping import code_fingerprint, ship
+from .shipping import ship
 from .sources import Source
 
 log = logging.getLogger("mploader")
@@ -81,7 +82,8 @@ def _close_pool(box: list[WorkerPool | None], timeout: float, cache: Cache | Non
 
 
 def _make_cache(prepare: Callable[[Any], Any] | None, cache: Any, cache_bytes: int | None,
-                cache_version: str | int) -> Cache | None:
+                cache_version: str | int | None, cache_trust: str,
+                worker_init: Callable[[int], Any] | None) -> Cache | None:
     """The cache of prepare's results (cache.py), after checking its arguments."""
     if prepare is None:
         _check(cache == "memory" and cache_bytes is None,
@@ -97,19 +99,19 @@ def _make_cache(prepare: Callable[[Any], Any] | None, cache: Any, cache_bytes: i
     _check(cache_bytes is None or (isinstance(cache_bytes, numbers.Integral)
                                    and not isinstance(cache_bytes, bool) and cache_bytes >= 0),
            f"cache_bytes must be an int >= 0 (bytes) or None, not {cache_bytes!r}")
-    _check(isinstance(cache_version, (str, int)) and not isinstance(cache_version, bool),
-           f"cache_version must be a str or an int, not {cache_version!r}")
+    _check(cache_version is None or (isinstance(cache_version, (str, int))
+                                     and not isinstance(cache_version, bool)),
+           f"cache_version must be a str, an int or None, not {cache_version!r}")
+    _check(cache_trust in TRUSTS,
+           f"cache_trust must be one of {', '.join(map(repr, TRUSTS))}, not {cache_trust!r}")
     if cache is None:
         return None
     where = "memory" if memory else os.path.abspath(os.fspath(cache))
-    if not memory:
-        os.makedirs(where, exist_ok=True)  # an unusable directory fails here, by name
     budget = None
     if memory:
         budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
         check_cache_bytes(budget)
-    salt = f"{type(cache_version).__name__}:{cache_version}:".encode() + code_fingerprint(prepare)
-    return Cache(where, budget, salt)
+    return Cache(where, budget, prepare, cache_version, cache_trust, worker_init)
 
 
 class MPLoader:
@@ -131,7 +133,8 @@ class MPLoader:
                  seed: int | None = None, shuffle: bool = False, shard: Any = None,
                  samples_per_item: int | None = None,
                  prepare: Callable[[Any], Any] | None = None, cache: Any = "memory",
-                 cache_bytes: int | None = None, cache_version: str | int = 0,
+                 cache_bytes: int | None = None, cache_version: str | int | None = None,
+                 cache_trust: str = "user",
                  timeout: float | None = None,
                  on_error: str = "raise", on_worker_death: str = "raise",
                  close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
@@ -183,13 +186,15 @@ class MPLoader:
                 "of the items (e.g. file paths), or an int and index your data in fn")
         if shuffle and self.shard[1] > 1 and seed is None:
             raise ValueError(
-                f"shuffle=True with shard={shard!r} needs seed=: every shard's loader "
+                f"shuffle=True with shard={self.shard} needs seed=: every shard's loader "
                 "shuffles the whole source and keeps its part, so all of them must draw "
                 "the same order. A seed drawn on each host would give each its own order, "
                 "and the shards would overlap and miss items. Pass the same seed=... to "
                 "the loader of every shard")
-        # The order's seed: given, or drawn once per loader (state_dict() keeps it).
-        self._order_seed = seed if seed is not None else secrets.randbits(63)
+        # The order's seed: given, or drawn once per loader (state_dict() keeps it);
+        # the workers' too, so that with seed=None every item still has its own
+        # random stream (random_state.py).
+        self._epochs = Epochs(seed if seed is not None else secrets.randbits(63))
         self._seed_given = seed is not None
         self.num_workers = int(num_workers)
         self.output_signature = output_signature
@@ -201,14 +206,20 @@ class MPLoader:
         fn_payload, fn_files = ship(fn, "fn")
         init_payload, init_files = ship(worker_init, "worker_init")
         prepare_payload, prepare_files = ship(prepare, "prepare")
-        self._cache = _make_cache(prepare, cache, cache_bytes, cache_version)
+        self._cache = _make_cache(prepare, cache, cache_bytes, cache_version, cache_trust,
+                                  worker_init)
         self._bootstrap = Bootstrap(
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
             fn=fn_payload, worker_init=init_payload,
             code_files={**init_files, **prepare_files, **fn_files},
-            seed=seed, stack_batches=self._options.stacked, samples=samples,
+            seed=self._epochs.seed, seed_given=seed is not None,
+            stack_batches=self._options.stacked, samples=samples,
             samples_per_item=samples_per_item, prepare=prepare_payload, padding=self.padding,
-            cache=self._cache.where if self._cache is not None else None)
+            cache=self._cache.where if self._cache is not None else None,
+            cache_trust=cache_trust,
+            cache_recipe=(self._cache.recipe.to_json()
+                          if self._cache is not None and self._cache.recipe is not None
+                          else None))
         self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
         self._stats = Stats(started_at=time.perf_counter())
@@ -216,9 +227,6 @@ class MPLoader:
         self._owner_pid = os.getpid()
         self._closed = False
         self._passes = 0   # pass ids, probes included
-        self._epoch = 0    # the epoch of the next pass: its order, and item_rng()
-        self._resume: Resume | None = None     # load_state_dict(): where the next pass starts
-        self._progress: Progress | None = None  # of the newest pass
         self._current_pass: Pass | None = None
         self._reports: list[dict[str, Any]] = []  # of finished passes (bottleneck.py)
         # The pool lives in a box shared with the finalizer, which must not
@@ -308,11 +316,10 @@ class MPLoader:
         with self._lock:
             self._ensure_pool()
             plan = self._next_plan()
-            self._resume = None
-            self._epoch = plan.epoch + 1
-            self._progress = self._new_progress(plan)
+            progress = self._new_progress(plan)
             one_pass = self._start_pass(plan.read(self._source), plan.epoch, self._options,
-                                        self._progress, route_interrupts)
+                                        progress, route_interrupts)
+            self._epochs.begin(plan, progress, lambda: one_pass.running)
             return self._batched(one_pass, self._options)
 
     def _batched(self, one_pass: Pass, options: Options) -> Any:
@@ -322,11 +329,8 @@ class MPLoader:
         return one_pass
 
     def _next_plan(self) -> Plan:
-        """What the next pass reads: the rest of a restored epoch, or a whole one."""
-        if self._resume is not None:
-            return self._resume.plan(self._source.length, self.shuffle, self.shard)
-        return Plan(self._source.length, self._epoch, self.shuffle, self._order_seed,
-                    *self.shard)
+        """What the next pass reads (epochs.Epochs decides)."""
+        return self._epochs.plan(self._source.length, self.shuffle, self.shard)
 
     def _new_progress(self, plan: Plan) -> Progress:
         """Progress counted in items, or in samples when fn yields several (their
@@ -389,7 +393,7 @@ class MPLoader:
 
     def _pending_elements(self) -> int | None:
         """Elements of the next pass when it is the rest of a restored epoch, else None."""
-        if self._resume is None:
+        if self._epochs.resume is None:
             return None
         plan = self._next_plan()
         remaining = plan.remaining()
@@ -414,27 +418,31 @@ class MPLoader:
         after the last element handed out.  See epochs.py.
         """
         with self._lock:
-            if self._progress is not None:
-                return self._progress.state(self._fingerprint())
-            # No pass of this epoch has started: its start (or the restored
-            # point), never rolled over to the next epoch, even when empty.
-            return self._new_progress(self._next_plan()).state(
-                self._fingerprint(), roll_over=False)
+            return self._epochs.state(self._fingerprint(), self._new_progress,
+                                      self._source.length, self.shuffle, self.shard)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch`` from its start (its order, its
-        ``item_rng``), unless a restored state already starts inside it."""
+        ``item_rng``), unless a restored state already starts inside it.
+
+        A pass under way goes on as the epoch it is, and ``state_dict()``
+        keeps describing it (and says which epoch follows).  Called while a
+        pass of ``epoch`` itself is under way, it changes nothing: that pass
+        is epoch ``epoch``, and the next is ``epoch + 1`` (to run an epoch
+        again, call it once that pass has ended).
+        """
         _check(isinstance(epoch, numbers.Integral) and epoch >= 0,
                f"epoch must be an int >= 0, not {epoch!r}")
         with self._lock:
-            if self._resume is not None:
-                if self._resume.epoch == int(epoch):
-                    return
-                log.warning("set_epoch(%d) drops the restored state, which was inside epoch "
-                            "%d", epoch, self._resume.epoch)
-            self._resume = None
-            self._epoch = int(epoch)
-            self._progress = None  # state_dict(): the start of that epoch
+            self._epochs.set_epoch(int(epoch))
+
+    def follow_epoch(self, epoch: int) -> None:
+        """Keras's epoch ``epoch`` begins (keras_callback): the next pass runs at
+        least epoch ``epoch``, never an order this loader already ran or is
+        running (with ``steps_per_epoch`` over ``.repeat()`` passes and Keras's
+        epochs do not line up)."""
+        with self._lock:
+            self._epochs.follow(int(epoch))
 
     def checkpointable(self) -> Any:
         """This loader's position as a ``tf.train.Checkpoint`` dependency:
@@ -459,19 +467,16 @@ class MPLoader:
         one; with ``seed=None`` the saved seed is taken.
         """
         resume = parse_state(state, self._fingerprint())
-        if self._seed_given and resume.seed != self._order_seed and self.shuffle:
+        if self._seed_given and resume.seed != self._epochs.seed and self.shuffle:
             raise ValueError(f"the state does not fit this loader: seed was {resume.seed} "
-                             f"when it was saved, and is {self._order_seed} now")
+                             f"when it was saved, and is {self._epochs.seed} now")
         resume.plan(self._source.length, self.shuffle, self.shard)  # fits this shard?
         with self._lock:
             if self._current_pass is not None:
                 self._keep_report(self._current_pass)
                 self._current_pass.abandon()
                 self._current_pass = None
-            self._order_seed = resume.seed
-            self._resume = resume
-            self._epoch = resume.epoch
-            self._progress = None
+            self._epochs.load(resume)
 
     def dataset(self) -> Any:
         """A ``tf.data.Dataset`` over this loader; every iteration is a new pass.
@@ -496,6 +501,18 @@ class MPLoader:
             return self._stats_of([])
         with pool.lock:
             return self._stats_of(pool.live())
+
+    def cache_info(self) -> dict[str, Any] | None:
+        """Why a directory cache's entries hit or miss: this loader's key
+        (``key``, hex) and ``recipe`` (what went into it: prepare's name, the
+        digest of each function and class it reaches, library versions,
+        ``cache_version``), ``entries`` (files in the directory, every key's),
+        and ``others``: the other recipes found beside the entries, most
+        recently used first, each with its ``differences`` from this one
+        ("prepare's code changed in mymod:helper", "numpy 1.26.4 -> 2.1.0").
+        For ``cache="memory"``: no key or recipe (see cache.py); None without
+        a cache."""
+        return self._cache.info() if self._cache is not None else None
 
     def _stats_of(self, workers: list[Any]) -> dict[str, Any]:
         elapsed = time.perf_counter() - self._stats.started_at

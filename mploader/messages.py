@@ -39,13 +39,16 @@ class Bootstrap:
     fn: bytes                   # cloudpickled user function
     worker_init: bytes | None   # cloudpickled worker_init, or None
     code_files: dict[str, str]  # the file names cloudpickle drops (see shipping.py)
-    seed: int | None            # None: item_rng() is not reproducible
+    seed: int                   # given, or drawn once per loader: every item's random state (random_state.py)
     stack_batches: bool         # True when batch_size is set (and fn yields no samples)
     samples: bool = False       # fn yields samples (a generator fn, or samples_per_item)
     samples_per_item: int | None = None  # the count every item's generator must yield
     prepare: bytes | None = None  # cloudpickled prepare, whose results are cached (cache.py)
     cache: str | None = None    # "memory", a cache directory, or None: prepare is not cached
+    cache_trust: str = "user"   # whose entries a cache directory's worker reads (cache_stores.py)
+    cache_recipe: dict[str, Any] | None = None  # a directory's key (cache_keys.check_in_worker)
     padding: Any = None         # layout.Padding: batches of items whose shapes vary
+    seed_given: bool = True     # False: seed was drawn, the global generators are left alone
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class Result:
     # with prepare: entries written to the shared-memory cache, (index, place,
     # bytes), and the store's counts (cache_stores.py)
     cached: tuple[tuple[int, Any, int], ...] = ()
-    cache: tuple[int, int, int, int, int] = ()
+    cache: tuple[int, ...] = ()  # cache_stores._Counts.report()
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,11 @@ class Pass(Iterator[Any]):
                 self.interrupted = True
                 raise KeyboardInterrupt("Ctrl-C while waiting for mploader workers")
 
+    @property
+    def running(self) -> bool:
+        """Neither ended nor left: the consumer may still take from it."""
+        return not self._finished
+
     def abandon(self) -> None:
         """A newer pass started: the next ``next()`` raises PassAbandoned."""
         self._abandoned = True

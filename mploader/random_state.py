@@ -1,35 +1,110 @@
 """Per-item random state: the same item gets the same random numbers on any worker.
 
-Each item's state is derived from ``(seed, epoch, index)`` with
-``numpy.random.SeedSequence``, never from the worker id or the time, so a
-seeded loader produces identical output for any ``num_workers`` and any timing.
-Inside ``fn``, call :func:`item_rng` for a ``numpy.random.Generator``.  When a
-seed is given, the legacy global generators (``numpy.random.*`` functions and
-the ``random`` module) are also seeded per item, so existing code that uses
-them becomes reproducible without changes.
+Why: every worker unpickles its own copy of ``fn``, so any random state that
+``fn`` carries (a MONAI transform's ``RandomState``, an albumentations
+``Compose``'s generators, a ``numpy.random.Generator`` in a closure) starts
+identical in every worker, and the first items of two workers got the same
+augmentation; random state that lives on from item to item made the output
+depend on which worker ran which items.  So before each item the worker sets
+every random source ``fn`` may draw from to a state derived from
+``(seed, epoch, index)`` with ``numpy.random.SeedSequence``, never from the
+worker id or the time.  A seeded loader therefore gives identical output for
+any ``num_workers``, ordered or not, after a worker restart too; and with
+``seed=None`` the loader draws one seed for all its workers, so every item
+still gets its own random stream (a new one in every run), never a copy of
+its neighbour's.
+
+What is set per item, with a seed or without one (then from the drawn seed):
+
+- ``item_rng()``: the item's own ``numpy.random.Generator`` (PCG64).
+- numpy's legacy global generator (``numpy.random.*``, which nnU-Net's
+  batchgenerators uses) and Python's ``random``, with a seed only: without
+  one, each worker's globals are seeded from the operating system's entropy
+  when it starts, so no two workers share a stream, and seeding them per item
+  would cost every item some microseconds for nothing.
+- torch's global generator (TorchIO, batchgeneratorsv2, ``torch.rand`` in fn),
+  when the worker has imported torch; mploader never imports it (seconds and
+  hundreds of MB for workers that do not use it) but a worker notices fn's own
+  ``import torch`` and seeds it at once (:class:`_SeedTorchOnImport`).  CUDA's
+  generators too, once the worker has initialised CUDA.
+- The random objects reachable from ``fn``, each with its own seed, an int in
+  ``[0, 2**32)``: any object whose class has a method
+  ``set_random_state(seed=...)`` (MONAI's ``Randomizable``; the protocol for
+  your own objects) or ``set_random_seed(seed)`` (albumentations 2.x ``Compose``
+  and transforms); and ``numpy.random.Generator``, ``RandomState``,
+  ``random.Random`` and ``torch.Generator`` objects, reseeded in place (those
+  held by an object of the protocol are left to it).  The method is called
+  before every item, with ``seed=`` as a keyword: keep it cheap.  A seed given
+  to a library's pipeline (``A.Compose(..., seed=137)``) is replaced per item:
+  the loader's ``seed`` is the one that makes a run reproducible.
+
+Nothing is imported to find them: the worker walks ``fn`` once, after it lands
+and after ``worker_init`` (:func:`find_random_objects`), through closures, the
+globals its code names (and the attributes it names of a module global),
+defaults, ``functools.partial`` arguments, bound ``self``, a callable
+object's ``__call__``, instance attributes, lists, tuples and dict values;
+never into modules, classes (a transform kept as a class attribute is not
+found), sets (their order differs between processes) or arrays; without
+calling the objects' methods or properties; and within bounds (depth,
+elements per container, values in all), so a huge list in a closure costs
+milliseconds, once.  An object that ``fn`` builds itself, on its first call,
+cannot be found; reseed it at the top of ``fn``:
+``t.set_random_state(seed=int(mploader.item_rng().integers(2**32)))``.
+
+``prepare`` (the cached, deterministic stage) runs in a scope of its own,
+derived from the item's index alone, neither the loader's seed nor the epoch:
+a prepare that draws random numbers draws the same ones for an item in every
+epoch and every run, with or without the cache (a directory cache's key does
+not hold the seed).  ``item_rng()`` raises there.
+
+Replay one item in the parent with ``item_scope(seed, epoch, index, fn=fn)``:
+it sets the same sources, fn's objects included, as the worker did.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
+import importlib.util
+import inspect
+import itertools
 import random
-from collections.abc import Iterator
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-_scope: "_ItemScope | None" = None
+_scope: "_ItemScope | None" = None      # of the item running: item_rng()
+_seeding: "_Seeding | None" = None      # the scope running: a torch imported inside it
+
+# A scope's words (uint32) from its SeedSequence: words 0-7 seed item_rng's
+# PCG64 (word 0 the legacy globals too, as it always did); torch and the
+# objects take the words after them, so no two generators share a seed.
+_TORCH_WORD = 8
+_FIRST_OBJECT_WORD = 10
+_PREPARE_SEED = 0  # prepare's draws: the same in every run (see WorkerRandomness.prepare)
+
+_MAX_DEPTH = 12            # hops from fn
+_MAX_LOOKS = 100_000       # values looked at in one walk, in all
+_MAX_PER_CONTAINER = 10_000  # elements looked at in one list, tuple or dict
 
 
 class _ItemScope:
-    __slots__ = ("seed", "epoch", "index", "rng")
+    """An item's random origin, its SeedSequence made only when something draws."""
+    __slots__ = ("seed", "key", "_sequence", "rng")
 
-    def __init__(self, seed: int | None, epoch: int, index: int) -> None:
-        self.seed = seed
-        self.epoch = epoch
-        self.index = index
+    def __init__(self, seed: int | None, key: tuple[int, ...]) -> None:
+        self.seed, self.key = seed, key
+        self._sequence: np.random.SeedSequence | None = None
         self.rng: np.random.Generator | None = None
 
+    @property
     def sequence(self) -> np.random.SeedSequence:
-        return np.random.SeedSequence(self.seed, spawn_key=(self.epoch, self.index))
+        if self._sequence is None:
+            self._sequence = np.random.SeedSequence(self.seed, spawn_key=self.key)
+        return self._sequence
 
 
 def item_rng() -> np.random.Generator:
@@ -43,25 +118,401 @@ def item_rng() -> np.random.Generator:
             "mploader.item_rng() is only available while fn runs on an item: "
             "inside an MPLoader worker, or inside mploader.item_scope(...)")
     if _scope.rng is None:
-        _scope.rng = np.random.Generator(np.random.PCG64(_scope.sequence()))
+        _scope.rng = np.random.Generator(np.random.PCG64(_scope.sequence))
     return _scope.rng
 
 
+class RandomObject:
+    """An object reachable from fn that keeps random state, and how to reseed it."""
+    __slots__ = ("path", "target", "reseed")
+
+    def __init__(self, path: str, target: Any, reseed: Callable[[Any, int], None]) -> None:
+        self.path = path        # how it is reached, e.g. fn.aug.transforms[1]
+        self.target = target
+        self.reseed = reseed    # (object, seed)
+
+    def apply(self, seed: int) -> None:
+        try:
+            self.reseed(self.target, seed)
+        except Exception as exc:
+            raise RuntimeError(
+                f"mploader could not reseed {self.path} ({_type_name(self.target)}) for this "
+                f"item: {_DESCRIPTIONS[self.reseed]} with seed={seed} raised "
+                f"{type(exc).__name__}: {exc}") from exc
+
+
+def find_random_objects(root: Any, name: str = "fn") -> tuple[RandomObject, ...]:
+    """The objects reachable from ``root`` that keep their own random state,
+    breadth first (an object before the ones it holds, in the same order in
+    every process that unpickled the same ``root``).  Bounded: see the limits
+    above; values it cannot read (an attribute that raises) are passed over."""
+    found: list[RandomObject] = []
+    ways: dict[type, Callable[[Any, int], None] | None] = {}
+    skip = _global_generators()
+    leaves = _LEAVES + _torch_leaves()
+    seen = {id(root)} | skip
+    queue = collections.deque([(root, name, 0)])
+    call = inspect.getattr_static(type(root), "__call__", None)
+    if type(call) is types.FunctionType:  # a callable object: its code's globals too
+        queue.append((call, f"{name}.__call__", 1))
+    looks = 0
+    while queue and looks < _MAX_LOOKS:
+        obj, path, depth = queue.popleft()
+        kind = type(obj)
+        reseed = _cached_way(ways, kind)
+        if reseed is not None:
+            found.append(RandomObject(path, obj, reseed))
+        if depth == _MAX_DEPTH or reseed in _GENERATORS:
+            continue
+        for child, child_path in _children(obj, path):
+            looks += 1
+            if looks >= _MAX_LOOKS:
+                break
+            if type(child) in _ATOMS or id(child) in seen or issubclass(type(child), leaves):
+                continue
+            if reseed is not None and _cached_way(ways, type(child)) in _GENERATORS:
+                continue  # a generator of an object that reseeds itself: its own business
+            seen.add(id(child))
+            queue.append((child, child_path, depth + 1))
+    return tuple(found)
+
+
+def _cached_way(ways: dict[type, Any], kind: type) -> Callable[[Any, int], None] | None:
+    if kind not in ways:
+        ways[kind] = _way_to_reseed(kind)
+    return ways[kind]
+
+
+def _children(obj: Any, path: str) -> Iterator[tuple[Any, str]]:
+    """(value, path) of what ``obj`` holds; what cannot be read is left out.
+    Dispatched on ``type(obj)`` and read with the base types' own methods, so
+    that no code of the user's objects runs (an ``isinstance`` would read a
+    ``__class__`` property; a list subclass's ``__iter__`` may load files)."""
+    kind = type(obj)
+    try:
+        if issubclass(kind, types.FunctionType):
+            yield from _function_children(obj, path)
+        elif issubclass(kind, types.MethodType):
+            yield obj.__self__, f"{path}.__self__"
+            yield obj.__func__, f"{path}.__func__"
+        elif issubclass(kind, functools.partial):
+            yield obj.func, f"{path}.func"
+            yield from ((a, f"{path}.args[{i}]") for i, a in enumerate(obj.args))
+            yield from ((v, f"{path}.keywords[{k!r}]") for k, v in obj.keywords.items())
+        elif issubclass(kind, (list, tuple)):
+            elements = (list if issubclass(kind, list) else tuple).__iter__(obj)
+            for i, value in enumerate(itertools.islice(elements, _MAX_PER_CONTAINER)):
+                yield value, f"{path}[{i}]"
+        elif issubclass(kind, dict):
+            for key, value in itertools.islice(dict.items(obj), _MAX_PER_CONTAINER):
+                yield value, f"{path}[{_key_text(key)}]"
+        else:
+            yield from _attributes(obj, path)
+    except Exception:  # noqa: BLE001 - e.g. a slot that raises: look no further
+        return
+
+
+def _function_children(fn: types.FunctionType, path: str) -> Iterator[tuple[Any, str]]:
+    code = fn.__code__
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            yield cell.cell_contents, f"{path}.{name}"
+        except ValueError:  # an empty cell
+            continue
+    names = _global_names(code)
+    for name in names:
+        value = fn.__globals__.get(name, _ABSENT)
+        if issubclass(type(value), types.ModuleType):  # module.attr: the attributes it names
+            attributes = vars(value)
+            yield from ((attributes[n], f"{path}.{name}.{n}") for n in names if n in attributes)
+        elif value is not _ABSENT:
+            yield value, f"{path}.{name}"
+    yield from ((d, f"{path}.__defaults__[{i}]") for i, d in enumerate(fn.__defaults__ or ()))
+    yield from ((v, f"{path}.{k}") for k, v in (fn.__kwdefaults__ or {}).items())
+    yield from ((v, f"{path}.{k}") for k, v in fn.__dict__.items())  # e.g. __wrapped__
+
+
+def _global_names(code: types.CodeType) -> dict[str, None]:
+    """The names a function's code (and the code nested in it) may look up in
+    its globals, in order."""
+    names = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_global_names(const))
+    return names
+
+
+def _attributes(obj: Any, path: str) -> Iterator[tuple[Any, str]]:
+    """Instance attributes, read past any ``__getattr__`` or ``__getattribute__``."""
+    try:
+        attributes = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        attributes = {}
+    if issubclass(type(attributes), dict):
+        for name, value in itertools.islice(dict.items(attributes), _MAX_PER_CONTAINER):
+            yield value, f"{path}.{name}"
+    for kind in type(obj).__mro__:
+        slots = kind.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__"):
+                try:
+                    yield object.__getattribute__(obj, name), f"{path}.{name}"
+                except AttributeError:  # an empty slot
+                    continue
+
+
+def _key_text(key: Any) -> str:
+    return repr(key) if type(key) in (str, int) else f"<{type(key).__name__} key>"
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+# -- how each kind of object is reseeded
+
+
+def _reseed_set_random_state(obj: Any, seed: int) -> None:
+    obj.set_random_state(seed=seed)
+
+
+def _reseed_monai(obj: Any, seed: int) -> None:
+    """MONAI's ``set_random_state(seed)`` makes a new ``RandomState(seed)``,
+    which first draws OS entropy (80 us here); reseeding the object's own one
+    in place gives the same state in 1 us.  What MONAI's overrides add (the
+    seed passed on to the transforms they hold) the walk does itself: it found
+    those too.  The first time, the object may still use the class's shared
+    ``R``: then the method gives it its own."""
+    state = object.__getattribute__(obj, "__dict__").get("R")
+    if isinstance(state, np.random.RandomState):
+        state.seed(seed)
+    else:
+        obj.set_random_state(seed=seed)
+
+
+def _reseed_set_random_seed(obj: Any, seed: int) -> None:
+    obj.set_random_seed(seed)
+
+
+def _reseed_generator(obj: np.random.Generator, seed: int) -> None:
+    bits = obj.bit_generator
+    bits.state = type(bits)(seed).state
+
+
+def _reseed_seed_method(obj: Any, seed: int) -> None:  # RandomState, random.Random
+    obj.seed(seed)
+
+
+def _reseed_torch_generator(obj: Any, seed: int) -> None:
+    obj.manual_seed(seed)
+
+
+_GENERATORS = (_reseed_generator, _reseed_seed_method, _reseed_torch_generator)
+_DESCRIPTIONS = {
+    _reseed_set_random_state: "set_random_state(seed=...)",
+    _reseed_monai: "set_random_state(seed=...)",
+    _reseed_set_random_seed: "set_random_seed(seed)",
+    _reseed_generator: "setting its bit generator's state",
+    _reseed_seed_method: "seed(seed)",
+    _reseed_torch_generator: "manual_seed(seed)",
+}
+
+
+def _way_to_reseed(kind: type) -> Callable[[Any, int], None] | None:
+    """How objects of ``kind`` are reseeded, by what they are, never by
+    importing their library: a ``set_random_state`` that takes ``seed``
+    (albumentations' takes generators: its ``set_random_seed`` is used), then
+    ``set_random_seed``, then the generators themselves."""
+    if issubclass(kind, np.random.Generator):
+        return _reseed_generator
+    if issubclass(kind, (np.random.RandomState, random.Random)):
+        return _reseed_seed_method
+    if kind.__name__ == "Generator" and kind.__module__.split(".")[0] == "torch":
+        return _reseed_torch_generator
+    try:
+        method = getattr(kind, "set_random_state", None)
+        if callable(method) and _takes_seed(method):
+            module = getattr(method, "__module__", None) or ""
+            return _reseed_monai if module.startswith("monai.") else _reseed_set_random_state
+        if callable(getattr(kind, "set_random_seed", None)):
+            return _reseed_set_random_seed
+    except Exception:  # noqa: BLE001 - a class whose attribute lookup raises
+        pass
+    return None
+
+
+def _takes_seed(method: Callable) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read
+        return False
+    return any((p.name == "seed" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in parameters)
+
+
+_ABSENT = object()
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, range,
+                    slice, memoryview, type(Ellipsis)})
+# Not walked into: nothing random to find there, or (sets) no order that is
+# the same in every process.
+_LEAVES = (type, types.ModuleType, np.ndarray, np.generic, types.BuiltinFunctionType,
+           types.CodeType, types.MethodWrapperType, types.WrapperDescriptorType,
+           set, frozenset)
+
+
+def _torch_leaves() -> tuple[type, ...]:
+    torch = sys.modules.get("torch")
+    return (torch.Tensor,) if isinstance(getattr(torch, "Tensor", None), type) else ()
+
+
+def _global_generators() -> set[int]:
+    """The ids of the global generators, seeded per item as globals: found as
+    objects they would be seeded twice, differently."""
+    torch = sys.modules.get("torch")
+    mtrand = getattr(np.random, "mtrand", None)
+    globals_ = (getattr(mtrand, "_rand", None), getattr(random, "_inst", None),
+                getattr(torch, "default_generator", None))
+    return {id(g) for g in globals_ if g is not None}
+
+
+# -- seeding
+
+
+def _seed_torch(seed: int) -> None:
+    torch = sys.modules.get("torch")
+    generator = getattr(torch, "default_generator", None)
+    if generator is None:  # torch is not imported, or is being imported
+        return
+    generator.manual_seed(seed)  # torch.manual_seed costs 90 us here, for devices' lazy seeds
+    cuda = getattr(torch, "cuda", None)
+    if cuda is not None and cuda.is_initialized():
+        cuda.manual_seed_all(seed)
+
+
+class _Seeding:
+    """The scope an item (or prepare) runs in: every random source set from
+    ``SeedSequence(seed, spawn_key=key)`` on entry, the outer scope back on
+    exit.  A class rather than a generator context manager, and nothing
+    derived that nothing uses: it runs for every item, and a loader of tiny
+    items runs hundreds of thousands a second."""
+    __slots__ = ("_scope", "_objects", "_globals", "_outer")
+
+    def __init__(self, seed: int | None, key: tuple[int, ...], objects: tuple[RandomObject, ...],
+                 globals_: bool) -> None:
+        self._scope = _ItemScope(seed, key)
+        self._objects = objects
+        self._globals = globals_  # numpy's and Python's global generators too
+        self._outer: tuple[Any, Any] = (None, None)
+
+    def torch_seed(self, words: np.ndarray | None = None) -> int:
+        if words is None:
+            words = self._scope.sequence.generate_state(_FIRST_OBJECT_WORD)
+        return (int(words[_TORCH_WORD]) & 0x7FFF_FFFF) << 32 | int(words[_TORCH_WORD + 1])
+
+    def enter(self, item: bool) -> None:
+        """Set the sources; ``item``: as an item (``item_rng()`` works), else as prepare."""
+        global _scope, _seeding
+        torch = sys.modules.get("torch")
+        if self._globals or self._objects or getattr(torch, "default_generator", None):
+            words = self._scope.sequence.generate_state(_FIRST_OBJECT_WORD + len(self._objects))
+            if self._globals:
+                np.random.seed(int(words[0]))
+                random.seed(int(words[0]))
+            _seed_torch(self.torch_seed(words))
+            for obj, word in zip(self._objects, words[_FIRST_OBJECT_WORD:]):
+                obj.apply(int(word))
+        self._outer = _scope, _seeding
+        _scope, _seeding = (self._scope if item else None), self
+
+    def __enter__(self) -> None:
+        self.enter(item=True)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        global _scope, _seeding
+        _scope, _seeding = self._outer
+
+
+class _PrepareSeeding(_Seeding):
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        self.enter(item=False)
+
+
 @contextlib.contextmanager
-def item_scope(seed: int | None, epoch: int, index: int) -> Iterator[None]:
+def item_scope(seed: int | None, epoch: int, index: int, fn: Any = None) -> Iterator[None]:
     """Run code as the worker runs item ``index`` of pass ``epoch``.
 
     Workers use it for every item; users can use it to replay one item in the
-    parent, e.g. ``with item_scope(seed=0, epoch=1, index=17): fn(source[17])``
-    gives exactly what the loader produced for that item.
+    parent: ``with item_scope(seed=0, epoch=1, index=17, fn=fn): fn(source[17])``
+    gives exactly what the loader produced for that item.  It seeds
+    ``item_rng()``, numpy's and Python's global generators and torch's (when
+    imported); with ``fn``, also the random objects reachable from it, as the
+    workers do (MONAI and albumentations transforms, generators: see the
+    module's docstring).  ``seed=None`` draws a new seed: a new stream, not a
+    replay.
     """
-    global _scope
-    outer, _scope = _scope, _ItemScope(seed, epoch, index)
-    if seed is not None:
-        legacy = int(_scope.sequence().generate_state(1)[0])
-        np.random.seed(legacy)
-        random.seed(legacy)
-    try:
+    objects = () if fn is None else find_random_objects(fn)
+    with _Seeding(seed, (epoch, index), objects, globals_=True):
         yield
-    finally:
-        _scope = outer
+
+
+class WorkerRandomness:
+    """A worker's per-item seeding: the random objects of ``fn`` and
+    ``prepare``, found once (the walk is the costly part), and the scopes
+    fn and prepare run in."""
+
+    def __init__(self, seed: int, fn: Any, prepare: Any = None, globals_: bool = True) -> None:
+        self._seed = seed
+        self._globals = globals_  # the loader was given its seed: see the module docstring
+        self._fn_objects = find_random_objects(fn)
+        self._prepare_objects = () if prepare is None else find_random_objects(prepare, "prepare")
+        if "torch" not in sys.modules:
+            sys.meta_path.insert(0, _SeedTorchOnImport())
+
+    def item(self, epoch: int, index: int) -> contextlib.AbstractContextManager[None]:
+        """The scope fn runs an item in."""
+        return _Seeding(self._seed, (epoch, index), self._fn_objects, self._globals)
+
+    def prepare(self, index: int) -> contextlib.AbstractContextManager[None]:
+        """The scope prepare runs in: from the index alone, not the loader's
+        seed nor the epoch, so its draws are the same in every epoch and every
+        run, cached or not (a directory cache's key does not hold the seed)."""
+        return _PrepareSeeding(_PREPARE_SEED, (index,), self._prepare_objects, True)
+
+
+class _SeedTorchOnImport:
+    """Seeds torch as soon as code run in a scope imports it.
+
+    Without it a fn that imports torch itself (a TensorFlow user keeps torch
+    out of the parent) would draw its worker's first item from torch's fixed
+    default seed, the same in every worker: the first items of two workers
+    would get the same augmentation.  It looks at the top-level ``import
+    torch`` only, then leaves ``sys.meta_path`` (a finder needs only
+    ``find_spec``: importlib.abc would cost every worker 4 ms to import).
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        run = getattr(loader, "exec_module", None)
+        if run is None:
+            return spec
+
+        def exec_module(module: types.ModuleType) -> None:
+            try:
+                run(module)
+            finally:
+                del loader.exec_module  # the instance's patch: the class's method again
+            if _seeding is not None:
+                _seed_torch(_seeding.torch_seed())
+
+        try:
+            loader.exec_module = exec_module
+        except AttributeError:  # a loader with slots: torch goes unseeded until the next item
+            pass
+        return spec

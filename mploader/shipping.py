@@ -11,9 +11,6 @@ file, the line and, when the file exists, the source line.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import pickle
 import types
 from typing import Any, Callable
 
@@ -57,10 +54,10 @@ def _filled(cell: types.CellType) -> bool:
     return True
 
 
-def _codes(code: types.CodeType) -> list[types.CodeType]:
+def nested_codes(code: types.CodeType) -> list[types.CodeType]:
     """A code object and every code object nested in it."""
     nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
-    return [code] + [inner for c in nested for inner in _codes(c)]
+    return [code] + [inner for c in nested for inner in nested_codes(c)]
 
 
 def ship(fn: Callable | None, name: str) -> tuple[bytes | None, Files]:
@@ -74,7 +71,8 @@ def ship(fn: Callable | None, name: str) -> tuple[bytes | None, Files]:
     except Exception as exc:
         raise TypeError(f"{name} ({fn!r}) cannot be sent to the worker processes: "
                         f"cloudpickle failed with {type(exc).__name__}: {exc}") from exc
-    files = {_key(code): code.co_filename for f in _functions(fn) for code in _codes(f.__code__)}
+    files = {_key(code): code.co_filename
+             for f in _functions(fn) for code in nested_codes(f.__code__)}
     return payload, files
 
 
@@ -90,48 +88,6 @@ def land(payload: bytes, files: Files) -> Any:
     """(worker) Unpickle a shipped function and give its code its file names back."""
     fn = cloudpickle.loads(payload)
     for function in _functions(fn):
-        if any(c.co_filename == _DYNAMIC for c in _codes(function.__code__)):
+        if any(c.co_filename == _DYNAMIC for c in nested_codes(function.__code__)):
             function.__code__ = _restored(function.__code__, files)
     return fn
-
-
-def code_fingerprint(fn: Callable) -> bytes:
-    """A digest of what ``fn`` computes, the same in every process: the
-    bytecode, names and constants of fn and of the functions it reaches
-    (``_DEPTH`` levels), and, for a ``functools.partial``, its arguments.
-    A cache keyed by it (cache.py) misses after an edit of that code, where a
-    key of the item alone would serve results of the old code."""
-    digest = hashlib.blake2b(digest_size=16)
-    while isinstance(fn, functools.partial):
-        digest.update(_stable_pickle((fn.args, sorted(fn.keywords.items()))))
-        fn = fn.func
-    target = fn if isinstance(fn, types.FunctionType) else getattr(type(fn), "__call__", fn)
-    digest.update(type(fn).__qualname__.encode())
-    if not isinstance(fn, types.FunctionType):  # a callable object: its state too
-        digest.update(_stable_pickle(getattr(fn, "__dict__", None)))
-    for function in _functions(target):
-        for code in _codes(function.__code__):
-            digest.update(code.co_code + repr((code.co_name, code.co_names)).encode())
-            digest.update(repr(sorted(_const_text(c) for c in code.co_consts)).encode())
-    return digest.digest()
-
-
-def _const_text(const: Any) -> str:
-    """A constant as text without addresses or hash order (code objects are
-    hashed on their own, frozensets sorted)."""
-    if isinstance(const, types.CodeType):
-        return f"<code {const.co_name}>"
-    if isinstance(const, frozenset):
-        return repr(sorted(map(_const_text, const)))
-    if isinstance(const, tuple):
-        return repr(tuple(map(_const_text, const)))
-    return repr(const)
-
-
-def _stable_pickle(value: Any) -> bytes:
-    """pickle of plain data (the same bytes in every process), else its type
-    names only: arguments that cannot be pickled by reference do not key."""
-    try:
-        return pickle.dumps(value, protocol=4)
-    except Exception:  # noqa: BLE001 - e.g. a lambda argument
-        return repr(type(value)).encode()

@@ -401,7 +401,7 @@ def keras_callback(loader: Any, verbose: bool = True, name: str = "mploader") ->
 
     class FollowKerasEpochs(tf.keras.callbacks.Callback):
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            loader.set_epoch(epoch)
+            loader.follow_epoch(epoch)
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             report = loader.epoch_report()
@@ -411,7 +411,7 @@ def keras_callback(loader: Any, verbose: bool = True, name: str = "mploader") ->
                 logs[f"{name}_consumer_wait"] = report["consumer_wait_fraction"]
                 logs[f"{name}_worker_busy"] = report["worker_busy_fraction"]
             if verbose:
-                print(f"{name}, epoch {epoch + 1}: {report['elements_per_s']:.1f} "
+                print(f"{name}, epoch {report['epoch']}: {report['elements_per_s']:.1f} "
                       f"elements/s; {report['hint']}", flush=True)
 
     return FollowKerasEpochs()

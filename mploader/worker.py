@@ -34,7 +34,7 @@ from .errors import short_repr
 from .layout import UnsupportedResult, pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
                        read_frame, write_frame)
-from .random_state import item_scope
+from .random_state import WorkerRandomness
 from .shipping import land
 from .slots import IDLE, PACKING, SlotWriter
 
@@ -90,11 +90,12 @@ class _TaskRunner:
     """Runs fn over a task's items and lays the results out in the slot."""
 
     def __init__(self, fn: Callable[[Any], Any], boot: Bootstrap, slots: SlotWriter,
-                 prepare: Callable[[Any], Any] | None = None, store: Any = None) -> None:
+                 randomness: WorkerRandomness, prepare: Callable[[Any], Any] | None = None,
+                 store: Any = None) -> None:
         self._fn = fn
         self._prepare = prepare
         self._store = store  # cache_stores.py: where prepare's results are kept
-        self._seed = boot.seed
+        self._random = randomness  # random_state.py: the scopes fn and prepare run in
         self._stack = boot.stack_batches
         self._samples = boot.samples
         self._samples_per_item = boot.samples_per_item
@@ -112,14 +113,15 @@ class _TaskRunner:
     def _input(self, task: Task, position: int, index: int, item: Any) -> Any:
         """What fn gets: the item, or prepare's result for it, from the cache
         when it is there (prepare runs outside the item's random scope: it is
-        the deterministic stage)."""
+        the deterministic stage, seeded per index, not per epoch)."""
         if self._prepare is None:
             return item
         found = None if self._store is None else self._store.fetch(task, position)
         if found is not None:
             return found
         try:
-            prepared = self._prepare(item)
+            with self._random.prepare(index):
+                prepared = self._prepare(item)
         except Exception as exc:
             raise _PrepareFailed from exc
         if self._store is None:  # cache=None: prepare runs every time
@@ -140,14 +142,14 @@ class _TaskRunner:
         return _failure(exc, index, item, sample, hint)
 
     def _run_items(self, task: Task) -> Result:
-        """Unbatched results, laid out one after another in the slot.  Samples
-        of a generator fn go into the slot as soon as it yields them, so a
-        worker never holds an item's samples in its own memory (the samples
-        before an error are kept); plain results are laid out together at the
-        end, one layout per task (tiny items come many to a task)."""
+        """Unbatched results, laid out one after another in the slot, each as
+        soon as fn gives it: a result is read before fn runs again, so a fn
+        that fills and returns one buffer every time (tiny items come many to
+        a task) gives each item its own values, a result that cannot be sent
+        fails its own item alone, and a worker never holds a generator fn's
+        samples in its own memory (the samples before an error are kept)."""
         start = time.perf_counter()
         trees: list[Any] = []
-        plain: list[tuple[int, Any, Any]] = []   # (index, item, result) of a plain fn
         done: list[int] = []
         counts: list[int] = []
         failures: list[Failure] = []
@@ -159,23 +161,20 @@ class _TaskRunner:
             try:
                 item = decode_item(task, position)
                 given = self._input(task, position, index, item)
-                with item_scope(self._seed, task.epoch, index):
+                with self._random.item(task.epoch, index):
                     value = self._fn(given)
-                    if not self._samples:
-                        if inspect.isgenerator(value):
-                            raise UnsupportedResult(
-                                "fn returned a generator but is not a generator function; "
-                                "pass samples_per_item to MPLoader for a fn that gives "
-                                "several samples per item")
-                        plain.append((index, item, value))
-                        continue
+                    if not self._samples and inspect.isgenerator(value):
+                        raise UnsupportedResult(
+                            "fn returned a generator but is not a generator function; "
+                            "pass samples_per_item to MPLoader for a fn that gives "
+                            "several samples per item")
                     for sample in value if inspect.isgenerator(value) else (value,):
                         if count == want:
                             raise ValueError(f"fn yields more than samples_per_item={want} "
                                              "samples for this item")
                         (tree,), writes, new_end = pack_items([sample], end)
                         capacity = self._slots.write(task.slot, capacity, writes, new_end,
-                                                     appending=True)
+                                                     appending=self._samples or bool(trees))
                         trees.append(tree)
                         end, count = new_end, count + 1
                 if want is not None and count != want:
@@ -187,15 +186,6 @@ class _TaskRunner:
             if count or (self._samples and not failed):  # an item may yield no sample
                 done.append(index)
                 counts.append(count)
-        if plain:
-            self._status.set(task.key, PACKING, time.monotonic_ns())
-            try:
-                packed, writes, end = pack_items([value for _, _, value in plain])
-                capacity = self._slots.write(task.slot, capacity, writes, end)
-                trees, done = list(packed), [index for index, _, _ in plain]
-            except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
-                failures.extend(_failure(exc, index, item) for index, item, _ in plain)
-                end = 0
         return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=end,
                       tree=tuple(trees) if trees else None, indices=tuple(done),
                       failures=tuple(failures), busy_s=time.perf_counter() - start,
@@ -213,7 +203,7 @@ class _TaskRunner:
             try:
                 item = items[index] = decode_item(task, position)
                 given = self._input(task, position, index, item)
-                with item_scope(self._seed, task.epoch, index):
+                with self._random.item(task.epoch, index):
                     value = self._fn(given)
                 if inspect.isgenerator(value):
                     raise UnsupportedResult(
@@ -252,7 +242,7 @@ def _cache_store(boot: Bootstrap, config: dict[str, Any]) -> Any:
     if boot.cache is None:
         return None
     if boot.cache != "memory":
-        return DirectoryStore(boot.cache)
+        return DirectoryStore(boot.cache, boot.cache_trust)
     return SharedMemoryStore(config["cache"]["fd"], config["cache"]["size"])
 
 
@@ -267,14 +257,22 @@ def _serve(config: dict[str, Any]) -> int:
         stage = "setting up the cache"
         store = _cache_store(boot, config)
         stage = "worker_init"
-        if boot.worker_init is not None:
-            land(boot.worker_init, boot.code_files)(config["worker_id"])
+        init = None if boot.worker_init is None else land(boot.worker_init, boot.code_files)
+        if boot.cache_recipe is not None:  # before worker_init: what it sets is its own key
+            stage = "checking the cache directory's key"
+            from .cache_keys import check_in_worker  # (only a directory cache's workers pay)
+            check_in_worker(prepare, init, boot.cache_recipe, boot.cache)
+            stage = "worker_init"
+        if init is not None:
+            init(config["worker_id"])
+        stage = "finding the random objects of fn and prepare"
+        randomness = WorkerRandomness(boot.seed, fn, prepare, boot.seed_given)  # after worker_init: what it built
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
         write_frame(result_fd, StartFailed(dataclasses.replace(_failure(exc, None), stage=stage)))
         return 1
     slots = SlotWriter(config["arena_fd"], config["slots"], config["stride"])
     write_frame(result_fd, Ready(pid=os.getpid()))
-    runner = _TaskRunner(fn, boot, slots, prepare, store)
+    runner = _TaskRunner(fn, boot, slots, randomness, prepare, store)
     while True:
         try:
             task = read_frame(task_fd)

@@ -3,7 +3,8 @@
 # (pytest -m "not tf and not slow"), on each Python version in $OTHER_PYTHONS
 # (default: 3.10 3.12 3.13; `make test` passes the oldest and newest), each in its own venv .venv-3.X holding `.[test]`
 # only: numpy, cloudpickle, pytest, pytest-timeout, psutil.  `make test` runs it
-# after the full suite on .venv.
+# after the full suite on .venv.  Only tests/ is collected: ecosystem_tests/
+# (MONAI, TorchIO, torch...) is `make test-ecosystem`'s, on its own venv.
 #
 # OTHER_PYTHONS_MARKS overrides the marker expression (e.g. "core and not tf").
 #

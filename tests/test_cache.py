@@ -257,11 +257,13 @@ import json, os, sys
 import numpy as np
 from mploader import MPLoader
 
-cache, count, n, mib = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-version = sys.argv[5] if len(sys.argv) > 5 else "1"
+cache, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+version = sys.argv[4] if len(sys.argv) > 4 else "1"
 
 def prepare(i):
-    with open(count, "a") as f:
+    # the count file from the environment: a global would be keyed (cache_keys.py),
+    # and runs counting into different files would not share entries
+    with open(os.environ["COUNT_FILE"], "a") as f:
         f.write(f"{i}\\n")
     return np.full(mib * 262144, i, np.float32), f"case{i}"
 
@@ -282,9 +284,9 @@ def fill(tmp_path, cache, n=8, mib=1, version="1", count="count"):
     """Start the FILL program (a new process); returns its Popen."""
     script = tmp_path / "fill.py"
     script.write_text(FILL)
-    return subprocess.Popen([sys.executable, str(script), str(cache), str(tmp_path / count),
-                             str(n), str(mib), version], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script), str(cache), str(n), str(mib), version],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, COUNT_FILE=str(tmp_path / count)))
 
 
 def finished(proc, n, mib=1, timeout=120):
@@ -313,7 +315,7 @@ def test_a_directory_cache_survives_a_new_process_and_a_version_bump(tmp_path):
 def test_a_truncated_or_damaged_entry_is_prepared_again(tmp_path):
     cache = tmp_path / "cache"
     finished(fill(tmp_path, cache, n=4), 4)
-    entries = sorted(cache.iterdir())
+    entries = sorted(cache.glob("*.entry"))
     assert len(entries) == 4
     with open(entries[0], "r+b") as f:  # truncated in the middle of its data
         f.truncate(os.path.getsize(entries[0]) // 2)
@@ -387,7 +389,7 @@ def test_a_directory_entry_is_keyed_by_prepare_and_checked_again_when_its_file_c
     cache = str(tmp_path / "cache")
     with MPLoader(lambda x: x, 3, prepare=prepare_a, cache=cache, num_workers=1) as loader:
         assert [x.tolist() for x in loader] == [[i] * 3 for i in range(3)]
-        entry = sorted((tmp_path / "cache").iterdir())[0]
+        entry = sorted((tmp_path / "cache").glob("*.entry"))[0]
         with open(entry, "r+b") as f:  # damaged in place, between two epochs
             f.seek(-8, os.SEEK_END)
             f.write(b"\xff" * 8)
@@ -411,3 +413,24 @@ def test_only_the_caches_own_stale_temporary_files_are_removed(tmp_path):
     with MPLoader(lambda x: x, 2, prepare=prepare_a, cache=str(cache), num_workers=1) as loader:
         list(loader)
     assert mine.exists() and fresh.exists() and not stale.exists()
+
+
+def test_cache_info_says_why_a_directory_missed(tmp_path):
+    cache = str(tmp_path / "cache")
+    with MPLoader(lambda x: x, 3, prepare=prepare_a, cache=cache, num_workers=1) as loader:
+        list(loader)
+        first = loader.cache_info()
+    assert first["entries"] == 3 and first["others"] == []
+    assert first["recipe"]["prepare"] == f"{__name__}:prepare_a"
+    assert (tmp_path / "cache" / "recipes" / (first["key"] + ".json")).exists()
+    with MPLoader(lambda x: x, 2, prepare=prepare_b, cache=cache, num_workers=1) as loader:
+        info = loader.cache_info()
+    assert info["entries"] == 3 and [o["key"] for o in info["others"]] == [first["key"]]
+    assert info["others"][0]["differences"] == [
+        f"prepare is {__name__}:prepare_b, was {__name__}:prepare_a",
+        f"{__name__}:prepare_a was used, is not now", f"{__name__}:prepare_b is used now, was not"]
+    with MPLoader(lambda x: x, 2, prepare=prepare_a, num_workers=1) as loader:
+        assert loader.cache_info() == {"where": "memory", "key": None, "recipe": None,
+                                       "entries": 0, "others": []}
+    with MPLoader(lambda x: x, 2, num_workers=1) as loader:
+        assert loader.cache_info() is None

@@ -315,3 +315,58 @@ def test_shuffled_shards_without_a_seed_are_refused_hosts_cannot_agree_on_a_draw
         with MPLoader(identity, 100, shuffle=True, shard=(k, 2), seed=3, num_workers=1) as loader:
             shards.append(set(loader))
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 100
+
+
+def test_set_epoch_during_a_pass_applies_to_the_next_and_the_state_keeps_the_running_one():
+    loader = MPLoader(identity, 20, num_workers=1, shuffle=True, seed=0)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]
+    loader.set_epoch(1)                     # a Keras epoch begins; this pass (epoch 0) goes on
+    head += [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert (state["epoch"], state["position"]) == (0, 10) and "next_epoch" not in state
+    rest = list(it)
+    following = list(loader)
+    loader.close()
+    with MPLoader(identity, 20, num_workers=2, shuffle=True, seed=0) as resumed:
+        resumed.load_state_dict(state)
+        assert list(resumed) == rest and sorted(head + rest) == list(range(20))
+        assert list(resumed) == following   # then epoch 1, as the original went on
+
+
+def test_set_epoch_to_a_later_epoch_during_a_pass_is_in_the_state_and_survives_a_resume():
+    loader = MPLoader(identity, 12, num_workers=1, shuffle=True, seed=4)
+    it = iter(loader)
+    [next(it) for _ in range(3)]
+    loader.set_epoch(7)
+    state = loader.state_dict()
+    assert (state["epoch"], state["position"], state["next_epoch"]) == (0, 3, 7)
+    rest, after = list(it), list(loader)
+    assert loader.state_dict()["epoch"] == 8
+    loader.close()
+    with MPLoader(identity, 12, num_workers=2, shuffle=True, seed=4) as resumed:
+        resumed.load_state_dict(state)
+        assert list(resumed) == rest and list(resumed) == after
+
+
+def test_set_epoch_of_the_pass_under_way_does_not_make_the_next_pass_repeat_its_order():
+    loader = MPLoader(identity, 10, num_workers=1, shuffle=True, seed=5)
+    passes = [list(loader)]
+    it = iter(loader)
+    second = [next(it) for _ in range(4)]
+    loader.set_epoch(1)                      # epoch 1 is the pass under way
+    passes.append(second + list(it))
+    passes.append(list(loader))
+    assert [r["epoch"] for r in loader.stats()["epochs"]] == [0, 1, 2]
+    assert passes[2] != passes[1]
+    loader.set_epoch(1)                      # no pass under way: asked for, epoch 1 again
+    assert list(loader) == passes[1]
+    loader.close()
+
+
+def test_a_malformed_next_epoch_in_a_state_is_named():
+    with MPLoader(identity, 10, num_workers=1) as loader:
+        state = loader.state_dict()
+        state["next_epoch"] = -1
+        with pytest.raises(ValueError, match="next_epoch is -1"):
+            loader.load_state_dict(state)

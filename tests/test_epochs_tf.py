@@ -277,3 +277,37 @@ def test_model_fit_under_mirrored_strategy_on_two_cpu_devices(script):
     assert all(loss == loss for loss in got["loss"])  # not NaN
     assert (got["state"]["epoch"], got["state"]["position"]) == (2, 0)
     assert_no_worker_left(s.wait_for_pids())
+
+
+@pytest.mark.slow
+def test_keras_steps_per_epoch_over_repeat_never_runs_an_order_twice(script):
+    """A pass is 5 batches, a Keras epoch 7: the passes are epochs 0, 1, 2, ... (each
+    its own order), and the callback names the pass it reports by the loader's number."""
+    s = script(joined(PRELUDE, """
+        def scalar(i):
+            return np.float32(i)
+        loader = MPLoader(scalar, 10, shuffle=True, seed=5, num_workers=1)
+        report_pids(loader)
+        seen = []
+        ds = loader.dataset().map(lambda x: (tf.reshape(x, (1,)), tf.reshape(x, (1,)))).batch(2)
+        model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+        model.fit(ds.repeat(), steps_per_epoch=7, epochs=3, verbose=0,
+                  callbacks=[loader.keras_callback()])
+        epochs = [r["epoch"] for r in loader.stats()["epochs"]]
+        orders = []
+        for e in sorted(set(epochs)):
+            with MPLoader(scalar, 10, shuffle=True, seed=5, num_workers=1) as fresh:
+                fresh.set_epoch(e)
+                orders.append([float(x) for x in fresh])
+        print(json.dumps({"epochs": epochs, "orders": orders}))
+        loader.close()
+    """))
+    out = run_bounded(s, within=180)
+    got = report(out)
+    assert got["epochs"] == sorted(set(got["epochs"])) == list(range(len(got["epochs"])))
+    assert len({tuple(o) for o in got["orders"]}) == len(got["orders"])
+    printed = [int(line.split()[2].rstrip(":")) for line in out.stdout.splitlines()
+               if line.startswith("mploader, epoch ")]
+    assert len(printed) == 3 and set(printed) <= set(got["epochs"])
+    assert_no_worker_left(s.wait_for_pids())

@@ -191,7 +191,7 @@ def test_what_a_long_epoch_hands_out_is_applied_as_it_goes_not_kept():
         iterator = loader.dataset().as_numpy_iterator()
         for _, _ in zip(range(5000), _slowly(iterator, 0.0002)):
             pass
-        deferred = loader._progress.settle.__self__
+        deferred = loader._epochs._progress.settle.__self__
         assert len(deferred._entries) <= (SURELY_TAKEN_AFTER_CALLS + 1) * MAX_CHUNK_ELEMENTS
         assert loader.stats()["elements_per_tensorflow_call"] > 1
         assert loader.state_dict()["position"] == 5001  # item 7 skipped

@@ -212,3 +212,30 @@ def test_an_item_of_another_structure_is_named_with_the_first_path_that_differs(
     assert [s.index for s in loader.skipped] == [odd]
     assert f"source index {odd} gave {got}, the batch's other items {batch}" in \
         loader.skipped[0].message
+
+
+BUFFER = np.zeros(3)
+
+
+def refill(i):
+    """Fills one buffer and returns it, every call (a fn that reuses its memory)."""
+    BUFFER[:] = i
+    return BUFFER
+
+
+def test_a_fn_that_returns_one_buffer_it_refills_gives_every_item_its_own_values():
+    """Tiny items go many to a task: each result is read before fn runs again."""
+    with MPLoader(refill, 2000, num_workers=2) as loader:
+        out = [x.tolist() for x in loader]
+        assert loader.stats()["items_per_task"] > 1
+    assert out == [[i] * 3 for i in range(2000)]
+
+
+def test_an_unbatched_result_that_cannot_be_sent_fails_its_own_item_alone():
+    def odd(i):
+        return object() if i == 1500 else np.int64(i)  # late: tasks carry many items by then
+    with MPLoader(odd, 2000, num_workers=2, on_error="skip") as loader:
+        out = [int(x) for x in loader]
+        assert loader.stats()["items_per_task"] > 1
+    assert [s.index for s in loader.skipped] == [1500]
+    assert out == [i for i in range(2000) if i != 1500]

@@ -159,13 +159,17 @@ def test_the_layout_most_items_share_is_kept_even_when_the_first_item_is_the_odd
     (1, np.zeros(1, bool), "it is a int, not a bool"),
 ])
 def test_a_pad_value_that_does_not_fit_its_leaf_is_an_error_even_under_skip(value, leaf, problem):
-    """Never truncated, parsed or flushed to zero; a settings error, so "skip"
-    does not skip every item with it."""
-    with MPLoader(lambda i, leaf=leaf: np.repeat(leaf, i % 2 + 1), 4, batch_size=2,
-                  num_workers=1, padding_values=value,
-                  on_error="skip") as loader:
-        with pytest.raises(WorkerError, match=f"PaddingDoesNotFit: the padding value .* of "
-                                              f"result does not fit its dtype .*{problem}"):
+    """Never truncated, parsed or flushed to zero."""
+    assert_raised_under_skip(lambda i, leaf=leaf: np.repeat(leaf, i % 2 + 1),
+                             f"PaddingDoesNotFit: the padding value .* of result does not fit "
+                             f"its dtype .*{problem}", padding_values=value)
+
+
+def assert_raised_under_skip(fn, match, **padding):
+    """A padding that does not fit is the settings' error: raised, never a
+    reason to skip every item."""
+    with MPLoader(fn, 4, batch_size=2, num_workers=1, on_error="skip", **padding) as loader:
+        with pytest.raises(WorkerError, match=match):
             list(loader)
     assert loader.skipped == []
 
@@ -204,12 +208,9 @@ def test_drop_remainder_never_hands_out_a_batch_made_short_by_skips():
 
 
 def test_a_padding_key_the_results_lack_is_raised_even_under_skip_not_skipping_every_item():
-    with MPLoader(volume, 8, batch_size=4, num_workers=1, padding_values={"imgae": -1},
-                  on_error="skip") as loader:
-        with pytest.raises(WorkerError, match=r"PaddingDoesNotFit: padding_values names "
-                                              r"result\['imgae'\], which the result does not have"):
-            list(loader)
-    assert loader.skipped == []
+    assert_raised_under_skip(volume, r"PaddingDoesNotFit: padding_values names "
+                                     r"result\['imgae'\], which the result does not have",
+                             padding_values={"imgae": -1})
 
 
 def test_the_layout_the_padding_fits_is_kept_when_odd_items_are_as_many_as_good_ones():
@@ -239,12 +240,9 @@ def test_padding_that_names_a_scalar_or_string_leaf_is_an_error_not_ignored():
     def named(i):
         return {"image": np.ones(i + 1, np.float32), "n": i, "name": f"c{i}"}
     for settings in ({"padded_shapes": {"n": (5,)}}, {"padding_values": {"name": "oops"}}):
-        with MPLoader(named, 4, batch_size=2, num_workers=1, on_error="skip",
-                      **settings) as loader:
-            with pytest.raises(WorkerError, match=r"PaddingDoesNotFit: .* names result\['n(ame)?'\], "
-                                                  r"where the result has a (int|str): only array "
-                                                  "leaves are padded"):
-                list(loader)
+        assert_raised_under_skip(named, r"PaddingDoesNotFit: .* names result\['n(ame)?'\], where "
+                                        r"the result has a (int|str): only array leaves are padded",
+                                 **settings)
 
 
 @pytest.mark.tf

@@ -1,0 +1,174 @@
+"""The medical ecosystem's random transforms through the loader: every item its
+own augmentation, the same on any number of workers (mploader/random_state.py).
+
+Each pipeline augments the same NIfTI volume (or image) for every item, so
+two items that got the same random state give the same array.  Promises
+checked for each library (check_per_item_randomness):
+
+- with 2 workers no two items get the same augmentation, seed=None and seed=0
+  (each worker unpickles an identical copy of the transforms' random state);
+- with seed=0 the output is identical for 1, 2 and 3 workers, ordered or not.
+
+The fns are closures built in the tests, shipped by value as a script's fns
+are, so a worker imports only the library its fn uses.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mploader import MPLoader, item_scope
+
+from . import lazy_torch
+
+N = 8
+
+
+def _run(fn, source, num_workers, seed, ordered=True) -> dict[int, np.ndarray]:
+    with MPLoader(fn, source, num_workers=num_workers, seed=seed, ordered=ordered) as loader:
+        return {int(index): np.asarray(value) for index, value in loader}
+
+
+def _assert_distinct(results: dict[int, np.ndarray], what: str) -> None:
+    arrays = [results[i] for i in sorted(results)]
+    same = [(a, b) for a in range(len(arrays)) for b in range(a)
+            if np.array_equal(arrays[a], arrays[b])]
+    assert not same, f"{what}: items {same} got the same augmentation"
+
+
+def check_per_item_randomness(fn, source) -> dict[int, np.ndarray]:
+    """Both promises; returns the seed=0 output."""
+    _assert_distinct(_run(fn, source, 2, None), "seed=None, 2 workers")
+    one = _run(fn, source, 1, 0)
+    assert sorted(one) == list(range(len(source)))
+    _assert_distinct(one, "seed=0, 1 worker")
+    for workers, ordered in ((2, True), (3, False)):
+        other = _run(fn, source, workers, 0, ordered)
+        assert sorted(other) == sorted(one)
+        for i in one:
+            np.testing.assert_array_equal(other[i], one[i], err_msg=(
+                f"item {i}: seed=0 gives other output with {workers} workers, ordered={ordered}"))
+    return one
+
+
+def test_monai_compose_of_random_transforms_on_a_nifti_volume(volume):
+    import monai.transforms as mt
+    pipeline = mt.Compose([
+        mt.LoadImaged(keys=["image"], image_only=True),
+        mt.EnsureChannelFirstd(keys=["image"], channel_dim="no_channel"),
+        mt.RandSpatialCropd(keys=["image"], roi_size=(12, 12, 12), random_size=False),
+        mt.RandFlipd(keys=["image"], prob=0.5, spatial_axis=0),
+        mt.OneOf([mt.RandGaussianNoised(keys=["image"], prob=1.0),
+                  mt.RandScaleIntensityd(keys=["image"], factors=0.2, prob=1.0)]),
+        mt.RandAffined(keys=["image"], prob=1.0, rotate_range=0.2, padding_mode="zeros"),
+    ])
+
+    def fn(item):
+        index, path = item
+        return index, np.asarray(pipeline({"image": path})["image"])
+
+    source = [(i, volume) for i in range(N)]
+    seeded = check_per_item_randomness(fn, source)
+    assert seeded[0].shape == (1, 12, 12, 12)
+    with item_scope(0, 0, 5, fn=fn):  # replay one item in this process, transforms reseeded
+        np.testing.assert_array_equal(fn(source[5])[1], seeded[5])
+
+
+def test_torchio_compose_uses_torchs_global_generator(volume):
+    import torchio as tio
+    augment = tio.Compose([tio.RandomFlip(axes=(0, 1, 2)), tio.RandomNoise(std=0.1),
+                           tio.RandomAffine(scales=0.1, degrees=10)])
+
+    def fn(item):
+        index, path = item
+        subject = tio.Subject(image=tio.ScalarImage(path))
+        return index, augment(subject)["image"].data.numpy()
+
+    check_per_item_randomness(fn, [(i, volume) for i in range(N)])
+
+
+def test_plain_torch_in_fn(volume):
+    import nibabel as nib
+    import torch
+
+    def fn(item):
+        index, path = item
+        image = torch.from_numpy(np.asarray(nib.load(path).dataobj))
+        return index, (image + 0.1 * torch.randn(image.shape)).numpy()
+
+    check_per_item_randomness(fn, [(i, volume) for i in range(N)])
+
+
+def test_torch_imported_by_fn_itself_inside_the_first_item():
+    """Before torch is imported the worker cannot seed it; it seeds it as the
+    import ends, else each worker's first item drew from torch's fixed default seed."""
+    check_per_item_randomness(lazy_torch.noise, [(i, None) for i in range(N)])
+
+
+def test_albumentations_compose_keeps_its_own_generators():
+    import albumentations as A
+    augment = A.Compose([A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=1.0),
+                         A.GaussNoise(p=1.0), A.Affine(rotate=(-20, 20), p=1.0)])
+    image = np.linspace(0, 255, 64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3)
+
+    def fn(item):
+        return item[0], augment(image=image)["image"]
+
+    check_per_item_randomness(fn, [(i, None) for i in range(N)])
+
+
+def test_batchgenerators_use_numpys_and_pythons_global_generators(volume):
+    import nibabel as nib
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.noise_transforms import GaussianNoiseTransform
+    from batchgenerators.transforms.spatial_transforms import MirrorTransform
+    augment = Compose([MirrorTransform(axes=(0, 1, 2)),
+                       GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_sample=1.0)])
+
+    def fn(item):
+        index, path = item
+        data = np.asarray(nib.load(path).dataobj)[None, None]  # (batch, channel, x, y, z)
+        return index, augment(data=data)["data"]
+
+    check_per_item_randomness(fn, [(i, volume) for i in range(N)])
+
+
+def test_batchgeneratorsv2_use_torchs_global_generator(volume):
+    import nibabel as nib
+    import torch
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    augment = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1, 2)),
+                                 GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1)])
+
+    def fn(item):
+        index, path = item
+        image = torch.from_numpy(np.asarray(nib.load(path).dataobj))[None]
+        return index, augment(image=image)["image"].numpy()
+
+    check_per_item_randomness(fn, [(i, volume) for i in range(N)])
+
+
+def test_monai_random_crops_as_samples_of_a_generator_fn(volume):
+    """A generator fn yielding several random crops per item (MONAI's
+    RandCropByPosNegLabeld's kind of use): the same crops on any worker count."""
+    import monai.transforms as mt
+    samples = 2
+    crop = mt.RandSpatialCropSamplesd(keys=["image"], roi_size=(8, 8, 8), num_samples=samples,
+                                     random_size=False)
+    load = mt.Compose([mt.LoadImaged(keys=["image"], image_only=True),
+                       mt.EnsureChannelFirstd(keys=["image"], channel_dim="no_channel")])
+
+    def fn(path):
+        for patch in crop(load({"image": path})):
+            yield np.asarray(patch["image"])
+
+    def run(workers):
+        with MPLoader(fn, [volume] * N, num_workers=workers, seed=0,
+                      samples_per_item=samples) as loader:
+            return list(loader)
+
+    one = run(1)
+    _assert_distinct(dict(enumerate(one)), "samples, 1 worker")
+    for a, b in zip(one, run(2), strict=True):
+        np.testing.assert_array_equal(a, b)
