@@ -97,7 +97,7 @@ def main() -> None:
             "x_bare": statistics.median(r[0] / b[0] for r, b in zip(done, bare)),
             "x_bare_min": min(r[0] / b[0] for r, b in zip(done, bare)),
             "x_bare_max": max(r[0] / b[0] for r, b in zip(done, bare)),
-            # through dataset(): elements per call of TensorFlow's generator (grouping.py)
+            # through dataset(): elements per call of TensorFlow's generator (tf/grouping.py)
             "per_call": (statistics.median(r[2] for r in done)
                          if all(len(r) > 2 for r in done) else None),
         } for peer, done in peers.items()}

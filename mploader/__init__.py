@@ -3,39 +3,52 @@
     from mploader import MPLoader
     ds = MPLoader(load_and_augment, paths).dataset()
 
-Modules, one job each:
-    loader.py        the public MPLoader
-    sources.py       reading the source (sequence, int, iterable, tf.data) in passes
-    epochs.py        the order of an epoch (shuffle), its shards, and the resume state
-    passes.py        one pass: dispatch tasks, gather results, order, errors, timeouts
-    samples.py       batches of the samples of a generator fn (they span items)
-    pool.py          the worker processes: one state machine each, start, watch, stop
-                     (NOTE [Shutdown], the lock rule)
-    resources.py     the descriptor and address-space budget of a pool
-    memory_deaths.py whether a killed worker was killed for memory, and its last RSS
-    worker.py        the worker process and its main loop
-    slots.py         a worker's shared-memory arena: status page and slots
-    layout.py        how a result nest is laid out in a slot
-    messages.py      the wire messages and their framing
-    random_state.py  per-item random state (item_rng)
-    signature.py     every element checked against the dataset's signature
-    interrupts.py    Ctrl-C while TensorFlow's threads run the consumer
-    cache.py         the cache of prepare's results, from the parent
-    cache_keys.py    a cache directory's key: the recipe of prepare's results
-    cache_stores.py  the cache's stores, from a worker; whose entries it reads
-    bottleneck.py    where a pass's time went, and a hint
-    grouping.py      several small elements per TensorFlow generator call
-    tf_adapter.py    the TensorFlow adapter (the only module that imports TensorFlow)
-    errors.py        the errors users catch
+Where things live, by side (each module's docstring says why it is so):
+
+    loader.py          the public MPLoader: options, passes, state, lifecycle
+    errors.py          every public exception, under MPLoaderError
+    testing.py         assert_resume_exact, the resume check users run
+  the parent's pipeline
+    sources.py         reading the source (sequence, int, iterable, tf.data) in passes
+    epochs.py          the order of an epoch (shuffle), its shards, the resume state,
+                       and Epochs, the one owner of the epoch's state
+    passes.py          one pass: dispatch tasks, gather results, order, errors, timeouts
+    samples.py         batches of the samples of a generator fn (they span items)
+    bottleneck.py      where a pass's time went, and a hint
+    interrupts.py      Ctrl-C while another thread (TensorFlow's) runs the consumer
+  the worker pool
+    pool.py            the worker processes: one state machine each, start, watch, stop
+                       (NOTE [Shutdown], the lock rule)
+    resources.py       the descriptor and address-space budget of a pool
+    memory_deaths.py   whether a killed worker was killed for memory, and its last RSS
+  the workers' side
+    worker.py          the worker process and its main loop
+    random_state.py    per-item random state (item_rng, torch, MONAI and other objects)
+    shipping.py        fn, worker_init and prepare sent by value, with their file names
+  the ground both sides stand on
+    messages.py        the wire messages and their framing
+    slots.py           a worker's shared-memory arena: status page and slots
+    layout.py          how a result nest is laid out in a slot, batched and padded
+  tf/                  TensorFlow, imported only there and only when asked for
+  cache/               prepare's cache: keys, the parent's index, the workers' stores
+
+The data path of one element:
+
+    source --(items, in the epoch's order: epochs.py)--> passes.py --(tasks)--> pool.py
+      --> worker.py: fn(item) under its random state, result laid out (layout.py)
+          in the worker's shared-memory slot (slots.py)
+      --(Result: where in the slot)--> passes.py: reordered, errors at their positions
+      --> for x in loader   |   tf/adapter.py: from_generator, signature checked
 """
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import CacheError, MPLoaderError, WorkerDied, WorkerError, WorkerTimeout
+    from .errors import (CacheError, MPLoaderError, PaddingDoesNotFit, PassAbandoned,
+                         SignatureMismatch, UnsupportedResult, WorkerDied, WorkerError,
+                         WorkerTimeout)
     from .loader import MPLoader
-    from .passes import PassAbandoned, Skipped
+    from .passes import Skipped
     from .random_state import item_rng, item_scope
-    from .signature import SignatureMismatch
 
 __version__ = "0.1.0"
 
@@ -45,8 +58,9 @@ __version__ = "0.1.0"
 # business; importing them cost every worker's start about 60 ms here.
 _HOMES = {"MPLoader": "loader", "MPLoaderError": "errors", "WorkerError": "errors",
           "WorkerDied": "errors", "WorkerTimeout": "errors", "CacheError": "errors",
-          "PassAbandoned": "passes",
-          "Skipped": "passes", "SignatureMismatch": "signature", "item_rng": "random_state",
+          "PassAbandoned": "errors", "SignatureMismatch": "errors",
+          "UnsupportedResult": "errors", "PaddingDoesNotFit": "errors",
+          "Skipped": "passes", "item_rng": "random_state",
           "item_scope": "random_state"}
 __all__ = list(_HOMES)
 

@@ -164,7 +164,7 @@ class Progress:
         # saved while TensorFlow's thread drives the generator).
         self._lock = threading.Lock()
         # Applies what was handed out but waits in TensorFlow, counted only
-        # once the consumer took it (grouping.py); state() runs it first.
+        # once the consumer took it (tf/grouping.py); state() runs it first.
         self.settle: Callable[[], None] | None = None
 
     def sampled(self, step: int) -> None:

@@ -24,7 +24,37 @@ def short_repr(item: Any) -> str:
 
 
 class MPLoaderError(Exception):
-    """Base class of every error mploader raises about its workers."""
+    """Base class of every error mploader raises."""
+
+
+class UnsupportedResult(MPLoaderError, TypeError):
+    """fn returned something that cannot be laid out in shared memory."""
+
+
+class PaddingDoesNotFit(UnsupportedResult):
+    """The loader's padding (a pad value, a padded shape) does not fit fn's
+    result: a mistake of the settings, not of an item, so it is raised
+    whatever ``on_error`` says (skipping would skip every item)."""
+
+
+class ResultNotCacheable(MPLoaderError, TypeError):
+    """prepare returned something that cannot be pickled (so cannot be cached)."""
+
+
+class ItemNotPicklable(MPLoaderError, TypeError):
+    """Item ``position`` of a chunk cannot be pickled (the message says why)."""
+
+    def __init__(self, position: int, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.position = position
+
+
+class SignatureMismatch(MPLoaderError, TypeError):
+    """An element does not match the dataset's signature (see mploader/tf/signature.py)."""
+
+
+class PassAbandoned(MPLoaderError, RuntimeError):
+    """The loader started a newer pass, or was closed, while this one was in use."""
 
 
 class WorkerError(MPLoaderError):

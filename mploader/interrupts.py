@@ -10,7 +10,7 @@ iterating a loader keeps Python's rules) checks that pipe after every wait
 slice when it is not on the main thread; on SIGINT it stops the workers and
 ends the element stream normally, so ``GetNext`` returns and the main thread
 runs Python's handler, which raises a KeyboardInterrupt the user can catch
-(tf_adapter.py says why the stream ends rather than raises).
+(tf/adapter.py says why the stream ends rather than raises).
 
 Installed only from the main thread, only if no one else (asyncio, a notebook
 kernel) uses the wakeup fd, and only acted on while SIGINT has Python's default

@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import PaddingDoesNotFit, UnsupportedResult
+
 ALIGN_BYTES = 64  # TensorFlow's EIGEN_MAX_ALIGN_BYTES: aligned arrays are used in place
 _SCALARS = (bool, int, float, np.bool_, np.number)
 _NUMBERS = (int, float, complex, np.number)
@@ -39,16 +41,6 @@ _BOOLS = (bool, np.bool_)
 _STRINGS = (str, bytes)
 # dtype kind -> (the pad values it takes, how to say it); any other kind takes _NUMBERS
 _PAD_KINDS = {"b": (_BOOLS, "a bool"), "U": ((str,), "a str"), "S": ((bytes,), "bytes")}
-
-
-class UnsupportedResult(TypeError):
-    """fn returned something that cannot be laid out in shared memory."""
-
-
-class PaddingDoesNotFit(UnsupportedResult):
-    """The loader's padding (a pad value, a padded shape) does not fit fn's
-    result: a mistake of the settings, not of an item, so it is raised
-    whatever ``on_error`` says (skipping would skip every item)."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ whole life, and starts one pass (passes.py) per iteration on that same pool.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import numbers
 import os
@@ -20,11 +19,11 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from . import resources
-from .cache import Cache, check_cache_bytes, default_cache_bytes
-from .cache_stores import TRUSTS
-from .epochs import Epochs, Plan, Progress, fingerprint, parse_state, shard_of
+from .cache.index import Cache, check_cache_bytes, default_cache_bytes
+from .cache.stores import TRUSTS
+from .config import Config, check
+from .epochs import Epochs, Plan, Progress, fingerprint, parse_state
 from .errors import not_the_owner
-from .layout import Padding
 from .messages import Bootstrap
 from .bottleneck import PassClock
 from .passes import Options, Pass, Skipped, Stats
@@ -65,11 +64,6 @@ def _default_workers() -> int:
     return max(1, min(cores, fit))
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def _close_pool(box: list[WorkerPool | None], timeout: float, cache: Cache | None = None
                 ) -> None:
     """Close the pool in ``box`` (and, for good, the cache); shared by close(),
@@ -84,25 +78,25 @@ def _close_pool(box: list[WorkerPool | None], timeout: float, cache: Cache | Non
 def _make_cache(prepare: Callable[[Any], Any] | None, cache: Any, cache_bytes: int | None,
                 cache_version: str | int | None, cache_trust: str,
                 worker_init: Callable[[int], Any] | None) -> Cache | None:
-    """The cache of prepare's results (cache.py), after checking its arguments."""
+    """The cache of prepare's results (cache/index.py), after checking its arguments."""
     if prepare is None:
-        _check(cache == "memory" and cache_bytes is None,
+        check(cache == "memory" and cache_bytes is None,
                "cache and cache_bytes need prepare=: the cache holds prepare's results "
                "(pass prepare=your_loading_function)")
         return None
-    _check(cache is None or (isinstance(cache, (str, os.PathLike)) and os.fspath(cache) != ""),
+    check(cache is None or (isinstance(cache, (str, os.PathLike)) and os.fspath(cache) != ""),
            f"cache must be 'memory', a directory path or None, not {cache!r}")
     memory = cache == "memory"
-    _check(cache_bytes is None or memory,
+    check(cache_bytes is None or memory,
            "cache_bytes is the budget of cache='memory'; a directory cache is bounded "
            "by its disk, and cache=None caches nothing")
-    _check(cache_bytes is None or (isinstance(cache_bytes, numbers.Integral)
+    check(cache_bytes is None or (isinstance(cache_bytes, numbers.Integral)
                                    and not isinstance(cache_bytes, bool) and cache_bytes >= 0),
            f"cache_bytes must be an int >= 0 (bytes) or None, not {cache_bytes!r}")
-    _check(cache_version is None or (isinstance(cache_version, (str, int))
+    check(cache_version is None or (isinstance(cache_version, (str, int))
                                      and not isinstance(cache_version, bool)),
            f"cache_version must be a str, an int or None, not {cache_version!r}")
-    _check(cache_trust in TRUSTS,
+    check(cache_trust in TRUSTS,
            f"cache_trust must be one of {', '.join(map(repr, TRUSTS))}, not {cache_trust!r}")
     if cache is None:
         return None
@@ -112,6 +106,34 @@ def _make_cache(prepare: Callable[[Any], Any] | None, cache: Any, cache_bytes: i
         budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
         check_cache_bytes(budget)
     return Cache(where, budget, prepare, cache_version, cache_trust, worker_init)
+
+
+class Pipeline:
+    """What the package's adapters (tf/adapter.py) use of a loader's passes,
+    and nothing more: the seam between the public loader and the code that
+    hands its elements to a framework, so that no adapter reaches into the
+    loader's private members."""
+
+    def __init__(self, loader: MPLoader) -> None:
+        self._loader = loader
+
+    @property
+    def stats(self) -> Stats:
+        """The loader's counters (an adapter adds its hand-off calls)."""
+        return self._loader._stats
+
+    def first_result(self) -> tuple[int | None, Any]:
+        """(source index, fn's result) of the first item that gives one: a probe
+        pass, whose skips are not recorded."""
+        return self._loader._first_result()
+
+    def pending_elements(self) -> int | None:
+        """Elements of the next pass when it is the rest of a restored epoch, else None."""
+        return self._loader._pending_elements()
+
+    def start_pass(self) -> Any:
+        """A new pass driven from TensorFlow's threads (Ctrl-C routed, see interrupts.py)."""
+        return self._loader._iterate(route_interrupts=True)
 
 
 class MPLoader:
@@ -138,71 +160,22 @@ class MPLoader:
                  timeout: float | None = None,
                  on_error: str = "raise", on_worker_death: str = "raise",
                  close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
-        num_workers = _default_workers() if num_workers is None else num_workers
-        _check(isinstance(num_workers, numbers.Integral) and num_workers >= 1,
-               f"num_workers must be an int >= 1 or None, not {num_workers!r}")
-        resources.check_workers(int(num_workers))
-        _check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
-               f"batch_size must be an int >= 1 or None, not {batch_size!r}")
-        _check(not drop_remainder or batch_size is not None,
-               "drop_remainder=True needs batch_size: it drops the last, short batch")
-        _check(isinstance(prefetch, int) and prefetch >= 1,
-               f"prefetch must be an int >= 1, not {prefetch!r}")
-        _check(on_error in ("raise", "skip"),
-               f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        _check(on_worker_death in ("raise", "restart"),
-               f"on_worker_death must be 'raise' or 'restart', not {on_worker_death!r}")
-        _check(timeout is None or (isinstance(timeout, numbers.Real) and timeout > 0),
-               f"timeout must be > 0 (seconds) or None, not {timeout!r}")
-        _check(isinstance(close_timeout, numbers.Real) and close_timeout > 0,
-               f"close_timeout must be > 0 (seconds), not {close_timeout!r}")
-        _check(seed is None or isinstance(seed, numbers.Integral),
-               f"seed must be an int or None, not {seed!r}")
-        seed = None if seed is None else int(seed)
-        _check(isinstance(shuffle, bool), f"shuffle must be True or False, not {shuffle!r}")
-        _check(samples_per_item is None
-               or (isinstance(samples_per_item, numbers.Integral) and samples_per_item >= 1),
-               f"samples_per_item must be an int >= 1 or None, not {samples_per_item!r}")
-        samples_per_item = None if samples_per_item is None else int(samples_per_item)
-        # A generator fn yields several samples (elements) per item.
-        samples = samples_per_item is not None or inspect.isgeneratorfunction(fn)
-        padded = padded_shapes is not None or padding_values is not None
-        _check(not padded or batch_size is not None,
-               "padded_shapes and padding_values need batch_size: they pad the items of a batch")
-        _check(not padded or not samples,
-               "padded batches are made in the workers from one result per item; a fn that "
-               "yields samples is batched in the parent, without padding")
-        self.padding = Padding(padded_shapes, padding_values) if padded else None
-        if self.padding is not None and output_signature is not None:
-            self.padding.check_signature(output_signature)  # a pad value that cannot fit
         self._source = Source(source)
-        self.shuffle = shuffle
-        self.shard = shard_of(shard)
-        if (shuffle or self.shard[1] > 1) and not self._source.indexable:
-            what = "shuffle=True" if shuffle else f"shard={shard!r}"
-            raise TypeError(
-                f"{what} needs a source with len() and [] (a sequence or an int), to read "
-                f"any index of it; this source is a {type(source).__name__}.  Pass a list "
-                "of the items (e.g. file paths), or an int and index your data in fn")
-        if shuffle and self.shard[1] > 1 and seed is None:
-            raise ValueError(
-                f"shuffle=True with shard={self.shard} needs seed=: every shard's loader "
-                "shuffles the whole source and keeps its part, so all of them must draw "
-                "the same order. A seed drawn on each host would give each its own order, "
-                "and the shards would overlap and miss items. Pass the same seed=... to "
-                "the loader of every shard")
+        self.config = config = Config.of(
+            fn, self._source, num_workers=_default_workers() if num_workers is None else num_workers,
+            ordered=ordered, batch_size=batch_size, drop_remainder=drop_remainder,
+            padded_shapes=padded_shapes, padding_values=padding_values, prefetch=prefetch,
+            output_signature=output_signature, seed=seed, shuffle=shuffle, shard=shard,
+            samples_per_item=samples_per_item, timeout=timeout, on_error=on_error,
+            on_worker_death=on_worker_death, close_timeout=close_timeout)
         # The order's seed: given, or drawn once per loader (state_dict() keeps it);
         # the workers' too, so that with seed=None every item still has its own
         # random stream (random_state.py).
-        self._epochs = Epochs(seed if seed is not None else secrets.randbits(63))
-        self._seed_given = seed is not None
-        self.num_workers = int(num_workers)
-        self.output_signature = output_signature
+        self._epochs = Epochs(config.seed if config.seed is not None else secrets.randbits(63))
         self._options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
                                 on_error=on_error, on_worker_death=on_worker_death,
                                 batch_size=batch_size, drop_remainder=drop_remainder,
-                                samples=samples)
-        self.samples_per_item = samples_per_item
+                                samples=config.samples)
         fn_payload, fn_files = ship(fn, "fn")
         init_payload, init_files = ship(worker_init, "worker_init")
         prepare_payload, prepare_files = ship(prepare, "prepare")
@@ -212,15 +185,15 @@ class MPLoader:
             sys_path=tuple(os.path.abspath(p) if p == "" else p for p in sys.path),
             fn=fn_payload, worker_init=init_payload,
             code_files={**init_files, **prepare_files, **fn_files},
-            seed=self._epochs.seed, seed_given=seed is not None,
-            stack_batches=self._options.stacked, samples=samples,
-            samples_per_item=samples_per_item, prepare=prepare_payload, padding=self.padding,
+            seed=self._epochs.seed, seed_given=config.seed is not None,
+            stack_batches=self._options.stacked, samples=config.samples,
+            samples_per_item=config.samples_per_item, prepare=prepare_payload,
+            padding=config.padding,
             cache=self._cache.where if self._cache is not None else None,
             cache_trust=cache_trust,
             cache_recipe=(self._cache.recipe.to_json()
                           if self._cache is not None and self._cache.recipe is not None
                           else None))
-        self._close_timeout = close_timeout
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
         self._stats = Stats(started_at=time.perf_counter())
         self._lock = threading.RLock()
@@ -232,17 +205,25 @@ class MPLoader:
         # The pool lives in a box shared with the finalizer, which must not
         # hold the loader itself.
         self._box: list[WorkerPool | None] = [None]
-        self._finalizer = weakref.finalize(self, _close_pool, self._box, close_timeout,
+        self._finalizer = weakref.finalize(self, _close_pool, self._box, config.close_timeout,
                                            self._cache)
         self._ensure_pool()  # start now: worker start-up overlaps the caller's set-up
 
-    @property
-    def batch_size(self) -> int | None:
-        return self._options.batch_size
+    # Read-only views of the frozen config: an option cannot change under running workers.
+    num_workers = property(lambda self: self.config.num_workers, doc="Worker processes.")
+    batch_size = property(lambda self: self.config.batch_size,
+                          doc="Items (or samples) per batch, or None.")
+    drop_remainder = property(lambda self: self.config.drop_remainder)
+    padding = property(lambda self: self.config.padding, doc="layout.Padding, or None.")
+    shuffle = property(lambda self: self.config.shuffle)
+    shard = property(lambda self: self.config.shard, doc="(index, count) of this loader's shard.")
+    output_signature = property(lambda self: self.config.output_signature)
+    samples_per_item = property(lambda self: self.config.samples_per_item)
 
     @property
-    def drop_remainder(self) -> bool:
-        return self._options.drop_remainder
+    def pipeline(self) -> Pipeline:
+        """The package's interface to this loader's passes (for its adapters)."""
+        return Pipeline(self)
 
     # -- pool --------------------------------------------------------------------
 
@@ -266,7 +247,7 @@ class MPLoader:
         """Stop a pool whose state can no longer be trusted (a death, Ctrl-C)."""
         with self._lock:
             if self._box[0] is pool:
-                _close_pool(self._box, self._close_timeout)  # the cache stays
+                _close_pool(self._box, self.config.close_timeout)  # the cache stays
 
     # -- iteration -----------------------------------------------------------------
 
@@ -431,7 +412,7 @@ class MPLoader:
         is epoch ``epoch``, and the next is ``epoch + 1`` (to run an epoch
         again, call it once that pass has ended).
         """
-        _check(isinstance(epoch, numbers.Integral) and epoch >= 0,
+        check(isinstance(epoch, numbers.Integral) and epoch >= 0,
                f"epoch must be an int >= 0, not {epoch!r}")
         with self._lock:
             self._epochs.set_epoch(int(epoch))
@@ -447,7 +428,7 @@ class MPLoader:
     def checkpointable(self) -> Any:
         """This loader's position as a ``tf.train.Checkpoint`` dependency:
         ``tf.train.Checkpoint(model=model, data=loader.checkpointable())``."""
-        from .tf_adapter import checkpointable
+        from .tf.adapter import checkpointable
         return checkpointable(self)
 
     def keras_callback(self, verbose: bool = True, name: str = "mploader") -> Any:
@@ -456,7 +437,7 @@ class MPLoader:
         and says at each epoch's end where the input time went (printed with
         ``verbose``; always in Keras's logs, under ``name``: give each loader
         its own, e.g. "train" and "val")."""
-        from .tf_adapter import keras_callback
+        from .tf.adapter import keras_callback
         return keras_callback(self, verbose, name)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -467,7 +448,7 @@ class MPLoader:
         one; with ``seed=None`` the saved seed is taken.
         """
         resume = parse_state(state, self._fingerprint())
-        if self._seed_given and resume.seed != self._epochs.seed and self.shuffle:
+        if (self.config.seed is not None) and resume.seed != self._epochs.seed and self.shuffle:
             raise ValueError(f"the state does not fit this loader: seed was {resume.seed} "
                              f"when it was saved, and is {self._epochs.seed} now")
         resume.plan(self._source.length, self.shuffle, self.shard)  # fits this shard?
@@ -484,7 +465,7 @@ class MPLoader:
         Imports TensorFlow (only here).  Without ``output_signature`` it runs
         fn once on source index 0 to infer it.
         """
-        from .tf_adapter import make_dataset
+        from .tf.adapter import make_dataset
         return make_dataset(self)
 
     # -- state -------------------------------------------------------------------------
@@ -510,7 +491,7 @@ class MPLoader:
         and ``others``: the other recipes found beside the entries, most
         recently used first, each with its ``differences`` from this one
         ("prepare's code changed in mymod:helper", "numpy 1.26.4 -> 2.1.0").
-        For ``cache="memory"``: no key or recipe (see cache.py); None without
+        For ``cache="memory"``: no key or recipe (see cache/index.py); None without
         a cache."""
         return self._cache.info() if self._cache is not None else None
 
@@ -550,7 +531,7 @@ class MPLoader:
         """
         with self._lock:  # no pass can start a pool while this one closes
             self._closed = True
-            _close_pool(self._box, self._close_timeout if timeout is None else timeout,
+            _close_pool(self._box, self.config.close_timeout if timeout is None else timeout,
                         self._cache)
 
     def __enter__(self) -> "MPLoader":

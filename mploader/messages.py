@@ -28,6 +28,8 @@ from typing import Any
 
 import cloudpickle
 
+from .errors import ItemNotPicklable
+
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER = struct.Struct("<Q")
 
@@ -43,10 +45,10 @@ class Bootstrap:
     stack_batches: bool         # True when batch_size is set (and fn yields no samples)
     samples: bool = False       # fn yields samples (a generator fn, or samples_per_item)
     samples_per_item: int | None = None  # the count every item's generator must yield
-    prepare: bytes | None = None  # cloudpickled prepare, whose results are cached (cache.py)
+    prepare: bytes | None = None  # cloudpickled prepare, whose results are cached (cache/index.py)
     cache: str | None = None    # "memory", a cache directory, or None: prepare is not cached
-    cache_trust: str = "user"   # whose entries a cache directory's worker reads (cache_stores.py)
-    cache_recipe: dict[str, Any] | None = None  # a directory's key (cache_keys.check_in_worker)
+    cache_trust: str = "user"   # whose entries a cache directory's worker reads (cache/stores.py)
+    cache_recipe: dict[str, Any] | None = None  # a directory's key (cache/keys.check_in_worker)
     padding: Any = None         # layout.Padding: batches of items whose shapes vary
     seed_given: bool = True     # False: seed was drawn, the global generators are left alone
 
@@ -68,7 +70,7 @@ class Task:
     indices: tuple[int, ...]
     items: bytes
     ends: tuple[int, ...]
-    keys: tuple[bytes, ...] = ()  # with prepare: each item's cache key (cache.py)
+    keys: tuple[bytes, ...] = ()  # with prepare: each item's cache key (cache/index.py)
     cached: tuple[Any, ...] = ()  # shared-memory cache: each item's entry place, or None
 
 
@@ -106,9 +108,9 @@ class Result:
     busy_s: float               # time the worker spent on this task
     samples: tuple[int, ...] = ()  # values per index of a generator fn; () for one each
     # with prepare: entries written to the shared-memory cache, (index, place,
-    # bytes), and the store's counts (cache_stores.py)
+    # bytes), and the store's counts (cache/stores.py)
     cached: tuple[tuple[int, Any, int], ...] = ()
-    cache: tuple[int, ...] = ()  # cache_stores._Counts.report()
+    cache: tuple[int, ...] = ()  # cache/stores._Counts.report()
 
 
 @dataclass(frozen=True)
@@ -227,14 +229,6 @@ class ItemEncoder:
 
     def finish(self) -> tuple[bytes, tuple[int, ...]]:
         return self._out.getvalue(), tuple(self._ends)
-
-
-class ItemNotPicklable(TypeError):
-    """Item ``position`` of a chunk cannot be pickled (the message says why)."""
-
-    def __init__(self, position: int, cause: Exception) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.position = position
 
 
 def decode_item(task: Task, position: int) -> Any:

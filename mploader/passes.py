@@ -42,12 +42,11 @@ from typing import Any, Callable
 
 from . import interrupts
 from .bottleneck import PassClock
-from .cache import Cache
+from .cache.index import Cache
 from .epochs import Progress
-from .errors import (MPLoaderError, WorkerDied, WorkerError, WorkerTimeout, not_the_owner,
-                     short_repr)
-from .layout import PaddingDoesNotFit
-from .messages import Failure, ItemEncoder, ItemNotPicklable, Result, Task
+from .errors import (ItemNotPicklable, MPLoaderError, PaddingDoesNotFit, PassAbandoned,
+                     WorkerDied, WorkerError, WorkerTimeout, not_the_owner, short_repr)
+from .messages import Failure, ItemEncoder, Result, Task
 from .pool import Delivered, Died, WorkerPool
 
 log = logging.getLogger("mploader")
@@ -71,7 +70,7 @@ class Chunk:
     ends: tuple[int, ...]
     steps: tuple[int, ...]        # the items' steps in the epoch (epochs.py), as indices
     dropped: tuple[int, ...] = ()  # steps of items skipped after killing workers
-    keys: tuple[bytes, ...] = ()  # with prepare: the items' cache keys (cache.py)
+    keys: tuple[bytes, ...] = ()  # with prepare: the items' cache keys (cache/index.py)
 
 
 @dataclass(frozen=True)
@@ -112,10 +111,6 @@ class Stats:
     restarts: int = 0
     handoff_calls: int = 0      # calls of TensorFlow's generator that gave elements
     handoff_elements: int = 0   # elements they gave
-
-
-class PassAbandoned(RuntimeError):
-    """The loader started a newer pass, or was closed, while this one was in use."""
 
 
 class Pass(Iterator[Any]):
@@ -173,7 +168,7 @@ class Pass(Iterator[Any]):
     def next_if_ready(self) -> Any:
         """The next value if it is here without waiting on a worker, else
         ``NOT_READY``; raises like ``next()`` (a consumer that takes several
-        values per call: tf_adapter.py)."""
+        values per call: tf/adapter.py)."""
         return self._pull(wait=False)
 
     def _pull(self, wait: bool) -> Any:

@@ -79,7 +79,7 @@ What each actor does:
   TensorFlow's injected prefetch for the same reason: a TensorFlow thread
   inside the generator when the interpreter finalizes needs the GIL, Python
   ends it, and the iterator's destructor waits for it forever; see
-  tf_adapter.py.)  A loader that is garbage collected closes its pool through
+  tf/adapter.py.)  A loader that is garbage collected closes its pool through
   ``weakref.finalize``; a pass holds its loader only weakly, so ``del loader``
   is enough.  Both are backstops.
 - The owner's death (SIGKILL, SIGTERM, a crash): each worker set
@@ -114,7 +114,7 @@ from multiprocessing import connection
 from typing import Any, Callable
 
 from . import messages, resources
-from .cache import MemoryCache
+from .cache.index import MemoryCache
 from .errors import MPLoaderError, WorkerDied, WorkerError
 from .memory_deaths import SAMPLE_EVERY_S, MemoryWatch
 from .messages import FrameReader, Ready, Result, StartFailed, Task
@@ -578,7 +578,7 @@ _open_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
 
 @atexit.register
-def _close_open_pools() -> None:
+def close_open_pools() -> None:
     """Backstop for loaders still open at interpreter exit (NOTE [Shutdown])."""
     for pool in list(_open_pools):
         pool.close()

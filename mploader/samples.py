@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .layout import UnsupportedResult, map_nest, path_text
+from .errors import UnsupportedResult
+from .layout import map_nest, path_text
 
 
 def stack(samples: list[Any], indices: list[int | None]) -> Any:

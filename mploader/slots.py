@@ -60,7 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from .layout import UnsupportedResult, Write, copy_writes, unpack
+from .errors import UnsupportedResult
+from .layout import Write, copy_writes, unpack
 
 PAGE_BYTES = mmap.PAGESIZE
 HEADER_BYTES = PAGE_BYTES

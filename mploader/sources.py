@@ -67,6 +67,11 @@ class Source:
         return iter(source)
 
     @property
+    def kind(self) -> str:
+        """The source's type name, for messages."""
+        return type(self._source).__name__
+
+    @property
     def indexable(self) -> bool:
         """Items can be read by source index (an int, or a sequence)."""
         return self.length is not None and not _is_tf_dataset(self._source)

@@ -37,7 +37,9 @@ def assert_resume_exact(make_loader: Callable[[int], Any], *, epochs: int = 2,
 
     Give the loader a ``seed`` when it shuffles or draws random numbers: a
     drawn seed is restored from the state for the order, but the items'
-    random numbers of a fresh loader without a seed are new.
+    random numbers of a fresh loader without a seed are new.  The loader must
+    be ``ordered=True``: with ``ordered=False`` the stream's order depends on
+    timing, so no two runs are alike element for element.
     """
     if via not in ("loop", "dataset"):
         raise ValueError(f"via must be 'loop' or 'dataset', not {via!r}")

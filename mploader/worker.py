@@ -29,9 +29,9 @@ import traceback
 from types import TracebackType
 from typing import Any, Callable
 
-from .cache_stores import DirectoryStore, ResultNotCacheable, SharedMemoryStore
-from .errors import short_repr
-from .layout import UnsupportedResult, pack_batch, pack_items
+from .cache.stores import DirectoryStore, SharedMemoryStore
+from .errors import ResultNotCacheable, UnsupportedResult, short_repr
+from .layout import pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
                        read_frame, write_frame)
 from .random_state import WorkerRandomness
@@ -94,7 +94,7 @@ class _TaskRunner:
                  store: Any = None) -> None:
         self._fn = fn
         self._prepare = prepare
-        self._store = store  # cache_stores.py: where prepare's results are kept
+        self._store = store  # cache/stores.py: where prepare's results are kept
         self._random = randomness  # random_state.py: the scopes fn and prepare run in
         self._stack = boot.stack_batches
         self._samples = boot.samples
@@ -260,7 +260,7 @@ def _serve(config: dict[str, Any]) -> int:
         init = None if boot.worker_init is None else land(boot.worker_init, boot.code_files)
         if boot.cache_recipe is not None:  # before worker_init: what it sets is its own key
             stage = "checking the cache directory's key"
-            from .cache_keys import check_in_worker  # (only a directory cache's workers pay)
+            from .cache.keys import check_in_worker  # (only a directory cache's workers pay)
             check_in_worker(prepare, init, boot.cache_recipe, boot.cache)
             stage = "worker_init"
         if init is not None:

@@ -261,7 +261,7 @@ cache, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 version = sys.argv[4] if len(sys.argv) > 4 else "1"
 
 def prepare(i):
-    # the count file from the environment: a global would be keyed (cache_keys.py),
+    # the count file from the environment: a global would be keyed (cache/keys.py),
     # and runs counting into different files would not share entries
     with open(os.environ["COUNT_FILE"], "a") as f:
         f.write(f"{i}\\n")

@@ -1,4 +1,4 @@
-"""The key of a directory cache (cache_keys.py): what prepare computes keys it, or is refused.
+"""The key of a directory cache (cache/keys.py): what prepare computes keys it, or is refused.
 
 In-process tests read the recipe (no workers).  The two-jobs test runs the
 same user program twice, as two separate processes on one directory, with an
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mploader import CacheError, MPLoader, WorkerError
-from mploader.cache_keys import Recipe, differences, origin, recipe
+from mploader.cache.keys import Recipe, differences, origin, recipe
 
 from .bounded import assert_quiet, report
 

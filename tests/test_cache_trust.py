@@ -1,4 +1,4 @@
-"""A cache directory is guarded like code (cache_stores.py): its entries are unpickled.
+"""A cache directory is guarded like code (cache/stores.py): its entries are unpickled.
 
 The tests run as root, as CI's containers do: a directory or an entry owned by
 uid 65534 (nobody) is another user's, even for root.  A planted entry makes a
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mploader import CacheError, MPLoader
-from mploader.cache_stores import DirectoryStore, untrusted
+from mploader.cache.stores import DirectoryStore, untrusted
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to chown to another user")
@@ -104,7 +104,7 @@ def test_group_trust_trusts_members_of_the_directorys_group_only():
     assert untrusted(status(0, 0, 0o600), "user", 0) is None
 
 
-# An entry in the cache's own format whose pickle makes a marker (r12 of the review)
+# An entry in the cache's own format whose pickle makes a marker
 _HEADER = struct.Struct("<8sIIQ")
 
 

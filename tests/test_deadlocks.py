@@ -13,7 +13,7 @@ from .bounded import (LIVE_WORKERS, joined, assert_no_worker_left, assert_quiet,
                       run_bounded)
 
 
-# -- finding 1: the parent blocked writing a task while the worker blocked writing its result
+# -- the parent blocked writing a task while the worker blocked writing its result
 
 
 def round_trip(script, items: str, loader: str, expected: str, within: float) -> dict:
@@ -149,7 +149,7 @@ def test_timeout_is_enforced_while_200kB_array_items_wait_for_a_stuck_worker(scr
     assert got["got"] == [0.0, 50_000.0, 100_000.0], got
 
 
-# -- finding 9: after a death the parent read the dead worker's pipe until EOF, which a
+# -- after a death the parent read the dead worker's pipe until EOF, which a
 # -- process the worker had started (and that inherited the pipe) could delay for ever
 
 
@@ -214,7 +214,7 @@ def test_worker_death_is_reported_at_once_though_its_child_holds_its_pipes(scrip
     assert got["close_s"] < 2.0, got
 
 
-# -- finding 14: close() from one thread raced a pass that started a fresh pool in another
+# -- close() from one thread raced a pass that started a fresh pool in another
 
 
 TRIALS = 16  # each trial starts two workers; the race was lost in about half of them

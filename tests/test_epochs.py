@@ -15,6 +15,7 @@ import pytest
 
 from mploader import MPLoader, item_rng
 
+from . import helpers
 from .bounded import assert_no_worker_left
 
 
@@ -370,3 +371,14 @@ def test_a_malformed_next_epoch_in_a_state_is_named():
         state["next_epoch"] = -1
         with pytest.raises(ValueError, match="next_epoch is -1"):
             loader.load_state_dict(state)
+
+
+def test_resume_is_exact_after_any_element_of_shuffled_shards_with_skips():
+    """The resume check users run (mploader.testing), on a shard of a shuffled,
+    batched source with a skipped item, restored on another worker count."""
+    from mploader.testing import assert_resume_exact
+
+    def make(workers):
+        return MPLoader(helpers.fail_on_7, 30, num_workers=workers, shuffle=True, seed=2,
+                        shard=(1, 2), batch_size=2, on_error="skip")
+    assert assert_resume_exact(make, epochs=2, every=2, workers=(2, 3)) > 8

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mploader import MPLoader
-from mploader.grouping import MAX_CHUNK_ELEMENTS, SURELY_TAKEN_AFTER_CALLS
+from mploader.tf.grouping import MAX_CHUNK_ELEMENTS, SURELY_TAKEN_AFTER_CALLS
 
 from . import helpers  # fns live there: a worker importing this module would import TensorFlow
 

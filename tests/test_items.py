@@ -17,7 +17,7 @@ from .bounded import (assert_no_worker_left, assert_quiet, joined, kill_all, rep
                       run_bounded, start_bounded)
 
 
-# -- finding 4: items of the script's own classes could not be decoded in the worker
+# -- items of the script's own classes could not be decoded in the worker
 
 
 def test_items_of_dataclasses_and_namedtuples_defined_in_the_script_reach_fn(script):
@@ -123,7 +123,7 @@ def test_item_that_cannot_be_decoded_in_the_worker_is_skipped_alone(script):
     assert_no_worker_left(s.wait_for_pids())
 
 
-# -- finding 13: on_error="skip" under dataset() when item 0 (the probe's) is bad
+# -- on_error="skip" under dataset() when item 0 (the probe's) is bad
 
 
 @pytest.mark.tf
@@ -158,7 +158,7 @@ def test_dataset_with_skip_and_a_bad_item_0_yields_the_rest_and_skips_it_once(sc
     assert_no_worker_left(s.wait_for_pids())
 
 
-# -- finding 15: once dataset() had been called, Ctrl-C ended every loader's pass, in any thread
+# -- once dataset() had been called, Ctrl-C ended every loader's pass, in any thread
 
 
 @pytest.mark.tf

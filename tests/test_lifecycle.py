@@ -36,7 +36,7 @@ def assert_clean_exit(result, pids):
 def test_normal_end_without_close_and_a_live_tf_iterator(script, run):
     """TensorFlow destroys a live iterator during interpreter finalization; if a
     TensorFlow prefetch thread is inside the generator then, it hangs the exit
-    (see tf_adapter.py).  dataset() has no such thread."""
+    (see tf/adapter.py).  dataset() has no such thread."""
     s = script("""
         import time
         import numpy as np

@@ -175,7 +175,7 @@ def assert_raised_under_skip(fn, match, **padding):
 
 
 def test_a_pad_value_that_is_not_one_scalar_is_refused_at_construction():
-    from mploader.layout import PaddingDoesNotFit
+    from mploader import PaddingDoesNotFit
     with pytest.raises(PaddingDoesNotFit, match=r"padding_values gives result\['img'\] "
                                                 r"array\(\[0, 1\]\), a ndarray: a pad value is one"):
         MPLoader(volume, 4, batch_size=2, padding_values={"img": np.array([0, 1])})
@@ -184,7 +184,7 @@ def test_a_pad_value_that_is_not_one_scalar_is_refused_at_construction():
 @pytest.mark.tf
 def test_with_output_signature_a_pad_value_of_the_wrong_kind_is_refused_at_construction():
     import tensorflow as tf
-    from mploader.layout import PaddingDoesNotFit
+    from mploader import PaddingDoesNotFit
     signature = {"image": tf.TensorSpec((None, None, 3), tf.int16),
                  "label": tf.TensorSpec((None,), tf.int64)}
     with pytest.raises(PaddingDoesNotFit, match=r"padding value '0' of result\['image'\] does "

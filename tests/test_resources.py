@@ -22,10 +22,10 @@ needs_a_hard_limit_of = lambda n: pytest.mark.skipif(  # noqa: E731
     reason=f"the hard RLIMIT_NOFILE ({_HARD}) is below {n}")
 
 
-# -- finding 5: about 14 descriptors per worker; EMFILE half-way through start-up, leaking
+# -- about 14 descriptors per worker; EMFILE half-way through start-up, leaking
 
 
-# The finding as stated: 128 workers under the common soft limit of 1024 (about
+# The case as first met: 128 workers under the common soft limit of 1024 (about
 # 20 s here: 128 interpreters start on two cores).
 @pytest.mark.slow
 @needs_a_hard_limit_of(1024)
@@ -123,7 +123,7 @@ def test_default_num_workers_under_a_soft_limit_of_64_descriptors_constructs_and
     assert_no_worker_left(s.wait_for_pids())
 
 
-# -- finding 11: slots grown for a burst of large results stayed reserved for good
+# -- slots grown for a burst of large results stayed reserved for good
 
 
 MiB = 1 << 20
@@ -163,7 +163,7 @@ def test_shared_memory_shrinks_back_after_a_burst_of_32MiB_results(script):
     assert_no_worker_left(s.wait_for_pids())
 
 
-# -- finding 10: a reference cycle between a loader and its pass kept the workers alive
+# -- a reference cycle between a loader and its pass kept the workers alive
 # -- until the garbage collector ran (never, with gc disabled)
 
 
@@ -206,7 +206,7 @@ def test_del_loader_with_gc_disabled_stops_its_workers(script, passes):
     assert_no_worker_left(got["pids"])
 
 
-# -- finding 12: a forked child drove the parent's workers
+# -- a forked child drove the parent's workers
 
 
 FORK_CHILD = """

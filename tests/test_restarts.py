@@ -13,7 +13,7 @@ import pytest
 from .bounded import assert_no_worker_left, assert_quiet, report, run_bounded
 
 
-# -- finding 2: a restart crashed when the dead worker had already sent results
+# -- a restart crashed when the dead worker had already sent results
 
 
 def test_restart_after_a_death_with_results_already_sent_yields_every_item_in_order(script):
@@ -51,7 +51,7 @@ def test_restart_after_a_death_with_results_already_sent_yields_every_item_in_or
     assert_no_worker_left(s.wait_for_pids())
 
 
-# -- finding 3: after worker_init failed, the second pass hung
+# -- after worker_init failed, the second pass hung
 
 
 def test_second_pass_after_worker_init_failed_raises_worker_error_again_not_a_hang(script):
@@ -94,7 +94,7 @@ def test_second_pass_after_worker_init_failed_raises_worker_error_again_not_a_ha
     assert got["close_s"] < 2.0 and got["pids_after_close"] == [], got
 
 
-# -- finding 6: the per-item timeout counted the worker's start-up (worker_init)
+# -- the per-item timeout counted the worker's start-up (worker_init)
 
 
 @pytest.mark.slow  # version-independent, over 2 s: the main Python only
@@ -127,7 +127,7 @@ def test_slow_worker_init_does_not_count_against_the_item_timeout(script, on_wor
     assert_no_worker_left(s.wait_for_pids())
 
 
-# -- finding 7: with tiny items sent many per task, the timeout was multiplied by the task size
+# -- with tiny items sent many per task, the timeout was multiplied by the task size
 
 
 def test_timeout_on_one_tiny_item_fires_within_seconds_and_names_that_item(script):
@@ -165,7 +165,7 @@ def test_timeout_on_one_tiny_item_fires_within_seconds_and_names_that_item(scrip
     assert got["prefix"] and got["count"] <= 500, got
 
 
-# -- finding 8: with tiny items sent many per task, a restart blamed the wrong item
+# -- with tiny items sent many per task, a restart blamed the wrong item
 
 
 def test_item_that_kills_every_worker_is_named_alone_after_restarts(script):

@@ -9,7 +9,7 @@ copy-on-write copy, so its memory grows with ``num_workers``):
 - ``cache="memory"``: ONE anonymous memory file per loader (``memfd``, so
   nothing in ``/dev/shm``; the kernel frees it with the loader and its
   workers), made here and inherited by every worker, which maps it
-  read-only and appends new entries to it (cache_stores.py: a shared free
+  read-only and appends new entries to it (stores.py: a shared free
   offset under an ``fcntl`` lock, so the whole budget serves any worker).
   The parent keeps the index, key -> where the entry's parts are, and sends
   an entry's place with every task that reads it; it never maps the file.
@@ -17,7 +17,7 @@ copy-on-write copy, so its memory grows with ``num_workers``):
   death, or a pool restarted after Ctrl-C, reads the entries already there.
   An entry whose writer died before reporting it is never indexed: its
   bytes stay unused (bounded by deaths times one entry).
-- a directory: files written by the workers themselves (cache_stores.py),
+- a directory: files written by the workers themselves (stores.py),
   found by key; no index here, only the counts the workers report.
 
 The key of an item is a hash of the item's plain pickle (the same bytes in
@@ -32,7 +32,7 @@ more right.
 
 For a directory, which later runs and other jobs share, the salt is the
 digest of a recipe of everything that determines prepare's results
-(cache_keys.py), so that a change of any of it misses, never serves old
+(keys.py), so that a change of any of it misses, never serves old
 results:
 
 - the code of prepare (bytecode, names, constants, nested code; not its file
@@ -84,9 +84,9 @@ import resource
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .cache_keys import Recipe, differences, recipe
-from .cache_stores import HEADER_BYTES, MODES, Place, open_directory
-from .messages import PLAIN_TYPES, Result
+from .keys import Recipe, differences, recipe
+from .stores import HEADER_BYTES, MODES, Place, open_directory
+from ..messages import PLAIN_TYPES, Result
 
 log = logging.getLogger("mploader")
 

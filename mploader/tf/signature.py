@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .layout import path_text
+from ..errors import SignatureMismatch
+from ..layout import path_text
 
 _STRING_KINDS = "OSU"
 
@@ -41,10 +42,6 @@ class Leaf:
         if self.shape is None:
             return f"{dtype} of any shape"
         return f"{dtype} of shape {tuple(self.shape)}"
-
-
-class SignatureMismatch(TypeError):
-    """An element does not match the dataset's signature (see the module docstring)."""
 
 
 def _fits_scalar(value: Any, leaf: Leaf) -> bool:

@@ -3,8 +3,8 @@
 A directory cache outlives the run that filled it and is shared by other jobs,
 so its key must change whenever what ``prepare`` computes can change.
 :func:`recipe` walks what prepare reaches and fingerprints each part (the list
-is in cache.py's docstring); the recipe's JSON form, hashed, is the salt of
-every item's key (cache.py), and is kept beside the entries so that
+is in index.py's docstring); the recipe's JSON form, hashed, is the salt of
+every item's key (index.py), and is kept beside the entries so that
 :func:`differences` can say why a later run missed.
 
 The walk is one pickle per site (a default, a closure value, a global...),
@@ -44,8 +44,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .errors import CacheError
-from .shipping import nested_codes
+from ..errors import CacheError
+from ..shipping import nested_codes
 
 FORMAT = 1  # of the recipe: a change of what goes into it changes every key
 PREPARE = "(prepare)"  # the values entry of prepare itself: a bound object, partial arguments
@@ -102,7 +102,7 @@ class Recipe:
             raise ValueError(f"a damaged recipe: {exc}") from None
 
     def salt(self) -> bytes:
-        """The digest of the recipe, as every item's key takes it (cache.py)."""
+        """The digest of the recipe, as every item's key takes it (index.py)."""
         text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.blake2b(text.encode(), digest_size=16, person=b"mploader-recipe").digest()
 

@@ -15,7 +15,7 @@ A result that did not fit is handed over the same way, read-only, so the
 error comes on every item, not only on cached ones.
 
 - :class:`SharedMemoryStore` (``cache="memory"``): the loader's cache file
-  (cache.py), mapped read-only.  New entries are written with ``pwrite`` at
+  (index.py), mapped read-only.  New entries are written with ``pwrite`` at
   an offset taken from the file's header page under an ``fcntl`` lock (held
   for two small reads and writes; the kernel drops it if its holder dies), so
   the budget is shared by all workers and no two entries overlap.  A hit
@@ -63,8 +63,8 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import CacheError
-from .messages import Task
+from ..errors import CacheError, ResultNotCacheable
+from ..messages import Task
 
 ALIGN = 64
 HEADER_BYTES = mmap.PAGESIZE  # of the shared-memory cache file: the next free offset
@@ -72,10 +72,6 @@ _NEXT = struct.Struct("<Q")
 
 # Where an entry's parts are: (pickle start, pickle length, ((start, length), ...) of buffers)
 Place = tuple[int, int, tuple[tuple[int, int], ...]]
-
-
-class ResultNotCacheable(TypeError):
-    """prepare returned something that cannot be pickled (so cannot be cached)."""
 
 
 def _aligned(n: int) -> int:
@@ -152,7 +148,7 @@ class _Counts:
 
 
 class SharedMemoryStore(_Counts):
-    """This worker's view of the loader's shared-memory cache (cache.py)."""
+    """This worker's view of the loader's shared-memory cache (index.py)."""
 
     def __init__(self, fd: int, size: int) -> None:
         super().__init__()

@@ -18,13 +18,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import pool as pool_module
+from .. import pool as pool_module
+from ..errors import MPLoaderError, PassAbandoned, SignatureMismatch
+from ..layout import Padding, map_nest, path_text
+from ..passes import NOT_READY
 from .grouping import (PASS_TAGS, SURELY_TAKEN_AFTER_CALLS, TAG_SHIFT, Deferred,
                        chunk_elements, stack)
-from .passes import NOT_READY, PassAbandoned
-from .layout import Padding, map_nest, path_text
-from .errors import MPLoaderError
-from .signature import Leaf, SignatureCheck, SignatureMismatch
+from .signature import Leaf, SignatureCheck
 
 
 def _spec(value: Any, path: tuple, batch_dim: int | None, batched: bool,
@@ -48,9 +48,9 @@ def infer_signature(loader: Any) -> tuple[Any, str]:
     only when every batch is full (``drop_remainder`` and ``on_error="raise"``).
     """
     batched = loader.batch_size is not None
-    full = loader.drop_remainder and loader._options.on_error == "raise"
+    full = loader.drop_remainder and loader.config.on_error == "raise"
     batch_dim = loader.batch_size if full else None
-    index, result = loader._first_result()
+    index, result = loader.pipeline.first_result()
     _check_keys(result, ())
     origin = ("inferred from fn's result on " +
               (f"the batch starting at source index {index}" if batched else f"source index {index}"))
@@ -125,10 +125,10 @@ class _Stream:
             return
         if self.short is not None:
             raise RuntimeError(self.short)
-        rest = self.loader._pending_elements()  # a restored epoch: its rest only
+        rest = self.loader.pipeline.pending_elements()  # a restored epoch: its rest only
         expected = self.expected if rest is None or self.expected is None else rest
-        one_pass = self.loader._iterate(route_interrupts=True)
-        stats = self.loader._stats
+        one_pass = self.loader.pipeline.start_pass()
+        stats = self.loader.pipeline.stats
         count = 0
         try:
             if self.read_tag is None:
@@ -260,7 +260,7 @@ def _let_tensorflow_threads_out() -> None:
     """
     global _exiting
     _exiting = True
-    pool_module._close_open_pools()
+    pool_module.close_open_pools()
     deadline = time.monotonic() + _EXIT_WAIT_S
     quiet_since = time.monotonic()
     me = threading.get_ident()
@@ -284,7 +284,7 @@ def _in_py_func(frame: Any) -> bool:
 def make_dataset(loader: Any) -> Any:
     import tensorflow as tf
 
-    from . import interrupts
+    from .. import interrupts
     interrupts.install()
     global _exit_hook_registered
     if not _exit_hook_registered:  # after TensorFlow's import: runs before its hooks
@@ -298,7 +298,7 @@ def make_dataset(loader: Any) -> Any:
         count: int | None = len(loader)
     except TypeError:
         count = None
-    if loader._options.on_error != "raise":
+    if loader.config.on_error != "raise":
         count = None  # skips make a pass shorter than len()
     leaves = _leaves(signature)
     check = SignatureCheck(leaves, origin)

@@ -1,4 +1,4 @@
-"""Several small elements per call of TensorFlow's generator (see tf_adapter.py).
+"""Several small elements per call of TensorFlow's generator (see adapter.py).
 
 ``tf.data.Dataset.from_generator`` calls Python once per element, and that
 call (the GIL, the py_func machinery, one tensor per leaf) costs more than
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .layout import map_nest
+from ..layout import map_nest
 from .signature import Leaf
 
 MAX_ELEMENT_BYTES = 64 << 10  # larger elements: one per call
