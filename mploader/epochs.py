@@ -242,17 +242,21 @@ class Epochs:
         self._progress: Progress | None = None  # of the newest pass
         self._running: Callable[[], bool] = lambda: False  # is the newest pass going on?
         self._trained: int | None = None   # Keras: the highest epoch a pass ran since fit began
+        self._again: int | None = None     # set_epoch(e) while a pass of e was under way
 
     def plan(self, n: int | None, shuffle: bool, shard: tuple[int, int]) -> Plan:
         """What the next pass reads: the rest of a restored epoch, or a whole one."""
         if self.resume is not None:
             return self.resume.plan(n, shuffle, shard)
-        return Plan(n, self._next, shuffle, self.seed, *shard)
+        epoch = self._next
+        if self._again is not None and self._progress is not None and not self._progress.done():
+            epoch = self._again  # that pass was left unfinished: epoch e from its start
+        return Plan(n, epoch, shuffle, self.seed, *shard)
 
     def begin(self, plan: Plan, progress: Progress, running: Callable[[], bool]) -> None:
         """The pass of ``plan`` starts; ``running()`` says whether it goes on."""
         then = self.resume.then if self.resume is not None else None
-        self.resume = None
+        self.resume, self._again = None, None
         self._next = plan.epoch + 1 if then is None else then
         self._progress, self._running = progress, running
         if self._trained is not None:
@@ -267,9 +271,14 @@ class Epochs:
 
     def set_epoch(self, epoch: int) -> None:
         """The next pass runs ``epoch`` from its start, unless a restored state
-        starts inside it.  While a pass of ``epoch`` is under way, that is the
-        epoch ``epoch``: nothing changes (the next pass is ``epoch + 1``)."""
+        starts inside it.  While a pass of ``epoch`` is under way, which of two
+        things the caller means shows only later: if that pass runs to its end,
+        it was epoch ``epoch`` (a callback announcing the epoch it is in), and
+        the next pass is ``epoch + 1``; if a new pass starts before it ends (a
+        peek, a ``break``), the next pass is ``epoch`` from its start."""
+        self._again = None
         if epoch == self.running_epoch():
+            self._again = epoch
             return
         if self.resume is not None:
             if self.resume.epoch == epoch:

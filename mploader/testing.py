@@ -30,7 +30,10 @@ def assert_resume_exact(make_loader: Callable[[int], Any], *, epochs: int = 2,
     ``make_loader(num_workers)`` builds a fresh loader (an ``MPLoader``) each
     time: the uninterrupted run and each interrupted one use
     ``workers[0]`` workers, the resumed ones ``workers[1]``.  ``epochs``
-    passes are compared.  ``via``: ``"loop"`` (``for x in loader``) or
+    passes are interrupted, and the stream is compared up to the end of the
+    pass after them.  ``every=1`` interrupts after every element; a larger
+    value skips some (one that is a multiple of ``samples_per_item`` never
+    interrupts an item part-way through its samples).  ``via``: ``"loop"`` (``for x in loader``) or
     ``"dataset"`` (``loader.dataset()``, TensorFlow).  Raises
     ``AssertionError`` naming the first element that differs: the epoch, its
     position in the epoch, the interruption, and both values.
@@ -45,10 +48,10 @@ def assert_resume_exact(make_loader: Callable[[int], Any], *, epochs: int = 2,
         raise ValueError(f"via must be 'loop' or 'dataset', not {via!r}")
     if not (isinstance(every, int) and every >= 1 and isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"every and epochs must be ints >= 1, not {every!r} and {epochs!r}")
-    with make_loader(workers[0]) as loader:
-        expected = [_digests(_pass(loader, via)) for _ in range(epochs)]
+    with make_loader(workers[0]) as loader:  # one epoch more: what follows the last cut
+        expected = [_digests(_pass(loader, via)) for _ in range(epochs + 1)]
     checked = 0
-    for epoch, stream in enumerate(expected):
+    for epoch, stream in enumerate(expected[:epochs]):
         cuts = sorted(set(range(0, len(stream), every)) | {len(stream)})
         for cut in cuts:
             _check_cut(make_loader, workers, via, expected, epoch, cut)

@@ -382,3 +382,19 @@ def test_resume_is_exact_after_any_element_of_shuffled_shards_with_skips():
         return MPLoader(helpers.fail_on_7, 30, num_workers=workers, shuffle=True, seed=2,
                         shard=(1, 2), batch_size=2, on_error="skip")
     assert assert_resume_exact(make, epochs=2, every=2, workers=(2, 3)) > 8
+
+
+def test_after_a_peek_or_a_break_set_epoch_runs_that_epoch_from_its_start():
+    loader = MPLoader(identity, 10, num_workers=1, shuffle=True, seed=5)
+    next(iter(loader))                     # a peek, e.g. to build a model
+    orders = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        orders.append(list(loader))
+    for _ in loader:
+        break
+    loader.set_epoch(1)
+    again = list(loader)
+    assert [r["epoch"] for r in loader.stats()["epochs"]][1:] == [0, 1, 2, 3, 1]
+    assert again == orders[1] and len({tuple(o) for o in orders}) == 3
+    loader.close()

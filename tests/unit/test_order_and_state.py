@@ -120,7 +120,8 @@ class Running:
 def begin(epochs, n=10):
     plan = epochs.plan(n, True, (0, 1))
     running = Running()
-    epochs.begin(plan, Progress(plan), running)
+    running.progress = Progress(plan)
+    epochs.begin(plan, running.progress, running)
     return plan.epoch, running
 
 
@@ -134,11 +135,12 @@ def test_set_epoch_during_a_pass_names_the_next_pass_and_keeps_the_state():
     assert begin(epochs)[0] == 4
 
 
-def test_set_epoch_of_the_running_pass_changes_nothing():
+def test_set_epoch_of_the_running_pass_changes_nothing_once_it_runs_to_its_end():
     epochs = Epochs(seed=1)
     begin(epochs)
     epoch, running = begin(epochs)        # epoch 1 under way
-    epochs.set_epoch(1)
+    epochs.set_epoch(1)                   # a callback announcing the epoch it is in
+    running.progress.handed(tuple(range(10)))
     running.on = False
     assert (epoch, begin(epochs)[0]) == (1, 2)
 
@@ -174,3 +176,18 @@ def test_a_restored_state_inside_the_announced_epoch_stays():
     epochs.follow(3)
     plan = epochs.plan(10, True, (0, 1))
     assert (plan.epoch, plan.base) == (3, 4)
+
+
+def test_set_epoch_of_a_pass_left_unfinished_runs_that_epoch_from_its_start():
+    """A peek (next(iter(loader))) or a break, then the usual loop of set_epoch."""
+    epochs = Epochs(seed=1)
+    _, peek = begin(epochs)               # epoch 0: one element taken, then left
+    epochs.set_epoch(0)
+    assert begin(epochs)[0] == 0
+
+
+def test_keras_after_a_peek_still_trains_epoch_0_from_its_start():
+    epochs = Epochs(seed=1)
+    begin(epochs)                         # next(iter(loader.dataset())) before fit
+    epochs.follow(0)
+    assert begin(epochs)[0] == 0
