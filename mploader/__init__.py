@@ -5,10 +5,12 @@
 
 Where things live, by side (each module's docstring says why it is so):
 
-    loader.py          the public MPLoader: options, passes, state, lifecycle
+    loader.py          the public MPLoader: options and the public API
+    config.py          the options, checked once and frozen
     errors.py          every public exception, under MPLoaderError
     testing.py         assert_resume_exact, the resume check users run
   the parent's pipeline
+    pipeline.py        a loader's pool, passes, epoch state and counters (the lock rule)
     sources.py         reading the source (sequence, int, iterable, tf.data) in passes
     epochs.py          the order of an epoch (shuffle), its shards, the resume state,
                        and Epochs, the one owner of the epoch's state
