@@ -28,11 +28,12 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .errors import PaddingDoesNotFit, UnsupportedResult
+from .nest import at, map_nest, path_text
 
 ALIGN_BYTES = 64  # TensorFlow's EIGEN_MAX_ALIGN_BYTES: aligned arrays are used in place
 _SCALARS = (bool, int, float, np.bool_, np.number)
@@ -100,10 +101,10 @@ class Padding:
 
     def value_at(self, path: tuple) -> Any:
         """The pad value of a leaf; None: its dtype's zero ('' for strings)."""
-        return _at(self.values, path)
+        return at(self.values, path)
 
     def shape_at(self, path: tuple, rank: int) -> tuple[Any, ...]:
-        shape = _at(self.shapes, path)
+        shape = at(self.shapes, path)
         if shape is None:
             return (None,) * rank
         if not isinstance(shape, (tuple, list)):
@@ -143,32 +144,6 @@ def _check_nest(nest: Any, result: Any, what: str, path: tuple = ()) -> None:
     elif path and nest is not None and not isinstance(result, (np.ndarray, dict, tuple, list)):
         raise PaddingDoesNotFit(f"{what} names {path_text(path)}, where the result has a "
                                 f"{type(result).__name__}: only array leaves are padded")
-
-
-def _at(nest: Any, path: tuple) -> Any:
-    """The part of ``nest`` at ``path``; a leaf (or None) stands for all below it."""
-    for key in path:
-        if isinstance(nest, dict):
-            nest = nest.get(key)
-        elif isinstance(nest, (tuple, list)):
-            nest = nest[key] if key < len(nest) else None
-        else:
-            return nest
-    return nest
-
-
-def path_text(path: tuple) -> str:
-    """'result[0]["image"]' for the path (0, "image")."""
-    return "result" + "".join(f"[{key!r}]" for key in path)
-
-
-def map_nest(fn: Callable[[Any, tuple], Any], value: Any, path: tuple = ()) -> Any:
-    """Apply fn(leaf, path) to every leaf; tuples and lists come back as tuples."""
-    if isinstance(value, (tuple, list)):
-        return tuple(map_nest(fn, v, path + (i,)) for i, v in enumerate(value))
-    if isinstance(value, dict):
-        return {k: map_nest(fn, v, path + (k,)) for k, v in value.items()}
-    return fn(value, path)
 
 
 def _aligned(offset: int) -> int:

@@ -18,19 +18,19 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsupportedResult
-from .layout import map_nest, path_text
+from .nest import leaves, map_nest, path_text
 
 
 def stack(samples: list[Any], indices: list[int | None]) -> Any:
     """The samples' nests stacked leaf by leaf along a new first axis."""
-    flat = [_leaves(sample) for sample in samples]
+    flat = [leaves(sample) for sample in samples]
     paths = [path for path, _ in flat[0]]
-    for leaves, index in zip(flat[1:], indices[1:]):
-        if [path for path, _ in leaves] != paths:
+    for found, index in zip(flat[1:], indices[1:]):
+        if [path for path, _ in found] != paths:
             raise UnsupportedResult(
                 f"cannot batch: a sample of source index {index} has another structure "
                 f"than the batch's first sample (of source index {indices[0]})")
-    columns = iter([_column([leaves[i][1] for leaves in flat], paths[i], indices)
+    columns = iter([_column([found[i][1] for found in flat], paths[i], indices)
                     for i in range(len(paths))])
     return map_nest(lambda _v, _p: next(columns), samples[0])
 
@@ -47,12 +47,6 @@ def _column(values: list[Any], path: tuple, indices: list[int | None]) -> np.nda
                 f"of source index {index} a {type(value).__name__}; give every sample "
                 "the same type (mploader does not cast)")
     return np.array(values, dtype=object if isinstance(values[0], (str, bytes)) else None)
-
-
-def _leaves(value: Any) -> list[tuple[tuple, Any]]:
-    found: list[tuple[tuple, Any]] = []
-    map_nest(lambda v, path: found.append((path, v)), value)
-    return found
 
 
 def _stack_arrays(arrays: list[np.ndarray], path: tuple, indices: list[int | None]) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import map_nest
+from .nest import map_nest
 
 __all__ = ["assert_resume_exact"]
 

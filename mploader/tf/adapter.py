@@ -20,7 +20,8 @@ import numpy as np
 
 from .. import pool as pool_module
 from ..errors import MPLoaderError, PassAbandoned, SignatureMismatch
-from ..layout import Padding, map_nest, path_text
+from ..layout import Padding
+from ..nest import map_nest, path_text
 from ..passes import NOT_READY
 from .grouping import (PASS_TAGS, SURELY_TAKEN_AFTER_CALLS, TAG_SHIFT, Deferred,
                        chunk_elements, stack)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..layout import map_nest
+from ..nest import map_nest
 from .signature import Leaf
 
 MAX_ELEMENT_BYTES = 64 << 10  # larger elements: one per call

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SignatureMismatch
-from ..layout import path_text
+from ..nest import path_text
 
 _STRING_KINDS = "OSU"
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mploader.errors import PaddingDoesNotFit, UnsupportedResult
-from mploader.layout import Padding, map_nest, pack_batch, pack_items, path_text, unpack
+from mploader.layout import Padding, pack_batch, pack_items, unpack
+from mploader.nest import map_nest, path_text
 
 
 def batch(results, padding=None):

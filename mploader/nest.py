@@ -1,0 +1,43 @@
+"""Walking a result nest: tuples, lists and dicts of leaves.
+
+One module for what every side does to a nest (the workers lay results out,
+the parent batches samples, the adapter builds and checks a signature): a
+path names a leaf (``(0, "image")``, said ``result[0]['image']`` in errors),
+and lists are read as tuples, the only sequence type ``tf.data`` accepts.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def at(nest: Any, path: tuple) -> Any:
+    """The part of ``nest`` at ``path``; a leaf (or None) stands for all below it."""
+    for key in path:
+        if isinstance(nest, dict):
+            nest = nest.get(key)
+        elif isinstance(nest, (tuple, list)):
+            nest = nest[key] if key < len(nest) else None
+        else:
+            return nest
+    return nest
+
+
+def path_text(path: tuple) -> str:
+    """'result[0]["image"]' for the path (0, "image")."""
+    return "result" + "".join(f"[{key!r}]" for key in path)
+
+
+def map_nest(fn: Callable[[Any, tuple], Any], value: Any, path: tuple = ()) -> Any:
+    """Apply fn(leaf, path) to every leaf; tuples and lists come back as tuples."""
+    if isinstance(value, (tuple, list)):
+        return tuple(map_nest(fn, v, path + (i,)) for i, v in enumerate(value))
+    if isinstance(value, dict):
+        return {k: map_nest(fn, v, path + (k,)) for k, v in value.items()}
+    return fn(value, path)
+
+
+def leaves(value: Any) -> list[tuple[tuple, Any]]:
+    """(path, leaf) of every leaf, in the nest's order."""
+    found: list[tuple[tuple, Any]] = []
+    map_nest(lambda leaf, path: found.append((path, leaf)), value)
+    return found
