@@ -113,6 +113,89 @@ class Stats:
     handoff_elements: int = 0   # elements they gave
 
 
+class Feed:
+    """The pass's items, cut into chunks (tasks), in the epoch's order.
+
+    Unbatched chunks are sized so that one task carries about _TARGET_TASK_S
+    of work (see the module docstring); a chunk lost with a dead worker goes
+    to ``retry`` and is sent again first.  An error of the user's source is
+    kept (``error``) and raised by the pass once the items before it are out.
+    """
+
+    def __init__(self, items: Iterator[tuple[int, int, Any]], options: Options,
+                 cache: Cache | None) -> None:
+        self._items = items           # (step, source index, item), in the epoch's order
+        self._opt = options
+        self._cache = cache
+        self._chunk_items = options.batch_size if options.stacked else 1  # grows if tiny
+        # Moving averages of worker time and bytes per item; the time starts
+        # high, so chunks grow only after several quick items in a row.
+        self._item_s = 4 * _TARGET_TASK_S
+        self._item_bytes = 0.0
+        self.next_task = 0                   # seq of the next new task
+        self.retry: deque[Chunk] = deque()   # chunks to run again, after a death
+        self._source_done = False
+        self.error: Exception | None = None  # raised once the items before it are out
+
+    @property
+    def done(self) -> bool:
+        """Every chunk was made and none waits to be sent again."""
+        return self._source_done and not self.retry
+
+    def next_chunk(self) -> Chunk | None:
+        if self.retry:
+            return self.retry.popleft()
+        if self._source_done:
+            return None
+        read: list[tuple[int, int, Any]] = []
+        try:  # item by item, so the items read before a failing one are kept
+            for entry in itertools.islice(self._items, self._chunk_items):
+                read.append(entry)
+        except Exception as exc:  # the user's source raised: at its position, later
+            self.error = exc
+            self._source_done = True
+        items = [item for _, _, item in read]
+        encoder = ItemEncoder()
+        try:  # a batch is batch_size items, whatever their bytes
+            taken = encoder.add(items, math.inf if self._opt.stacked else _MAX_TASK_BYTES)
+        except ItemNotPicklable as exc:
+            raise TypeError(f"source index {read[exc.position][1]} cannot be "
+                            f"pickled to send to a worker: {exc}") from exc
+        if taken < len(read):  # enough bytes for one task: the rest go in the next
+            self._items = itertools.chain(read[taken:], self._items)
+            read = read[:taken]
+        elif len(read) < self._chunk_items:
+            self._source_done = True  # (also after a source error: see above)
+        if not read or (self._opt.stacked and self._opt.drop_remainder
+                        and len(read) < self._opt.batch_size):
+            self._source_done = True
+            return None
+        self.next_task += 1
+        encoded, ends = encoder.finish()
+        return Chunk(self.next_task - 1, tuple(index for _, index, _ in read),
+                     tuple(items[:len(read)]), encoded, ends,
+                     steps=tuple(step for step, _, _ in read),
+                     keys=(self._cache.keys(tuple(items[:len(read)]), encoded, ends)
+                           if self._cache is not None else ()))
+
+    def learn(self, delivered: Delivered) -> None:
+        """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
+
+        Moving averages per item, so one quick item among slow ones does not
+        make a chunk of slow items.  Bytes count the arrays and the message
+        (strings and bytes travel in it).
+        """
+        result = delivered.result
+        count = max(1, len(result.indices) + len(result.failures))
+        self._item_s += _LEARN_RATE * (result.busy_s / count - self._item_s)
+        per_item = (result.nbytes + delivered.wire_bytes) / count
+        self._item_bytes += _LEARN_RATE * (per_item - self._item_bytes)
+        if self._item_bytes > _SMALL_RESULT_BYTES or self._item_s <= 0:
+            self._chunk_items = 1
+        else:
+            self._chunk_items = max(1, min(_MAX_CHUNK_ITEMS, math.ceil(_TARGET_TASK_S / self._item_s)))
+
+
 class Pass(Iterator[Any]):
     """Iterator over one pass; see the module docstring."""
 
@@ -124,7 +207,7 @@ class Pass(Iterator[Any]):
         self._pool = pool
         self.clock = clock            # where its time goes (bottleneck.py); None: a probe
         self._cache = cache
-        self._items = items           # (step, source index, item), in the epoch's order
+        self._feed = Feed(items, options, cache)  # the epoch's items, cut into chunks
         self.progress = progress      # None: a probe, which hands out nothing for good
         self._pass_id = pass_id
         self._epoch = epoch
@@ -134,13 +217,6 @@ class Pass(Iterator[Any]):
         self._discard_pool = weakref.WeakMethod(discard_pool)  # see the module docstring
         self._route_interrupts = route_interrupts
         self._window = 2 * options.prefetch * max(1, len(pool.workers))
-        self._chunk_items = options.batch_size if options.stacked else 1  # grows if tiny
-        # Moving averages of worker time and bytes per item; the time starts
-        # high, so chunks grow only after several quick items in a row.
-        self._item_s = 4 * _TARGET_TASK_S
-        self._item_bytes = 0.0
-        self._next_task = 0                   # seq of the next new task
-        self._retry: deque[Chunk] = deque()   # chunks to run again, after a death
         self._ready: dict[int, Delivered] = {}  # seq -> its result
         # (worker, source index, steps it hands out, value or Failure or _NOTHING,
         # the step of an item part-way through its samples or None), in order
@@ -149,8 +225,6 @@ class Pass(Iterator[Any]):
         self._drop_samples = dict(progress.plan.partial) if progress is not None else {}
         self.last_index: int | None = None    # source index of the last value (a batch's first)
         self._next_seq = 0                    # ordered: the seq to yield next
-        self._source_done = False
-        self._source_error: Exception | None = None  # raised once the items before it are out
         self._finished = False
         self._abandoned = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
@@ -182,7 +256,7 @@ class Pass(Iterator[Any]):
         except BaseException as exc:
             self._finished = True
             if (not isinstance(exc, (StopIteration, WorkerError, PassAbandoned))
-                    and exc is not self._source_error):
+                    and exc is not self._feed.error):
                 # A dead worker, a Ctrl-C, an error in the source: the pool's
                 # state is not trusted any more.  Stop it now; the loader
                 # starts a fresh one for its next pass.
@@ -208,11 +282,11 @@ class Pass(Iterator[Any]):
             if found is not None:
                 return found[0]
             in_flight = self._in_flight()
-            if self._source_done and not self._retry and not self._ready and not in_flight:
+            if self._feed.done and not self._ready and not in_flight:
                 for handle in self._pool.live():
                     handle.ring.shrink()  # the pass's bursts are over (see slots.py)
-                if self._source_error is not None:
-                    raise self._source_error  # at its position: every item before it is out
+                if self._feed.error is not None:
+                    raise self._feed.error  # at its position: every item before it is out
                 if self.progress is not None:
                     self._record(self.progress.end, None)
                 raise StopIteration
@@ -259,59 +333,6 @@ class Pass(Iterator[Any]):
 
     # -- dispatch --------------------------------------------------------------------
 
-    def _next_chunk(self) -> Chunk | None:
-        if self._retry:
-            return self._retry.popleft()
-        if self._source_done:
-            return None
-        read: list[tuple[int, int, Any]] = []
-        try:  # item by item, so the items read before a failing one are kept
-            for entry in itertools.islice(self._items, self._chunk_items):
-                read.append(entry)
-        except Exception as exc:  # the user's source raised: at its position, later
-            self._source_error = exc
-            self._source_done = True
-        items = [item for _, _, item in read]
-        encoder = ItemEncoder()
-        try:  # a batch is batch_size items, whatever their bytes
-            taken = encoder.add(items, math.inf if self._opt.stacked else _MAX_TASK_BYTES)
-        except ItemNotPicklable as exc:
-            raise TypeError(f"source index {read[exc.position][1]} cannot be "
-                            f"pickled to send to a worker: {exc}") from exc
-        if taken < len(read):  # enough bytes for one task: the rest go in the next
-            self._items = itertools.chain(read[taken:], self._items)
-            read = read[:taken]
-        elif len(read) < self._chunk_items:
-            self._source_done = True  # (also after a source error: see above)
-        if not read or (self._opt.stacked and self._opt.drop_remainder
-                        and len(read) < self._opt.batch_size):
-            self._source_done = True
-            return None
-        self._next_task += 1
-        encoded, ends = encoder.finish()
-        return Chunk(self._next_task - 1, tuple(index for _, index, _ in read),
-                     tuple(items[:len(read)]), encoded, ends,
-                     steps=tuple(step for step, _, _ in read),
-                     keys=(self._cache.keys(tuple(items[:len(read)]), encoded, ends)
-                           if self._cache is not None else ()))
-
-    def _learn_chunk_size(self, delivered: Delivered) -> None:
-        """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
-
-        Moving averages per item, so one quick item among slow ones does not
-        make a chunk of slow items.  Bytes count the arrays and the message
-        (strings and bytes travel in it).
-        """
-        result = delivered.result
-        count = max(1, len(result.indices) + len(result.failures))
-        self._item_s += _LEARN_RATE * (result.busy_s / count - self._item_s)
-        per_item = (result.nbytes + delivered.wire_bytes) / count
-        self._item_bytes += _LEARN_RATE * (per_item - self._item_bytes)
-        if self._item_bytes > _SMALL_RESULT_BYTES or self._item_s <= 0:
-            self._chunk_items = 1
-        else:
-            self._chunk_items = max(1, min(_MAX_CHUNK_ITEMS, math.ceil(_TARGET_TASK_S / self._item_s)))
-
     def _dispatch(self) -> None:
         """Give each worker with room one task at a time, round robin."""
         while True:
@@ -319,13 +340,13 @@ class Pass(Iterator[Any]):
             for handle in self._pool.live():
                 if len(handle.outstanding) >= self._opt.prefetch:
                     continue
-                if (self._opt.ordered and not self._retry
-                        and self._next_task >= self._next_seq + self._window):
+                if (self._opt.ordered and not self._feed.retry
+                        and self._feed.next_task >= self._next_seq + self._window):
                     return  # far enough ahead of the item the consumer waits for
                 slot = handle.ring.acquire()
                 if slot is None:
                     continue
-                chunk = self._next_chunk()
+                chunk = self._feed.next_chunk()
                 if chunk is None:
                     handle.ring.release(slot)
                     return
@@ -502,7 +523,7 @@ class Pass(Iterator[Any]):
         self._ready[key[1]] = delivered
         self._fruitless_restarts = 0
         if not self._opt.stacked:
-            self._learn_chunk_size(delivered)
+            self._feed.learn(delivered)
 
     # -- deaths and timeouts ------------------------------------------------------------
 
@@ -546,7 +567,7 @@ class Pass(Iterator[Any]):
         for chunk in sorted(lost, key=lambda c: c.seq):
             chunk = _without(chunk, doomed)
             if chunk.indices:
-                self._retry.append(chunk)
+                self._feed.retry.append(chunk)
             elif self._opt.ordered:  # every item skipped: nothing to wait for
                 self._empty[chunk.seq] = chunk.dropped
             else:
