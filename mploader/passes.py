@@ -196,6 +196,142 @@ class Feed:
             self._chunk_items = max(1, min(_MAX_CHUNK_ITEMS, math.ceil(_TARGET_TASK_S / self._item_s)))
 
 
+class Reorder:
+    """A pass's results, turned into entries in the epoch's order.
+
+    Results arrive as tasks finish, in any order; ``next_entry`` gives what
+    the consumer takes next, one entry per value, failure or step handed out:
+    with ``ordered`` the oldest task's first (a task whose every item was
+    skipped after deaths hands its steps out in its turn), else whichever
+    arrived.  Each entry says what it hands out (epochs.py), so a state saved
+    between two entries is exact.
+    """
+
+    def __init__(self, options: Options, stats: Stats, progress: Progress | None) -> None:
+        self._opt = options
+        self._stats = stats
+        self._ready: dict[int, Delivered] = {}  # seq -> its result
+        # (worker, source index, steps it hands out, value or Failure or _NOTHING,
+        # the step of an item part-way through its samples or None), in order
+        self.pending: deque[tuple[int, int | None, tuple[int, ...], Any, int | None]] = deque()
+        # Samples to drop of items begun before a resume: step -> count (epochs.py)
+        self._drop_samples = dict(progress.plan.partial) if progress is not None else {}
+        self.next_seq = 0                    # ordered: the seq to yield next
+        self._empty: dict[int, tuple[int, ...]] = {}  # seq -> steps, every item skipped
+
+    @property
+    def waiting(self) -> bool:
+        """Results arrived that are not entries yet."""
+        return bool(self._ready)
+
+    def add(self, seq: int, delivered: Delivered) -> None:
+        self._ready[seq] = delivered
+
+    def all_skipped(self, seq: int, steps: tuple[int, ...]) -> None:
+        """Task ``seq`` will give nothing: every item was dropped after deaths."""
+        self._empty[seq] = steps
+
+    def next_entry(self) -> tuple[int, int | None, tuple[int, ...], Any, int | None] | None:
+        """The next entry, or None until the result it needs arrives."""
+        while not self.pending:
+            if self._opt.ordered and self.next_seq in self._empty:
+                steps = self._empty.pop(self.next_seq)
+                self.next_seq += 1
+                return (-1, None, steps, _NOTHING, None)
+            if not self._ready:
+                return None
+            seq = self.next_seq if self._opt.ordered else next(iter(self._ready))
+            if seq not in self._ready:
+                return None
+            if self._opt.ordered:
+                self.next_seq += 1
+            self._unpack(self._ready.pop(seq))
+        return self.pending.popleft()
+
+    def drop(self) -> None:
+        """Give back the slots of results never yielded (the pass ends)."""
+        for delivered in self._ready.values():
+            delivered.handle.ring.release(delivered.result.slot)
+        self._ready.clear()
+        self.pending.clear()
+
+    def _unpack(self, delivered: Delivered) -> None:
+        """Queue a task's values and failures in the epoch's order, and free or lease its slot.
+
+        Each entry carries the steps it hands out (epochs.py): an item's own
+        step, or, for a batch, every step of the chunk (its failures, skipped,
+        come first and carry none), and the steps of items dropped after they
+        killed workers ride on an entry of their own.
+        """
+        result, chunk = delivered.result, delivered.sent
+        ring, worker_id = delivered.handle.ring, delivered.handle.worker_id
+        step_of = dict(zip(chunk.indices, chunk.steps))
+        # (sort key, index, steps handed out, outcome, step part-way or None)
+        failures = [((step_of[f.index], f.sample or 0), f.index, (step_of[f.index],),
+                     _named(f, chunk), None) for f in result.failures]
+        if result.tree is None and not self._opt.samples:
+            ring.release(result.slot)
+            values = []
+        elif result.tree is None:  # items that yielded no sample, or failed
+            ring.release(result.slot)
+            values = self._samples(result, step_of, [])
+        elif self._opt.stacked and self._short_batch_dropped(result):
+            ring.release(result.slot)
+            values = []
+            # Its skips, then its good items as skipped too; the last hands out the steps.
+            dropped = [_dropped_with_batch(index, chunk) for index in result.indices]
+            failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures] + [
+                ((math.inf, 0), f.index, chunk.steps if f is dropped[-1] else (),
+                 f, None) for f in dropped]
+        elif self._opt.stacked:  # one batch stacked by the worker; its failures first
+            batch = ring.open_result(result.slot, result.nbytes, result.tree)
+            values = [((math.inf, 0), result.indices[0], chunk.steps + chunk.dropped, batch,
+                       None)]
+            failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures]
+        elif len(result.tree) == 1 and len(result.indices) == 1 and not failures:  # views
+            step = step_of[result.indices[0]]
+            value = ring.open_result(result.slot, result.nbytes, result.tree[0])
+            values = [((step, 0), result.indices[0], (step,), value, None)]
+        else:
+            trees = ring.open_result(result.slot, result.nbytes, result.tree, copy=True)
+            values = self._samples(result, step_of, trees)
+        self._stats.items += len(result.indices)
+        outcomes = values + failures
+        if chunk.dropped and (not self._opt.stacked or not values):
+            outcomes.append(((min(chunk.dropped), 0), None, chunk.dropped, _NOTHING, None))
+        if len(outcomes) > len(values):  # values alone are in the epoch's order already
+            outcomes.sort(key=lambda entry: entry[0])
+        self.pending.extend((worker_id, *entry[1:]) for entry in outcomes)
+
+    def _short_batch_dropped(self, result: Result) -> bool:
+        """A worker batch came out short (items skipped, or dropped after they
+        killed workers): with drop_remainder=True it is dropped, never handed
+        out (a fixed batch size is what drop_remainder promises)."""
+        return self._opt.drop_remainder and len(result.indices) < (self._opt.batch_size or 0)
+
+    def _samples(self, result: Any, step_of: dict[int, int], trees: list[Any]) -> list[Any]:
+        """Entries for each value of ``result``: an item's last sample hands its
+        step out, the ones before count as samples of an item part-way; an
+        item that failed after some samples hands its step out with its failure.
+        Samples handed out before a resume are dropped."""
+        failed = {f.index for f in result.failures}
+        counts = result.samples or (1,) * len(result.indices)
+        entries, values = [], iter(trees)
+        for index, count in zip(result.indices, counts):
+            step = step_of[index]
+            drop = self._drop_samples.pop(step, 0)
+            if count == 0 and index not in failed:  # no sample: only its step is out
+                entries.append(((step, 0), index, (step,), _NOTHING, None))
+            for sample in range(count):
+                value = next(values)
+                if sample < drop:
+                    continue
+                last = sample == count - 1 and index not in failed
+                entries.append(((step, sample), index, (step,) if last else (), value,
+                                 None if last else step))
+        return entries
+
+
 class Pass(Iterator[Any]):
     """Iterator over one pass; see the module docstring."""
 
@@ -217,18 +353,11 @@ class Pass(Iterator[Any]):
         self._discard_pool = weakref.WeakMethod(discard_pool)  # see the module docstring
         self._route_interrupts = route_interrupts
         self._window = 2 * options.prefetch * max(1, len(pool.workers))
-        self._ready: dict[int, Delivered] = {}  # seq -> its result
-        # (worker, source index, steps it hands out, value or Failure or _NOTHING,
-        # the step of an item part-way through its samples or None), in order
-        self._pending: deque[tuple[int, int | None, tuple[int, ...], Any, int | None]] = deque()
-        # Samples to drop of items begun before a resume: step -> count (epochs.py)
-        self._drop_samples = dict(progress.plan.partial) if progress is not None else {}
+        self._order = Reorder(options, stats, progress)  # results, in the epoch's order
         self.last_index: int | None = None    # source index of the last value (a batch's first)
-        self._next_seq = 0                    # ordered: the seq to yield next
         self._finished = False
         self._abandoned = False
         self._strikes: dict[int, int] = {}    # source index -> workers it killed
-        self._empty: dict[int, tuple[int, ...]] = {}  # seq -> steps, every item skipped
         self._fruitless_restarts = 0          # restarts since the last result
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
         self._held: list[tuple[Callable[[Any], None], Any]] | None = None  # see hold()
@@ -282,7 +411,7 @@ class Pass(Iterator[Any]):
             if found is not None:
                 return found[0]
             in_flight = self._in_flight()
-            if self._feed.done and not self._ready and not in_flight:
+            if self._feed.done and not self._order.waiting and not in_flight:
                 for handle in self._pool.live():
                     handle.ring.shrink()  # the pass's bursts are over (see slots.py)
                 if self._feed.error is not None:
@@ -326,10 +455,7 @@ class Pass(Iterator[Any]):
         """Stop dispatching and give back the slots of results never yielded."""
         self._finished = True
         with self._pool.lock:
-            for delivered in self._ready.values():
-                delivered.handle.ring.release(delivered.result.slot)
-            self._ready.clear()
-            self._pending.clear()
+            self._order.drop()
 
     # -- dispatch --------------------------------------------------------------------
 
@@ -341,7 +467,7 @@ class Pass(Iterator[Any]):
                 if len(handle.outstanding) >= self._opt.prefetch:
                     continue
                 if (self._opt.ordered and not self._feed.retry
-                        and self._feed.next_task >= self._next_seq + self._window):
+                        and self._feed.next_task >= self._order.next_seq + self._window):
                     return  # far enough ahead of the item the consumer waits for
                 slot = handle.ring.acquire()
                 if slot is None:
@@ -369,32 +495,21 @@ class Pass(Iterator[Any]):
     def _take_ready(self) -> tuple[Any] | None:
         """(value,) for the next value to yield, or None; raises for a failed item."""
         while True:
-            if self._pending:
-                worker_id, index, steps, outcome, sampled = self._pending[0]
-                if isinstance(outcome, Failure):
-                    self._report(worker_id, outcome)  # raises, unless skipped
-                self._pending.popleft()
-                self._hand_out(steps)
-                if sampled is not None and self.progress is not None:
-                    self._record(self.progress.sampled, sampled)
-                if outcome is _NOTHING or isinstance(outcome, Failure):
-                    continue
-                self.last_index = index
-                if self.clock is not None:
-                    self.clock.handed_out()
-                return (outcome,)
-            if self._opt.ordered and self._next_seq in self._empty:
-                self._hand_out(self._empty.pop(self._next_seq))
-                self._next_seq += 1
+            entry = self._order.next_entry()
+            if entry is None:
+                return None
+            worker_id, index, steps, outcome, sampled = entry
+            if isinstance(outcome, Failure):
+                self._report(worker_id, outcome)  # raises, unless skipped
+            self._hand_out(steps)
+            if sampled is not None and self.progress is not None:
+                self._record(self.progress.sampled, sampled)
+            if outcome is _NOTHING or isinstance(outcome, Failure):
                 continue
-            if not self._ready:
-                return None
-            seq = self._next_seq if self._opt.ordered else next(iter(self._ready))
-            if seq not in self._ready:
-                return None
-            if self._opt.ordered:
-                self._next_seq += 1
-            self._unpack(self._ready.pop(seq))
+            self.last_index = index
+            if self.clock is not None:
+                self.clock.handed_out()
+            return (outcome,)
 
     def _hand_out(self, steps: tuple[int, ...]) -> None:
         if self.progress is not None and steps:
@@ -421,82 +536,6 @@ class Pass(Iterator[Any]):
         for update, arg in held if apply else ():
             update(arg)
 
-    def _unpack(self, delivered: Delivered) -> None:
-        """Queue a task's values and failures in the epoch's order, and free or lease its slot.
-
-        Each entry carries the steps it hands out (epochs.py): an item's own
-        step, or, for a batch, every step of the chunk (its failures, skipped,
-        come first and carry none), and the steps of items dropped after they
-        killed workers ride on an entry of their own.
-        """
-        result, chunk = delivered.result, delivered.sent
-        ring, worker_id = delivered.handle.ring, delivered.handle.worker_id
-        step_of = dict(zip(chunk.indices, chunk.steps))
-        # (sort key, index, steps handed out, outcome, step part-way or None)
-        failures = [((step_of[f.index], f.sample or 0), f.index, (step_of[f.index],),
-                     _named(f, chunk), None) for f in result.failures]
-        if result.tree is None and not self._opt.samples:
-            ring.release(result.slot)
-            values = []
-        elif result.tree is None:  # items that yielded no sample, or failed
-            ring.release(result.slot)
-            values = self._samples(result, step_of, [])
-        elif self._opt.stacked and self._short_batch_dropped(result):
-            ring.release(result.slot)
-            values = []
-            # Its skips, then its good items as skipped too; the last hands out the steps.
-            dropped = [_dropped_with_batch(index, chunk) for index in result.indices]
-            failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures] + [
-                ((math.inf, 0), f.index, chunk.steps if f is dropped[-1] else (),
-                 f, None) for f in dropped]
-        elif self._opt.stacked:  # one batch stacked by the worker; its failures first
-            batch = ring.open_result(result.slot, result.nbytes, result.tree)
-            values = [((math.inf, 0), result.indices[0], chunk.steps + chunk.dropped, batch,
-                       None)]
-            failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures]
-        elif len(result.tree) == 1 and len(result.indices) == 1 and not failures:  # views
-            step = step_of[result.indices[0]]
-            value = ring.open_result(result.slot, result.nbytes, result.tree[0])
-            values = [((step, 0), result.indices[0], (step,), value, None)]
-        else:
-            trees = ring.open_result(result.slot, result.nbytes, result.tree, copy=True)
-            values = self._samples(result, step_of, trees)
-        self._stats.items += len(result.indices)
-        outcomes = values + failures
-        if chunk.dropped and (not self._opt.stacked or not values):
-            outcomes.append(((min(chunk.dropped), 0), None, chunk.dropped, _NOTHING, None))
-        if len(outcomes) > len(values):  # values alone are in the epoch's order already
-            outcomes.sort(key=lambda entry: entry[0])
-        self._pending.extend((worker_id, *entry[1:]) for entry in outcomes)
-
-    def _short_batch_dropped(self, result: Result) -> bool:
-        """A worker batch came out short (items skipped, or dropped after they
-        killed workers): with drop_remainder=True it is dropped, never handed
-        out (a fixed batch size is what drop_remainder promises)."""
-        return self._opt.drop_remainder and len(result.indices) < (self._opt.batch_size or 0)
-
-    def _samples(self, result: Any, step_of: dict[int, int], trees: list[Any]) -> list[Any]:
-        """Entries for each value of ``result``: an item's last sample hands its
-        step out, the ones before count as samples of an item part-way; an
-        item that failed after some samples hands its step out with its failure.
-        Samples handed out before a resume are dropped."""
-        failed = {f.index for f in result.failures}
-        counts = result.samples or (1,) * len(result.indices)
-        entries, values = [], iter(trees)
-        for index, count in zip(result.indices, counts):
-            step = step_of[index]
-            drop = self._drop_samples.pop(step, 0)
-            if count == 0 and index not in failed:  # no sample: only its step is out
-                entries.append(((step, 0), index, (step,), _NOTHING, None))
-            for sample in range(count):
-                value = next(values)
-                if sample < drop:
-                    continue
-                last = sample == count - 1 and index not in failed
-                entries.append(((step, sample), index, (step,) if last else (), value,
-                                 None if last else step))
-        return entries
-
     def _report(self, worker_id: int, failure: Failure) -> None:
         if self._opt.on_error == "raise" or failure.exc_type == _SETTINGS_ERROR:
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
@@ -520,7 +559,7 @@ class Pass(Iterator[Any]):
         if key[0] != self._pass_id:
             delivered.handle.ring.release(delivered.result.slot)  # from an abandoned pass
             return
-        self._ready[key[1]] = delivered
+        self._order.add(key[1], delivered)
         self._fruitless_restarts = 0
         if not self._opt.stacked:
             self._feed.learn(delivered)
@@ -569,7 +608,7 @@ class Pass(Iterator[Any]):
             if chunk.indices:
                 self._feed.retry.append(chunk)
             elif self._opt.ordered:  # every item skipped: nothing to wait for
-                self._empty[chunk.seq] = chunk.dropped
+                self._order.all_skipped(chunk.seq, chunk.dropped)
             else:
                 self._hand_out(chunk.dropped)
         self._stats.restarts += 1
