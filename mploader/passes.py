@@ -357,8 +357,7 @@ class Pass(Iterator[Any]):
         self.last_index: int | None = None    # source index of the last value (a batch's first)
         self._finished = False
         self._abandoned = False
-        self._strikes: dict[int, int] = {}    # source index -> workers it killed
-        self._fruitless_restarts = 0          # restarts since the last result
+        self._recovery = Recovery(options, pool)  # what a worker's death means
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
         self._held: list[tuple[Callable[[Any], None], Any]] | None = None  # see hold()
         interrupts.forget_pending()
@@ -560,7 +559,7 @@ class Pass(Iterator[Any]):
             delivered.handle.ring.release(delivered.result.slot)  # from an abandoned pass
             return
         self._order.add(key[1], delivered)
-        self._fruitless_restarts = 0
+        self._recovery.result_arrived()
         if not self._opt.stacked:
             self._feed.learn(delivered)
 
@@ -568,41 +567,16 @@ class Pass(Iterator[Any]):
 
     def _on_death(self, died: Died) -> None:
         """Raise WorkerDied (WorkerTimeout when the pool killed it for a timeout),
-        or replace the worker and queue its items again."""
+        or replace the worker and queue its items again (Recovery decides)."""
         handle = died.handle
         lost = [sent.payload for sent in died.lost if sent.task.key[0] == self._pass_id]
-        indices = tuple(i for chunk in lost for i in chunk.indices)
-        overdue = died.overdue
-        error = (WorkerTimeout(handle.worker_id, handle.pid, overdue.index, overdue.elapsed,
-                               overdue.limit, indices) if overdue
-                 else WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
-                                 detail=died.memory))
-        self._pool.raise_if_failed()  # it died before it was ready: fatal to the pool
-        if self._opt.on_worker_death != "restart":
-            raise error
-        blamed = died.blamed if died.blamed_key and died.blamed_key[0] == self._pass_id else ()
-        doomed = set()
-        for index in blamed:
-            self._strikes[index] = self._strikes.get(index, 0) + 1
-            if self._strikes[index] >= _MAX_ITEM_STRIKES:
-                final = WorkerDied(handle.worker_id, handle.pid, died.returncode, (index,),
-                                   detail=f"source index {index} has now ended "
-                                          f"{_MAX_ITEM_STRIKES} workers, so it is not "
-                                          "retried again")
-                if self._opt.on_error != "skip":
-                    raise final from error
-                doomed.add(index)
-                chunk = next(c for c in lost if index in c.indices)
-                self._skip(Skipped(index, short_repr(chunk.items[chunk.indices.index(index)]),
-                                   handle.worker_id, "WorkerDied", str(final)))
-        self._fruitless_restarts += 1
-        if self._fruitless_restarts > 2 * len(self._pool.workers) + _MAX_ITEM_STRIKES:
-            raise WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
-                             detail="workers keep dying between items with no result "
-                                    "in between, so they are not restarted again") from error
+        error, dropped = self._recovery.judge(died, lost, self._pass_id)
+        for skipped in dropped:
+            self._skip(skipped)
         log.warning("%s; starting a new worker %d and running its items again",
                     error, handle.worker_id)
         self._pool.replace(handle)
+        doomed = {skipped.index for skipped in dropped}
         for chunk in sorted(lost, key=lambda c: c.seq):
             chunk = _without(chunk, doomed)
             if chunk.indices:
@@ -612,6 +586,62 @@ class Pass(Iterator[Any]):
             else:
                 self._hand_out(chunk.dropped)
         self._stats.restarts += 1
+
+
+class Recovery:
+    """What a worker's death means for a pass.
+
+    With ``on_worker_death="raise"`` it is the pass's end: WorkerDied (or
+    WorkerTimeout) naming the worker and the items it owed.  With
+    ``"restart"`` the worker is replaced and its items run again, except an
+    item that has ended ``_MAX_ITEM_STRIKES`` workers (raised, or dropped under
+    ``on_error="skip"``), and unless workers keep dying with no result in
+    between (then the pass ends: a restart loop would never).
+    """
+
+    def __init__(self, options: Options, pool: WorkerPool) -> None:
+        self._opt = options
+        self._pool = pool
+        self._strikes: dict[int, int] = {}  # source index -> workers it killed
+        self._fruitless = 0                 # restarts since the last result
+
+    def result_arrived(self) -> None:
+        self._fruitless = 0
+
+    def judge(self, died: Died, lost: list[Chunk], pass_id: int
+              ) -> tuple[MPLoaderError, list[Skipped]]:
+        """(the death as an error, the items to drop) when the pass goes on
+        with a new worker; raises when it cannot."""
+        handle = died.handle
+        indices = tuple(i for chunk in lost for i in chunk.indices)
+        overdue = died.overdue
+        error = (WorkerTimeout(handle.worker_id, handle.pid, overdue.index, overdue.elapsed,
+                               overdue.limit, indices) if overdue
+                 else WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
+                                 detail=died.memory))
+        self._pool.raise_if_failed()  # it died before it was ready: fatal to the pool
+        if self._opt.on_worker_death != "restart":
+            raise error
+        blamed = died.blamed if died.blamed_key and died.blamed_key[0] == pass_id else ()
+        dropped = []
+        for index in blamed:
+            self._strikes[index] = self._strikes.get(index, 0) + 1
+            if self._strikes[index] >= _MAX_ITEM_STRIKES:
+                final = WorkerDied(handle.worker_id, handle.pid, died.returncode, (index,),
+                                   detail=f"source index {index} has now ended "
+                                          f"{_MAX_ITEM_STRIKES} workers, so it is not "
+                                          "retried again")
+                if self._opt.on_error != "skip":
+                    raise final from error
+                chunk = next(c for c in lost if index in c.indices)
+                dropped.append(Skipped(index, short_repr(chunk.items[chunk.indices.index(index)]),
+                                       handle.worker_id, "WorkerDied", str(final)))
+        self._fruitless += 1
+        if self._fruitless > 2 * len(self._pool.workers) + _MAX_ITEM_STRIKES:
+            raise WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
+                             detail="workers keep dying between items with no result "
+                                    "in between, so they are not restarted again") from error
+        return error, dropped
 
 
 _forked = False  # True in a child forked from this process: only then ask for the pid
