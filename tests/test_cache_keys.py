@@ -1,9 +1,10 @@
 """The key of a directory cache (cache/keys.py): what prepare computes keys it, or is refused.
 
-In-process tests read the recipe (no workers).  The two-jobs test runs the
-same user program twice, as two separate processes on one directory, with an
-edit in between, real workers and real entries: what changed must miss, what
-did not must hit, even from another directory and another hash seed.
+In-process tests read the recipe (no workers).  The two-jobs tests run a
+user program twice, as two separate processes on one directory, with an edit
+in between, real workers and real entries: what changed must miss (prepare's
+code and values, the code that items name, a library's files), what did not
+must hit, even from another directory and another hash seed.
 """
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ import importlib
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 
 import numpy as np
 import pytest
 
 from mploader import CacheError, MPLoader, WorkerError
-from mploader.cache.keys import Recipe, differences, origin, recipe
+from mploader.cache.keys import ItemCode, Recipe, differences, origin, recipe
 
 from .bounded import assert_quiet, report
 
@@ -403,7 +406,7 @@ def test_two_jobs_on_one_directory_hit_only_what_did_not_change(tmp_path):
         "bound": ([[0, 1], [1, 2], [2, 3]], "prepare is __main__:Cropper.crop bound to a "
                   "Cropper, was __main__:Scaler.load bound to a Scaler"),
         "classes": ([[2, 2], [2, 2], [2, 2]], "prepare is __main__:Twos, was __main__:Ones"),
-        "library": ([[0, 0], [7, 7], [14, 14]], "fakelib 1.0 -> 2.0"),
+        "library": ([[0, 0], [7, 7], [14, 14]], "fakelib 1.0 (code "),  # (no metadata)
     }
     for name, (values, why) in missed.items():
         got = two[name]
@@ -441,3 +444,256 @@ def test_a_function_imported_inside_prepare_is_walked(tmp_path, monkeypatch):
     finally:
         sys.modules.pop("late_helper", None)
 
+
+
+# -- random generators, libraries without metadata --------------------------------------
+
+def test_random_generators_key_by_their_type_not_their_state():
+    """Seeded from the operating system in every process (a MONAI transform's
+    RandomState, an albumentations Compose's generators), reseeded per item
+    from the item by the workers: their state would make every run miss."""
+    def holding(generator):
+        return lambda i: generator
+    import random
+    for make_one in (np.random.RandomState, np.random.default_rng, np.random.PCG64,
+                     random.Random):
+        assert salt(holding(make_one(1))) == salt(holding(make_one(2))), make_one
+    assert len({salt(holding(np.random.RandomState(1))), salt(holding(random.Random(1))),
+                salt(holding(np.random.default_rng(1)))}) == 3, "their types key"
+    found = recipe(holding(np.random.default_rng()), None, "/cache")
+    assert "numpy" in found.libraries
+
+
+def test_a_library_without_metadata_is_keyed_by_its_files(tmp_path, monkeypatch):
+    """No distribution metadata (on PYTHONPATH, copied by hand): nothing keyed
+    an edit of it before; now its files do, never "unknown"."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "bare_lib.py").write_text("def prep(i):\n    return i * 1.0\n")
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        import bare_lib
+        assert origin("bare_lib") == "library"
+        before = recipe(lambda i: bare_lib.prep(i), None, "/cache")
+        assert before.libraries["bare_lib"].startswith("code ")
+        (site / "bare_lib.py").write_text("def prep(i):\n    return i * 7.0\n")
+        after = recipe(lambda i: bare_lib.prep(i), None, "/cache")
+        assert before.salt() != after.salt()
+        assert differences(after, before)[0].startswith("bare_lib code ")
+    finally:
+        sys.modules.pop("bare_lib", None)
+
+
+LIBRARY_TABLE = '''
+class Flip:
+    def __init__(self, targets):
+        self.table = {name: getattr(self, "apply_" + name) for name in targets}
+    def apply_image(self, x):
+        return x
+    def apply_mask(self, x):
+        return x
+'''
+
+
+def test_a_library_objects_table_of_its_methods_keys_in_any_order(tmp_path, monkeypatch):
+    """albumentations builds a transform's target -> method dict from a set:
+    in the order of string hashes, other in every process.  A library's table
+    of its own methods keys by its keys; any other dict keeps its order."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "table_lib.py").write_text(LIBRARY_TABLE)
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        import table_lib
+
+        def holding(value):
+            return lambda i: value
+        one, other = table_lib.Flip(["image", "mask"]), table_lib.Flip(["mask", "image"])
+        assert list(one.table) != list(other.table)
+        assert salt(holding(one)) == salt(holding(other))
+        assert salt(holding(one)) != salt(holding(table_lib.Flip(["image"])))
+        steps = Scaler(1)  # a user's dict of steps: its order may be the order they run in
+        assert salt(holding({"a": steps.fixed, "b": steps.__call__})) != \
+            salt(holding({"b": steps.__call__, "a": steps.fixed}))
+    finally:
+        sys.modules.pop("table_lib", None)
+
+
+# -- the code that items refer to --------------------------------------------------------
+
+class ItemCase:
+    def __init__(self, i):
+        self.i = i
+
+    def load(self):
+        return self.i
+
+
+class OtherItemCase:
+    def __init__(self, i):
+        self.i = i
+
+    def load(self):
+        return -self.i
+
+
+def item_pickle(item, version=None):
+    data, code = ItemCode(version, "/cache").pickle(item)
+    return data, list(code)
+
+
+def test_an_items_pickle_is_unchanged_and_the_code_it_names_is_fingerprinted():
+    import pathlib
+    for item in (pathlib.Path("/data/case1.nii"), {"image": "a.nii", "label": [1, 2]},
+                 (1, "x"), ItemCase(1), (3, with_default)):
+        assert item_pickle(item)[0] == pickle.dumps(item, protocol=4), item
+    assert item_pickle(pathlib.Path("/a"))[1] == [], "Python's own: Python's version keys it"
+    [case] = item_pickle(ItemCase(1))[1]
+    assert case == recipe(ItemCase, None, "/cache").salt()
+    assert item_pickle(ItemCase(2))[1] == [case] != item_pickle(OtherItemCase(1))[1]
+    assert item_pickle((3, with_default))[1] != item_pickle((3, with_other_default))[1]
+    assert item_pickle(np.arange(3))[1], "a library's: its version"
+
+
+def test_code_an_item_holds_by_value_keys_by_its_code():
+    """A lambda, a class made in a function: no name a pickle can find them by."""
+    def local_class():
+        class Local:
+            def load(self):
+                return 1
+        return Local()
+
+    lambdas = [(1, lambda i: i + 1), (1, lambda i: i + 2)]
+    first, second = (item_pickle(item) for item in lambdas)
+    assert first[0] == second[0] and first[1] != second[1]
+    assert item_pickle((1, lambda i: i + 1)) == first, "the same code: the same key"
+    assert item_pickle(local_class()) == item_pickle(local_class())
+
+
+class ItemWithALock:
+    lock = threading.Lock()
+
+
+def test_an_items_code_that_cannot_be_fingerprinted_is_refused_unless_a_version_keys_it():
+    with pytest.raises(CacheError, match=r"the class attribute `lock` of .*ItemWithALock "
+                                         r"\(a _thread.lock; reached from .*ItemWithALock, "
+                                         r"which an item refers to\).*cache_version="):
+        item_pickle(ItemWithALock())
+    assert len(item_pickle(ItemWithALock(), version=1)[1]) == 1
+
+
+ITEM_JOB = """
+import dataclasses, json, os, pathlib, sys
+sys.path.insert(0, os.environ["FAKE_SITE"])
+import numpy as np
+import bare_lib, edited_mod, kept_mod
+from mploader import MPLoader
+
+class MainCase:  # a class of __main__, the same in both jobs
+    def __init__(self, i):
+        self.i = i
+    def load(self):
+        return self.i + 5
+
+@dataclasses.dataclass
+class Spec:
+    i: int
+    def load(self):
+        return self.i * 3
+
+def load(item):
+    return item.load()
+
+def call(item):
+    i, fn = item
+    return fn(i)
+
+def name_length(path):
+    return len(path.name)
+
+def via_bare_lib(i):
+    return bare_lib.prep(i)
+
+thrice = lambda i: i * 3
+
+cases = {
+    "edited_class": (load, [edited_mod.Case(i) for i in range(3)]),
+    "edited_function": (call, [(i, edited_mod.scale) for i in range(3)]),
+    "edited_lambda": (call, [(i, edited_mod.twice) for i in range(3)]),
+    "bare_library": (via_bare_lib, range(3)),
+    "bare_library_in_items": (call, [(i, bare_lib.prep) for i in range(3)]),
+    "kept_class": (load, [kept_mod.Case(i) for i in range(3)]),
+    "kept_function": (call, [(i, kept_mod.scale) for i in range(3)]),
+    "kept_lambda": (call, [(i, kept_mod.twice) for i in range(3)]),
+    "main_class": (load, [MainCase(i) for i in range(3)]),
+    "main_lambda": (call, [(i, thrice) for i in range(3)]),
+    "dataclass": (load, [Spec(i) for i in range(3)]),
+    "paths": (name_length, [pathlib.Path("/data") / ("c" * i + ".nii") for i in range(3)]),
+}
+found = {}
+for name, (prepare, items) in cases.items():
+    with MPLoader(lambda x: np.full(2, x, np.int64), items, prepare=prepare,
+                  cache=os.path.join(sys.argv[1], name), num_workers=1) as loader:
+        values = [int(v[0]) for v in loader]
+        stats = loader.stats()["cache"]
+        code = sorted(loader.cache_info()["item_code"])
+    found[name] = {"values": values, "hits": stats["hits"], "misses": stats["misses"],
+                   "item_code": code}
+print(json.dumps(found))
+"""
+
+MODULE = """
+def scale(i):
+    return i * @K@
+
+twice = lambda i: i * 2 * @K@
+
+class Case:
+    def __init__(self, i):
+        self.i = i
+    def load(self):
+        return self.i * @K@
+"""
+
+
+def item_job(tmp_path, where, phase, cache):
+    """The user's program of items of their own classes and functions, as it
+    is in ``phase`` (1, or 2 after edits to edited_mod and bare_lib)."""
+    k = "1" if phase == 1 else "100"
+    where.mkdir()
+    (where / "job.py").write_text(ITEM_JOB)
+    (where / "edited_mod.py").write_text(MODULE.replace("@K@", k))
+    (where / "kept_mod.py").write_text(MODULE.replace("@K@", "1"))
+    site = tmp_path / "site" / "site-packages"  # a library with no metadata, no __version__
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "bare_lib.py").write_text(f"def prep(i):\n    return i * 7 * {k}\n")
+    env = dict(os.environ, FAKE_SITE=str(site), PYTHONHASHSEED=str(phase))
+    result = subprocess.run([sys.executable, str(where / "job.py"), str(cache)], cwd=where,
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert_quiet(result)
+    return report(result)
+
+
+@pytest.mark.slow  # two programs of 12 loaders each: ~8 s
+def test_two_jobs_key_the_code_items_refer_to_and_libraries_without_metadata(tmp_path):
+    """An item's pickle names its class (a function it holds) without its
+    code; a library with no metadata has no version: an edit of either
+    served the first job's results to the second.  The second job runs from
+    another directory, with another hash seed."""
+    cache = tmp_path / "cache"
+    one = item_job(tmp_path, tmp_path / "first", 1, cache)
+    two = item_job(tmp_path, tmp_path / "moved", 2, cache)
+    for name, got in one.items():
+        assert (got["hits"], got["misses"]) == (0, 3), (name, got)
+    assert one["edited_class"]["item_code"] == ["edited_mod:Case"]
+    assert one["main_lambda"]["item_code"] == ["__main__:<lambda>"]
+    assert one["paths"]["item_code"] == [], "Python's own classes add nothing"
+    edited = {"edited_class": [0, 100, 200], "edited_function": [0, 100, 200],
+              "edited_lambda": [0, 200, 400], "bare_library": [0, 700, 1400],
+              "bare_library_in_items": [0, 700, 1400]}
+    for name, values in edited.items():
+        got = two[name]
+        assert (got["values"], got["hits"], got["misses"]) == (values, 0, 3), (name, got)
+    for name, got in two.items():
+        if name not in edited:
+            assert got == {**one[name], "hits": 3, "misses": 0}, (name, got)

@@ -23,7 +23,10 @@ copy-on-write copy, so its memory grows with ``num_workers``):
 The key of an item is a hash of the item's plain pickle (the same bytes in
 every process; an item that only cloudpickle can pickle keys by that
 pickle, which for a class defined in ``__main__`` differs between processes:
-such items miss in a directory across runs, never hit wrongly) and of a salt.
+such items miss in a directory across runs, never hit wrongly) and of a salt;
+for a directory, also of the fingerprints of the code that the item's pickle
+names (keys.ItemCode: its class, a function it holds: the pickle names them
+without their code, so an edit of them must change the key too).
 
 For ``cache="memory"`` the salt is a constant: the file belongs to one
 loader, whose prepare cannot change, and dies with it; fingerprinting prepare
@@ -49,11 +52,18 @@ results:
   module attribute it names, and prepare's own state (a bound ``self``, a
   callable object, a partial's arguments), by their pickle, with sets
   sorted (their order follows string hashes, which differ between
-  processes) and arrays hashed in place;
+  processes), arrays and torch tensors hashed by value, and random
+  generators (numpy's, ``random.Random``, ``torch.Generator``) by their type
+  alone (their state comes from the operating system, and the workers
+  reseed them per item from the item: random_state.py);
 - for each library reached (a function, class, module or object of it):
   its top-level package's installed version, with a digest of the
   distribution's RECORD (a reinstall of other files under one version
-  misses), else its ``__version__``; Python's implementation and version;
+  misses), else (no metadata) its ``__version__`` and a digest of its
+  files; Python's implementation and version;
+- per item (see above): the code of the classes and functions of the
+  user's own that the item's pickle names, as prepare's (a library's: its
+  version), each fingerprinted once per loader;
 - ``worker_init``'s, as prepare's (what it sets up, prepare may use);
 - ``cache_version``, when given.
 
@@ -63,7 +73,8 @@ is a CacheError unless ``cache_version`` is given: then the recipe names what
 it left out, the version keys it, and the rest is keyed as above.  Not keyed,
 ever: files prepare reads, environment variables, the time, names looked up
 at run time (``getattr(m, name)``, ``importlib.import_module(name)``), a
-library's own dependencies that prepare's code does not reach.
+library's own dependencies that prepare's code does not reach, the state of
+random generators.
 
 The recipe is written beside the entries (``<directory>/recipes/<salt
 hex>.json``), so that cache_info() can say why a run missed: how this
@@ -84,7 +95,7 @@ import resource
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .keys import Recipe, differences, recipe
+from .keys import ItemCode, Recipe, differences, recipe
 from .stores import HEADER_BYTES, MODES, Place, open_directory
 from ..messages import PLAIN_TYPES, Result
 
@@ -215,11 +226,14 @@ class Cache:
         self.trust = trust
         self.recipe: Recipe | None = None
         self._salt = _MEMORY_SALT
+        self._item_code: ItemCode | None = None  # a directory's: the code items refer to
         if where != "memory":
             os.close(open_directory(where, trust))  # made, or refused, first
-            self.recipe = recipe(prepare, cache_version, where, worker_init)
+            versions: dict[str, str] = {}  # of the libraries, for this loader's recipes
+            self.recipe = recipe(prepare, cache_version, where, worker_init, versions=versions)
             self._salt = self.recipe.salt()
             self._keep_recipe(self.recipe)
+            self._item_code = ItemCode(cache_version, where, versions)
         self.memory = MemoryCache(budget) if budget is not None else None
         self.counts = CacheCounts()
 
@@ -248,17 +262,30 @@ class Cache:
 
     def keys(self, items: tuple[Any, ...], encoded: bytes,
              ends: tuple[int, ...]) -> tuple[bytes, ...]:
-        """Each item's key, from its plain pickle (its encoding, for plain types)."""
+        """Each item's key, from its plain pickle (its encoding, for plain
+        types, or where only cloudpickle can pickle it) and the salt; for a
+        directory, with the fingerprints of the code the item's pickle names
+        (keys.ItemCode: a class's, a function's; CacheError where that cannot
+        be fingerprinted and no cache_version was given)."""
         view, start, keys = memoryview(encoded), 0, []
+        item_code, salt = self._item_code, self._salt
         for item, end in zip(items, ends):
             data: Any = view[start:end]
+            code: list[bytes] = []
             if type(item) not in PLAIN_TYPES:
-                try:
-                    data = pickle.dumps(item, protocol=4)
-                except Exception:  # noqa: BLE001 - only cloudpickle can: key by that
-                    pass
+                if item_code is not None:
+                    pickled, code = item_code.pickle(item)
+                    if pickled is not None:
+                        data = pickled
+                else:
+                    try:
+                        data = pickle.dumps(item, protocol=4)
+                    except Exception:  # noqa: BLE001 - only cloudpickle can: key by that
+                        pass
             digest = hashlib.blake2b(data, digest_size=16, person=b"mploader-cache2")
-            digest.update(self._salt)
+            digest.update(salt)
+            for fingerprint in code:
+                digest.update(fingerprint)
             keys.append(digest.digest())
             start = end
         return tuple(keys)
@@ -304,15 +331,20 @@ class Cache:
 
     def info(self) -> dict[str, Any]:
         """This cache's key and its recipe, and, for a directory, how the
-        recipes of the other keys found there differ from it (MPLoader.cache_info)."""
+        recipes of the other keys found there differ from it (MPLoader.cache_info);
+        ``item_code``: the classes and functions that items' pickles named so
+        far (their code keys those items; a library's, its version), each
+        with its fingerprint (hex)."""
         if self.recipe is None:  # cache="memory"
             entries = len(self.memory.entries) if self.memory is not None else 0
             return {"where": self.where, "key": None, "recipe": None, "entries": entries,
                     "others": []}
         with os.scandir(self.where) as found:
             entries = sum(1 for entry in found if entry.name.endswith(".entry"))
+        item_code = dict(self._item_code.names) if self._item_code is not None else {}
         return {"where": self.where, "key": self._salt.hex(), "recipe": self.recipe.to_json(),
-                "entries": entries, "others": self._other_recipes(self.recipe)}
+                "item_code": item_code, "entries": entries,
+                "others": self._other_recipes(self.recipe)}
 
     def _other_recipes(self, mine: Recipe) -> list[dict[str, Any]]:
         """The most recently used other recipes of the directory, newest

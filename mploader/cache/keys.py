@@ -16,7 +16,19 @@ graph); sets are sorted (their order follows string hashes, which differ
 between processes); arrays are hashed in place.  Nothing in the recipe
 depends on ``id()``, addresses, hash order or where the code's files are
 (unless prepare reads a path, e.g. ``__file__``: then its value keys), so two
-processes running the same code agree, wherever the script lives.
+processes running the same code agree, wherever the script lives.  So torch
+tensors are hashed by value (their pickle holds a storage's address), and a
+random generator (numpy's ``RandomState``, ``Generator`` and bit generators,
+``random.Random``, ``torch.Generator``) is keyed by its type alone: its state
+is seeded from the operating system in every process (a MONAI or
+albumentations ``Compose`` holds some), and mploader reseeds those prepare
+reaches before each item from the item (random_state.py) anyway.
+
+An item's pickle names classes and functions (its class, a function it
+holds) without their code: :class:`ItemCode` finds them, as a pickle of the
+item sees them, and fingerprints each once per loader, as a recipe of its own
+(its code, the values that reads, its library's version); each item's key
+takes the fingerprints of those its pickle names (index.py).
 
 Some things cannot be fingerprinted: a value that does not pickle, compiled
 code of the user's own (a C extension: no bytecode to read), a value nested
@@ -26,6 +38,7 @@ named in the recipe's ``unfingerprinted`` list and the rest is still keyed.
 """
 from __future__ import annotations
 
+import ctypes
 import dis
 import functools
 import hashlib
@@ -38,11 +51,14 @@ import json
 import os
 import pickle
 import platform
+import random
 import sys
 import types
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+import cloudpickle
 
 from ..errors import CacheError
 from ..shipping import nested_codes
@@ -108,16 +124,20 @@ class Recipe:
 
 
 def recipe(prepare: Callable[[Any], Any], cache_version: str | int | None, where: str,
-           worker_init: Callable[[int], Any] | None = None) -> Recipe:
+           worker_init: Callable[[int], Any] | None = None, *,
+           versions: dict[str, str] | None = None, what: str = "prepare itself") -> Recipe:
     """The recipe of ``prepare``'s results for the directory cache ``where``
     (and of ``worker_init``'s: what it sets up in a worker, prepare may use).
 
     Without ``cache_version``, whatever cannot be fingerprinted is a
     CacheError (a key that ignored it could serve another prepare's results);
     with it, it is listed in the recipe, and the version keys it.
+    ``versions``: libraries' versions already found (top-level package ->
+    version), shared by the recipes of one loader; ``what``: how an error
+    names ``prepare`` (ItemCode takes recipes of what items refer to).
     """
-    walk = _Walk(strict=cache_version is None, where=where)
-    walk.start(prepare, worker_init)
+    walk = _Walk(strict=cache_version is None, where=where, versions=versions)
+    walk.start(prepare, worker_init, what)
     return Recipe(
         prepare=describe(prepare),
         python=f"{sys.implementation.name} {platform.python_version()}",
@@ -262,10 +282,16 @@ def _distributions() -> dict[str, list[str]]:
 def library_version(top: str) -> str:
     """A library's installed version, from its distribution's metadata, with a
     digest of its RECORD (the hash of every file it installed: a reinstall of
-    other files under the same version changes it); else its ``__version__``;
-    else ``"unknown"``."""
+    other files under the same version changes it).  A library with no
+    metadata (put on ``PYTHONPATH``, copied into a site-packages by hand) has
+    nothing that changes when its files do: its ``__version__``, if any, and
+    the digest of its files (:func:`_files_digest`), never ``"unknown"``."""
+    names = _distributions().get(top)
+    if names is None:  # (or installed since this process looked: a worker would see it)
+        _distributions.cache_clear()
+        names = _distributions().get(top, ())
     found = []
-    for name in sorted(set(_distributions().get(top, ()))):
+    for name in sorted(set(names)):
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
@@ -281,7 +307,49 @@ def library_version(top: str) -> str:
         version = getattr(importlib.import_module(top), "__version__", None)
     except Exception:  # noqa: BLE001 - the library's own import error
         version = None
-    return version if isinstance(version, str) else "unknown"
+    code = f"code {_files_digest(top)}"
+    return f"{version} ({code})" if isinstance(version, str) else code
+
+
+_SOURCE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd")
+
+
+def _files_digest(top: str) -> str:
+    """A digest of the files of the top-level module or package ``top``, as
+    its spec finds them: every source file's path (relative) and contents;
+    any other file's (compiled, data) path, size and modification time, not
+    read (a library without metadata can be large, and this is taken by every
+    worker).  Python's caches (``__pycache__``, ``.pyc``) are left out."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return "none"  # no module of that name: a CacheError of the worker's own import
+    roots = sorted(spec.submodule_search_locations or ())
+    files: list[tuple[str, str]] = []  # (path to hash it by, path on disk)
+    if not roots and spec.has_location and spec.origin:
+        files.append((os.path.basename(spec.origin), spec.origin))
+    for number, root in enumerate(roots):
+        for folder, folders, names in os.walk(root):
+            folders[:] = sorted(name for name in folders if name != "__pycache__")
+            relative = os.path.relpath(folder, root)
+            files += [(f"{number}/{relative}/{name}", os.path.join(folder, name))
+                      for name in sorted(names) if not name.endswith((".pyc", ".pyo"))]
+    digest = hashlib.blake2b(digest_size=8)
+    for name, path in files:
+        digest.update(f"{len(name)}:{name}".encode())
+        try:
+            if name.endswith(_SOURCE_SUFFIXES):
+                with open(path, "rb") as f:
+                    data = f.read()
+                digest.update(len(data).to_bytes(8, "little") + data)
+            else:
+                found = os.stat(path)
+                digest.update(f"{found.st_size},{found.st_mtime_ns};".encode())
+        except OSError:
+            digest.update(b"unreadable;")
+    return digest.hexdigest()
 
 
 # -- the walk ----------------------------------------------------------------------------
@@ -296,18 +364,27 @@ class _Pickler(pickle.Pickler):
         self._walk = walk
 
     def persistent_id(self, obj: Any) -> Any:
-        return None if type(obj) in _PLAIN else self._walk.persistent(obj)
+        kind = type(obj)
+        if kind in _PLAIN:
+            if kind is dict and len(obj) > 1 \
+                    and type(next(iter(obj.values()))) is types.MethodType:
+                return self._walk.method_table(obj)
+            return None
+        return self._walk.persistent(obj)
 
 
 class _Walk:
     """One recipe's walk: what it found so far, and what is still to fingerprint."""
 
-    def __init__(self, strict: bool, where: str) -> None:
+    def __init__(self, strict: bool, where: str,
+                 versions: dict[str, str] | None = None) -> None:
         self._strict = strict
         self._where = where
         self.code: dict[str, str] = {}
         self.values: dict[str, str] = {}
         self.libraries: dict[str, str] = {}
+        self._versions = {} if versions is None else versions  # library -> version, found
+        self._start = "prepare itself"  # how the errors name what the walk started from
         self.unfingerprinted: list[str] = []
         self._names: dict[int, str] = {}   # id -> name of what is named (kept alive below)
         self._alive: list[Any] = []
@@ -318,10 +395,11 @@ class _Walk:
         self._origins: dict[str | None, str] = {}
         self._codes: dict[int, str] = {}
 
-    def start(self, prepare: Any, worker_init: Any) -> None:
+    def start(self, prepare: Any, worker_init: Any, what: str = "prepare itself") -> None:
         """Fingerprint prepare (and worker_init) and all they reach, until
         nothing new is found."""
-        self.values[PREPARE] = self._digest("prepare itself", prepare)
+        self._start = what
+        self.values[PREPARE] = self._digest(what, prepare)
         if worker_init is not None:
             self.values[WORKER_INIT] = self._digest("worker_init itself", worker_init)
         while True:
@@ -358,8 +436,10 @@ class _Walk:
     def _refuse(self, where: str, value: Any, reason: str) -> None:
         """A CacheError, strict; else note what the key leaves out."""
         kind = type(value)
+        reached = "" if self._start in ("prepare itself", where) \
+            else f"; reached from {self._start}"  # (an item's class: how it was reached)
         what = f"{where} (a {'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}" \
-               f"{kind.__qualname__})"
+               f"{kind.__qualname__}{reached})"
         if self._strict:
             raise CacheError(
                 f"cache={self._where!r} cannot key prepare's results: {what} cannot be "
@@ -396,6 +476,8 @@ class _Walk:
         if kind is types.BuiltinFunctionType and (
                 obj.__self__ is None or isinstance(obj.__self__, types.ModuleType)):
             return ("builtin", self._name_builtin(obj))  # (else a method: its object pickles)
+        if isinstance(obj, _random_kinds()):  # its state: the OS's entropy, reseeded per item
+            return ("random generator", kind)
         self._note_library(kind.__module__)
         if kind is set or kind is frozenset:  # in the order of the elements, not of hashes
             return (kind.__name__, tuple(sorted(self._element(e) for e in obj)))
@@ -417,7 +499,53 @@ class _Walk:
             data = hashlib.blake2b(numpy.ascontiguousarray(obj), digest_size=16).hexdigest()
             fortran = obj.flags.f_contiguous and not obj.flags.c_contiguous  # as a pickle keeps
             return ("ndarray", obj.dtype.str, obj.shape, fortran, data)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, getattr(torch, "Tensor", ())):
+            return self._tensor(obj, torch)
         return None
+
+    @staticmethod
+    def _tensor(tensor: Any, torch: Any) -> tuple[Any, ...]:
+        """A torch tensor by value, as an array: its pickle holds its storage's
+        address (so no two processes agree), and copies the storage whole.
+        Its class (a Parameter, MONAI's MetaTensor) and the attributes of its
+        own (a MetaTensor's affine and metadata) key too."""
+        try:
+            data = tensor.detach()
+            if data.layout != torch.strided:  # sparse: its values, not its encoding
+                data = data.to_dense()
+            if data.device.type == "meta":  # no values: its dtype and shape are all
+                digest = "meta"
+            else:
+                data = data.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+                data = data.view(torch.uint8)  # (bool, complex, bfloat16: numpy has none)
+                size = data.numel()
+                view = (ctypes.c_ubyte * size).from_address(data.data_ptr()) if size else b""
+                digest = hashlib.blake2b(view, digest_size=16).hexdigest()
+        except Exception as exc:  # noqa: BLE001 - quantized, nested...: whatever torch raised
+            raise _Unfingerprintable(
+                f"the values of a torch tensor ({tensor.dtype}, layout {tensor.layout}) could "
+                f"not be read: {type(exc).__name__}: {exc}") from None
+        return ("tensor", type(tensor), str(tensor.dtype), tuple(tensor.shape),
+                bool(tensor.requires_grad), tensor.device.type, digest,
+                dict(getattr(tensor, "__dict__", None) or {}) or None)
+
+    def method_table(self, table: dict[Any, Any]) -> Any:
+        """A library object's dict of its own bound methods (albumentations'
+        target -> function) in the order of its keys, not of its making: a
+        library builds such a table from a set, in the order of string
+        hashes, which differ between processes; it looks them up by key.
+        Any other dict keeps its order (a user's dict of steps may be run in
+        order): None."""
+        methods = list(table.values())
+        owner = getattr(methods[0], "__self__", None)
+        if owner is None or self._origin(type(owner).__module__) != "library" or not all(
+                type(method) is types.MethodType and method.__self__ is owner
+                for method in methods):
+            return None
+        return ("method table", tuple(sorted(((self._element(key), value)
+                                              for key, value in table.items()),
+                                             key=lambda entry: entry[0])))
 
     # -- names: what the recipe lists ---------------------------------------------------
 
@@ -430,7 +558,9 @@ class _Walk:
         if module_name and (whose or self._origin(module_name)) == "library":
             top = module_name.split(".")[0]
             if top not in self.libraries:
-                self.libraries[top] = library_version(top)
+                if top not in self._versions:
+                    self._versions[top] = library_version(top)
+                self.libraries[top] = self._versions[top]
 
     def _named(self, obj: Any, name: str,
                walk: Callable[[Any, str], None] | None = None) -> str:
@@ -609,6 +739,174 @@ class _Walk:
                 yield attr, getattr(module, attr)
             except Exception:  # noqa: BLE001 - absent (or a lazy attribute that fails)
                 continue
+
+
+# -- what items refer to -------------------------------------------------------------------
+
+_REFERENCES = frozenset({types.FunctionType, types.BuiltinFunctionType})
+_MISSING = object()
+
+
+class ItemCode:
+    """The code that items' pickles refer to, for a directory cache's keys.
+
+    An item's pickle names a class (its own class, a class it holds) or a
+    function (a callable it holds) by reference, ``module.qualname``: an edit
+    of that code would not change the pickle, so a key of the pickle alone
+    would serve the old code's results.  :meth:`pickle` pickles an item as
+    ``pickle.dumps(item, protocol=4)`` does (the same bytes), noting each
+    class and function on the way (``reducer_override``), and gives their
+    fingerprints, which the item's key takes (index.py).  Each is
+    fingerprinted once (one ItemCode per loader) by a recipe of its own: the
+    user's own by its code and what that reads, a library's by its version.
+    Python's own are left out (Python's version keys them), so an item of
+    ``pathlib.Path`` or of plain containers keys as its pickle alone.  One
+    that cannot be found by its name (a lambda, a class made in a function)
+    is pickled as its name, and its recipe (code, not lines) keys it.
+    """
+
+    def __init__(self, cache_version: str | int | None, where: str,
+                 versions: dict[str, str] | None = None) -> None:
+        self._version = cache_version
+        self._where = where
+        self._versions = {} if versions is None else versions
+        self.names: dict[str, str] = {}  # name -> fingerprint (hex), for cache_info()
+        self._known: dict[int, tuple[Any, bytes, Any]] = {}  # id -> (obj, fingerprint, reduce)
+        self._pickler: _ItemPickler | None = _ItemPickler(self)  # None while in use
+
+    def pickle(self, item: Any) -> tuple[bytes | None, list[bytes]]:
+        """The item's pickle, and the fingerprints of the code it refers to,
+        in the order its pickle meets them.  The pickle is None where only
+        cloudpickle can pickle the item (a dict view in it...): then a
+        cloudpickle finds what it refers to.  CacheError where that cannot be
+        fingerprinted (as for prepare: without cache_version)."""
+        pickler, self._pickler = self._pickler or _ItemPickler(self), None  # (re-entered: another)
+        try:
+            return pickler.pickle(item)
+        finally:
+            self._pickler = pickler
+
+    def note(self, obj: Any) -> tuple[Any, bytes, Any]:
+        """(while pickling an item) A class or function met: (it, its
+        fingerprint or b"" for none, what the pickler is to do with it:
+        NotImplemented, by its name, or a reduction)."""
+        return self._known.get(id(obj)) or self.learn(obj)
+
+    def learn(self, obj: Any) -> tuple[Any, bytes, Any]:
+        """note(), the first time ``obj`` is met."""
+        owner = obj.__self__ if type(obj) is types.BuiltinFunctionType else None
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            known: tuple[Any, bytes, Any] = (obj, b"", NotImplemented)  # an object's method
+        else:
+            module = owner.__name__ if isinstance(owner, types.ModuleType) \
+                else getattr(obj, "__module__", None)
+            qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "?")
+            name = f"{module}:{qualname}"
+            by_name = _found_by_name(obj, module, qualname)
+            fingerprint = b""
+            if not by_name or origin(module) != "stdlib":
+                fingerprint = recipe(obj, self._version, self._where, versions=self._versions,
+                                     what=f"{name}, which an item refers to").salt()
+                shown, number = name, 2
+                while shown in self.names:
+                    shown, number = f"{name}#{number}", number + 1
+                self.names[shown] = fingerprint.hex()
+            known = (obj, fingerprint, NotImplemented if by_name else (str, (name,)))
+        self._known[id(obj)] = known  # (obj kept alive: its id stays its own)
+        return known
+
+
+def _found_by_name(obj: Any, module: str | None, qualname: str) -> bool:
+    """Whether a pickle finds ``obj`` by its name, as pickle looks it up."""
+    found: Any = sys.modules.get(module) if module else None
+    for part in qualname.split("."):
+        found = getattr(found, part, _MISSING) if found is not None else _MISSING
+        if found is _MISSING:
+            return False
+    return found is obj
+
+
+class _ItemPickler(pickle.Pickler):
+    """Pickles an item as pickle.dumps does, noting the code it names.  One
+    is reused for every item (making one costs more than a small item)."""
+
+    def __init__(self, code: ItemCode) -> None:
+        self._buffer = io.BytesIO()
+        super().__init__(self._buffer, protocol=4)
+        self._code = code
+        self._known = code._known  # (read here: this runs for each object of each item)
+        self._found: list[bytes] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in _REFERENCES or isinstance(obj, type):
+            known = self._known.get(id(obj)) or self._code.learn(obj)
+            if known[1]:
+                self._found.append(known[1])
+            return known[2]
+        return NotImplemented
+
+    def pickle(self, item: Any) -> tuple[bytes | None, list[bytes]]:
+        """ItemCode.pickle, with this pickler."""
+        buffer, self._found = self._buffer, []
+        buffer.seek(0)
+        buffer.truncate()
+        try:
+            self.dump(item)
+            return buffer.getvalue(), self._found
+        except CacheError:
+            raise
+        except Exception:  # noqa: BLE001 - what plain pickle refuses: cloudpickle's view
+            recorder = _CloudRecorder(self._code)
+            try:
+                recorder.dump(item)
+            except CacheError:
+                raise
+            except Exception:  # noqa: BLE001 - the encoder pickled it, so this does too
+                pass
+            return None, recorder.found
+        finally:
+            self.clear_memo()
+
+
+class _CloudRecorder(cloudpickle.Pickler):
+    """cloudpickle's view of an item, noting the code it names."""
+
+    def __init__(self, code: ItemCode) -> None:
+        super().__init__(io.BytesIO(), protocol=4)
+        self._code = code
+        self.found: list[bytes] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in _REFERENCES or isinstance(obj, type):
+            fingerprint = self._code.note(obj)[1]
+            if fingerprint:
+                self.found.append(fingerprint)
+        return super().reducer_override(obj)
+
+
+_RANDOM_KINDS: dict[tuple[int, int], tuple[type, ...]] = {}
+
+
+def _random_kinds() -> tuple[type, ...]:
+    """The classes of random generators, of the modules imported (none is imported here)."""
+    key = (id(sys.modules.get("numpy.random")), id(sys.modules.get("torch")))
+    found = _RANDOM_KINDS.get(key)
+    if found is None:
+        _RANDOM_KINDS.clear()
+        found = _RANDOM_KINDS[key] = _find_random_kinds()
+    return found
+
+
+def _find_random_kinds() -> tuple[type, ...]:
+    kinds: list[type] = [random.Random]
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        kinds += [getattr(numpy_random, name, None)
+                  for name in ("RandomState", "Generator", "BitGenerator")]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        kinds.append(getattr(torch, "Generator", None))
+    return tuple(kind for kind in kinds if isinstance(kind, type))
 
 
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME",
