@@ -292,7 +292,8 @@ class MPLoader:
         ``cache_version``), ``entries`` (files in the directory, every key's),
         and ``others``: the other recipes found beside the entries, most
         recently used first, each with its ``differences`` from this one
-        ("prepare's code changed in mymod:helper", "numpy 1.26.4 -> 2.1.0").
+        ("prepare's code changed in mymod:helper", "numpy 1.26.4 -> 2.1.0"), and
+        ``item_code``: the classes and functions the items refer to, keyed too.
         For ``cache="memory"``: no key or recipe (see cache/index.py); None without
         a cache."""
         return self._cache.info() if self._cache is not None else None
