@@ -172,3 +172,64 @@ def test_monai_random_crops_as_samples_of_a_generator_fn(volume):
     _assert_distinct(dict(enumerate(one)), "samples, 1 worker")
     for a, b in zip(one, run(2), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _BesideMetadata:
+    """fn as a class holding a dataset's metadata beside its MONAI Compose."""
+
+    def __init__(self, aug, lists: int = 0) -> None:
+        self.meta = [{f"field{k}": (f"case{i}" if k % 2 else i * k) for k in range(10)}
+                     for i in range(20_000)]
+        self.lists = [[[] for _ in range(lists)] for _ in range(11)]
+        self.aug = aug
+
+    def __call__(self, item):
+        return item[0], np.asarray(self.aug(np.zeros((1, 4, 4), np.float32)))
+
+
+def test_monai_compose_beside_big_metadata_is_reseeded_whole():
+    """20,000 rows of plain metadata in fn cost the walk of fn little: the
+    Compose's transforms are found and reseeded (they were left to the
+    Compose's own R, which does not reach them: seed=0 differed between 1 and
+    2 workers, and seed=None gave two workers' items the same noise)."""
+    import monai.transforms as mt
+    fn = _BesideMetadata(mt.Compose([mt.RandGaussianNoise(prob=1.0)]))
+    source = [(i, None) for i in range(N)]
+    one = _run(fn, source, 1, 0)
+    _assert_distinct(one, "seed=0, 1 worker")
+    two = _run(fn, source, 2, 0)
+    _assert_distinct(two, "seed=0, 2 workers")  # (with seed=None, workers' copies agreed)
+    for i in one:
+        np.testing.assert_array_equal(two[i], one[i], err_msg=f"item {i}, 1 and 2 workers")
+
+
+def test_monai_compose_past_the_walks_budget_passes_seeds_on_to_its_transforms():
+    """110,000 lists beside the Compose spend the walk's budget before its
+    transforms: the Compose is reseeded through its own set_random_state,
+    which passes seeds on.  In this process, as workers do: each copy of fn
+    (unpickled, as every worker unpickles its own) gives the same item the
+    same output, whatever items it ran before."""
+    import pickle
+
+    import cloudpickle
+    import monai.transforms as mt
+
+    from mploader.random_state import WorkerRandomness
+    fn = _BesideMetadata(mt.Compose([mt.RandGaussianNoise(prob=1.0)]), lists=10_000)
+    data = cloudpickle.dumps(fn)
+
+    def run(items):
+        copy = pickle.loads(data)
+        randomness = WorkerRandomness(0, copy)
+        assert "stopped at its budget" in randomness.notes[0]  # the loader logs it
+        out = {}
+        for i in items:
+            with randomness.item(0, i):
+                out[i] = copy((i, None))[1]
+        return out
+
+    one = run(range(N))
+    _assert_distinct(one, "one copy")
+    other = {**run(range(N // 2, N)), **run(range(N // 2))}  # "two workers", other order
+    for i in one:
+        np.testing.assert_array_equal(other[i], one[i], err_msg=f"item {i}")

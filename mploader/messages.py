@@ -13,7 +13,7 @@ pool.py NOTE [Shutdown], the lock rule), so it cannot use a blocking
 bytes with :class:`FrameReader` as they arrive.  The worker's ends block; it
 uses :func:`read_frame` and :func:`write_frame`.
 
-Items travel with cloudpickle, each item in its own pickle (:func:`encode_items`),
+Items travel with cloudpickle, each item in its own pickle (:class:`ItemEncoder`),
 so a class defined in the user's script reaches a fresh interpreter, and an
 item that cannot be decoded there fails alone, named, instead of the task.
 """
@@ -115,8 +115,8 @@ class Result:
 
 @dataclass(frozen=True)
 class Ready:
-    """The worker imported fn and ran worker_init."""
-    pid: int
+    """The worker imported fn and ran worker_init (the parent knows its pid)."""
+    notes: tuple[str, ...] = ()  # for the parent to log: e.g. random_state's walk cut short
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,14 @@ class ItemEncoder:
         return self._out.getvalue(), tuple(self._ends)
 
 
+def item_bytes(task: Task, position: int) -> memoryview:
+    """Item ``position``'s own pickle in a task: for items of plain types the
+    same bytes in every process and every run (what prepare's random scope
+    is derived from, see random_state.WorkerRandomness.prepare)."""
+    start = task.ends[position - 1] if position else 0
+    return memoryview(task.items)[start:task.ends[position]]
+
+
 def decode_item(task: Task, position: int) -> Any:
     """Item ``position`` of a task (raises whatever unpickling it raises)."""
-    start = task.ends[position - 1] if position else 0
-    return pickle.loads(memoryview(task.items)[start:task.ends[position]])
+    return pickle.loads(item_bytes(task, position))

@@ -118,6 +118,7 @@ from .cache.index import MemoryCache
 from .errors import MPLoaderError, WorkerDied, WorkerError
 from .memory_deaths import SAMPLE_EVERY_S, MemoryWatch
 from .messages import FrameReader, Ready, Result, StartFailed, Task
+from .random_state import report_notes
 from .slots import PACKING, SlotRing
 
 _PILL_GRACE_S = 0.25  # an idle worker exits on EOF within milliseconds
@@ -260,6 +261,7 @@ class WorkerPool:
         self.closing = False  # set before taking the lock in close(): consumers yield it
         self.owner_pid = os.getpid()
         self._failure: Callable[[], MPLoaderError] | None = None
+        self._noted: set[str] = set()  # the workers' notes logged (Ready.notes), once each
         self._bootstrap = messages.frame(bootstrap)
         self._slots = slots_per_worker
         self._stride = resources.slot_stride(num_workers, slots_per_worker)
@@ -416,6 +418,7 @@ class WorkerPool:
         if isinstance(message, Ready):
             if handle.state is State.STARTING:
                 handle.state = State.READY
+            report_notes(message.notes, self._noted)
             return None
         assert isinstance(message, StartFailed), message
         f, worker_id = message.failure, handle.worker_id

@@ -45,17 +45,31 @@ defaults, ``functools.partial`` arguments, bound ``self``, a callable
 object's ``__call__``, instance attributes, lists, tuples and dict values;
 never into modules, classes (a transform kept as a class attribute is not
 found), sets (their order differs between processes) or arrays; without
-calling the objects' methods or properties; and within bounds (depth,
-elements per container, values in all), so a huge list in a closure costs
-milliseconds, once.  An object that ``fn`` builds itself, on its first call,
-cannot be found; reseed it at the top of ``fn``:
-``t.set_random_state(seed=int(mploader.item_rng().integers(2**32)))``.
+calling the objects' methods or properties; and within bounds: depth,
+elements per container, and two budgets, values walked into (objects,
+containers) and values passed over (plain scalars, strings, arrays, values
+seen already: these cost the first budget nothing and are never queued, so
+a fn holding big plain metadata beside its transforms is walked whole, in
+milliseconds, once).  A walk that a budget stops is not silent: the worker
+sends a note that the loader logs (logger ``"mploader"``, once per text),
+naming what was not walked; ``item_scope`` warns.  What a bound leaves
+unwalked under a MONAI object that was found (a ``Compose``'s transforms, a
+dictionary transform's array transform) is still reseeded: that object is
+reseeded through its own ``set_random_state``, which passes seeds on, not
+the in-place fast path (:func:`_reseed_monai`).  An object that ``fn``
+builds itself, on its first call, cannot be found; reseed it at the top of
+``fn``: ``t.set_random_state(seed=int(mploader.item_rng().integers(2**32)))``.
 
 ``prepare`` (the cached, deterministic stage) runs in a scope of its own,
-derived from the item's index alone, neither the loader's seed nor the epoch:
-a prepare that draws random numbers draws the same ones for an item in every
-epoch and every run, with or without the cache (a directory cache's key does
-not hold the seed).  ``item_rng()`` raises there.
+derived from the item itself (a digest of its bytes as the task carries it:
+plain pickle for ints, strings, floats, bytes...), neither its index nor
+the loader's seed nor the epoch, since its results are cached by the item:
+a prepare that draws random numbers draws the same ones for the same item at
+any index, in every epoch and every run, with or without the cache (a
+directory cache's key holds neither seed nor index).  An item of a class
+defined in ``__main__`` travels by value, in bytes that differ between runs:
+its prepare draws are the same within a run only.  ``item_rng()`` raises
+there.
 
 Replay one item in the parent with ``item_scope(seed, epoch, index, fn=fn)``:
 it sets the same sources, fn's objects included, as the worker did.
@@ -65,12 +79,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import inspect
 import itertools
+import logging
 import random
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -84,11 +101,14 @@ _seeding: "_Seeding | None" = None      # the scope running: a torch imported in
 # objects take the words after them, so no two generators share a seed.
 _TORCH_WORD = 8
 _FIRST_OBJECT_WORD = 10
-_PREPARE_SEED = 0  # prepare's draws: the same in every run (see WorkerRandomness.prepare)
 
 _MAX_DEPTH = 12            # hops from fn
-_MAX_LOOKS = 100_000       # values looked at in one walk, in all
+_MAX_LOOKS = 100_000       # values walked into (objects, containers, functions), in all
+_MAX_PASSED = 1_000_000    # values passed over (plain: scalars, arrays...; or seen), in all
 _MAX_PER_CONTAINER = 10_000  # elements looked at in one list, tuple or dict
+_NAMED = 4                 # unwalked values a note names
+
+log = logging.getLogger("mploader")
 
 
 class _ItemScope:
@@ -146,35 +166,133 @@ def find_random_objects(root: Any, name: str = "fn") -> tuple[RandomObject, ...]
     breadth first (an object before the ones it holds, in the same order in
     every process that unpickled the same ``root``).  Bounded: see the limits
     above; values it cannot read (an attribute that raises) are passed over."""
+    return _walk(root, name).objects
+
+
+class _Walk:
+    """What :func:`_walk` found, and ``note``: what it left unwalked when a
+    budget stopped it (None when it did not), for the user to read."""
+    __slots__ = ("objects", "note")
+
+    def __init__(self, objects: tuple[RandomObject, ...], note: str | None) -> None:
+        self.objects, self.note = objects, note
+
+
+def _walk(root: Any, name: str = "fn") -> _Walk:
+    """Breadth first from ``root``.  A queue entry holds its value, the path
+    of its holder and the step from it (the path is only spelled out for the
+    values walked into), its depth, and its owner: the nearest random object
+    found above it, which is reseeded through its own ``set_random_state``
+    when a bound leaves part of what it holds unwalked (``cut``)."""
     found: list[RandomObject] = []
+    cut: set[int] = set()  # indices in found
     ways: dict[type, Callable[[Any, int], None] | None] = {}
-    skip = _global_generators()
     leaves = _LEAVES + _torch_leaves()
-    seen = {id(root)} | skip
-    queue = collections.deque([(root, name, 0)])
+    plain: dict[type, bool] = dict.fromkeys(_ATOMS, True)
+    seen = {id(root)} | _global_generators()
+    queue: collections.deque = collections.deque([(root, name, "", 0, -1)])
     call = inspect.getattr_static(type(root), "__call__", None)
     if type(call) is types.FunctionType:  # a callable object: its code's globals too
-        queue.append((call, f"{name}.__call__", 1))
-    looks = 0
-    while queue and looks < _MAX_LOOKS:
-        obj, path, depth = queue.popleft()
-        kind = type(obj)
-        reseed = _cached_way(ways, kind)
+        queue.append((call, name, ".__call__", 1, -1))
+    looks = passed = 0
+    stopped: str | None = None  # the path of the value whose children the walk stopped in
+    while queue:
+        obj, holder, step, depth, owner = queue.popleft()
+        path = _path(holder, step)
+        reseed = _cached_way(ways, type(obj))
         if reseed is not None:
             found.append(RandomObject(path, obj, reseed))
-        if depth == _MAX_DEPTH or reseed in _GENERATORS:
+            owner = len(found) - 1
+        if reseed in _GENERATORS:
             continue
-        for child, child_path in _children(obj, path):
-            looks += 1
-            if looks >= _MAX_LOOKS:
-                break
-            if type(child) in _ATOMS or id(child) in seen or issubclass(type(child), leaves):
+        if depth == _MAX_DEPTH:
+            if reseed is not None:  # what it holds is not walked: its own method reaches it
+                cut.add(owner)
+            continue
+        mine = reseed is not None
+        for child, child_step in _children(obj):
+            kind = type(child)
+            is_plain = plain.get(kind)
+            if is_plain is None:
+                is_plain = plain[kind] = issubclass(kind, leaves)
+            if is_plain or id(child) in seen or (
+                    mine and _cached_way(ways, kind) in _GENERATORS):
+                # Nothing random to walk into, or walked already, or a generator
+                # of an object that reseeds itself (its own business): not a
+                # look, but bounded too (a huge graph of plain values).
+                passed += 1
+                if passed > _MAX_PASSED:
+                    stopped = path
+                    break
                 continue
-            if reseed is not None and _cached_way(ways, type(child)) in _GENERATORS:
-                continue  # a generator of an object that reseeds itself: its own business
+            looks += 1
+            if looks > _MAX_LOOKS:
+                stopped = path
+                break
             seen.add(id(child))
-            queue.append((child, child_path, depth + 1))
-    return tuple(found)
+            queue.append((child, path, child_step, depth + 1, owner))
+        else:
+            if _is_cut(obj):  # a container longer than _MAX_PER_CONTAINER
+                if owner >= 0:
+                    cut.add(owner)
+            continue
+        break  # a budget is spent
+    note = None
+    if stopped is not None:
+        cut.update(entry[4] for entry in queue if entry[4] >= 0)
+        if owner >= 0:
+            cut.add(owner)
+        note = _stopped_note(name, stopped, [_path(e[1], e[2]) for e in
+                                             itertools.islice(queue, _NAMED)], len(queue))
+    for index in cut:  # a MONAI object whose own method reaches what the walk did not
+        obj = found[index]
+        if obj.reseed is _reseed_monai and _propagates(type(obj.target)):
+            found[index] = RandomObject(obj.path, obj.target, _reseed_set_random_state)
+    return _Walk(tuple(found), note)
+
+
+def _path(holder: str, step: Any) -> str:
+    kind = type(step)
+    if kind is int:
+        return f"{holder}[{step}]"
+    if kind is tuple:
+        return f"{holder}[{_key_text(step[0])}]"
+    return holder + step
+
+
+def _is_cut(obj: Any) -> bool:
+    """Whether :func:`_children` left elements of a list, tuple or dict out."""
+    kind = type(obj)
+    for base in (list, tuple, dict):
+        if issubclass(kind, base):
+            return base.__len__(obj) > _MAX_PER_CONTAINER
+    return False
+
+
+def _stopped_note(name: str, stopped: str, waiting: list[str], left: int) -> str:
+    more = left - len(waiting)
+    named = ", ".join(waiting) + (f" and {more:,} more values" if more > 0 else "")
+    return (
+        f"mploader: the search for the random objects reachable from {name} stopped at its "
+        f"budget ({_MAX_LOOKS:,} values walked into, {_MAX_PASSED:,} passed over) "
+        f"without walking all of {stopped}{f', nor {named}' if named else ''}.  Random "
+        f"state held there (transforms, generators) is not reseeded per item, so items may "
+        f"share augmentations and a seeded run may depend on num_workers (a MONAI Compose or "
+        f"other container that was found is reseeded through its own set_random_state, which "
+        f"reaches its transforms).  Keep transforms close to {name} (a closure, a module "
+        f"global, an attribute of {name}), not beside or inside large data structures, or "
+        f"reseed them yourself at the top of {name}: "
+        f"t.set_random_state(seed=int(mploader.item_rng().integers(2**32))).")
+
+
+def report_notes(notes: tuple[str, ...], reported: set[str]) -> None:
+    """Log, in the parent, what a worker found wrong in its walk (``Ready.notes``),
+    each note once per ``reported``: a walk's warning reaches the user's own
+    logging, not only the workers' stderr."""
+    for note in notes:
+        if note not in reported:
+            reported.add(note)
+            log.warning("%s", note)
 
 
 def _cached_way(ways: dict[type, Any], kind: type) -> Callable[[Any, int], None] | None:
@@ -183,40 +301,41 @@ def _cached_way(ways: dict[type, Any], kind: type) -> Callable[[Any, int], None]
     return ways[kind]
 
 
-def _children(obj: Any, path: str) -> Iterator[tuple[Any, str]]:
-    """(value, path) of what ``obj`` holds; what cannot be read is left out.
-    Dispatched on ``type(obj)`` and read with the base types' own methods, so
-    that no code of the user's objects runs (an ``isinstance`` would read a
-    ``__class__`` property; a list subclass's ``__iter__`` may load files)."""
+def _children(obj: Any) -> Iterator[tuple[Any, Any]]:
+    """(value, step) of what ``obj`` holds (a step: an int, a list's or tuple's
+    index; a 1-tuple, a dict's key; else the path's text, see :func:`_path`);
+    what cannot be read is left out.  Dispatched on ``type(obj)`` and read with
+    the base types' own methods, so that no code of the user's objects runs
+    (an ``isinstance`` would read a ``__class__`` property; a list subclass's
+    ``__iter__`` may load files)."""
     kind = type(obj)
     try:
         if issubclass(kind, types.FunctionType):
-            yield from _function_children(obj, path)
+            yield from _function_children(obj)
         elif issubclass(kind, types.MethodType):
-            yield obj.__self__, f"{path}.__self__"
-            yield obj.__func__, f"{path}.__func__"
+            yield obj.__self__, ".__self__"
+            yield obj.__func__, ".__func__"
         elif issubclass(kind, functools.partial):
-            yield obj.func, f"{path}.func"
-            yield from ((a, f"{path}.args[{i}]") for i, a in enumerate(obj.args))
-            yield from ((v, f"{path}.keywords[{k!r}]") for k, v in obj.keywords.items())
+            yield obj.func, ".func"
+            yield from ((a, f".args[{i}]") for i, a in enumerate(obj.args))
+            yield from ((v, f".keywords[{k!r}]") for k, v in obj.keywords.items())
         elif issubclass(kind, (list, tuple)):
             elements = (list if issubclass(kind, list) else tuple).__iter__(obj)
-            for i, value in enumerate(itertools.islice(elements, _MAX_PER_CONTAINER)):
-                yield value, f"{path}[{i}]"
+            yield from zip(itertools.islice(elements, _MAX_PER_CONTAINER), itertools.count())
         elif issubclass(kind, dict):
             for key, value in itertools.islice(dict.items(obj), _MAX_PER_CONTAINER):
-                yield value, f"{path}[{_key_text(key)}]"
+                yield value, (key,)
         else:
-            yield from _attributes(obj, path)
+            yield from _attributes(obj)
     except Exception:  # noqa: BLE001 - e.g. a slot that raises: look no further
         return
 
 
-def _function_children(fn: types.FunctionType, path: str) -> Iterator[tuple[Any, str]]:
+def _function_children(fn: types.FunctionType) -> Iterator[tuple[Any, str]]:
     code = fn.__code__
     for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
         try:
-            yield cell.cell_contents, f"{path}.{name}"
+            yield cell.cell_contents, f".{name}"
         except ValueError:  # an empty cell
             continue
     names = _global_names(code)
@@ -224,12 +343,12 @@ def _function_children(fn: types.FunctionType, path: str) -> Iterator[tuple[Any,
         value = fn.__globals__.get(name, _ABSENT)
         if issubclass(type(value), types.ModuleType):  # module.attr: the attributes it names
             attributes = vars(value)
-            yield from ((attributes[n], f"{path}.{name}.{n}") for n in names if n in attributes)
+            yield from ((attributes[n], f".{name}.{n}") for n in names if n in attributes)
         elif value is not _ABSENT:
-            yield value, f"{path}.{name}"
-    yield from ((d, f"{path}.__defaults__[{i}]") for i, d in enumerate(fn.__defaults__ or ()))
-    yield from ((v, f"{path}.{k}") for k, v in (fn.__kwdefaults__ or {}).items())
-    yield from ((v, f"{path}.{k}") for k, v in fn.__dict__.items())  # e.g. __wrapped__
+            yield value, f".{name}"
+    yield from ((d, f".__defaults__[{i}]") for i, d in enumerate(fn.__defaults__ or ()))
+    yield from ((v, f".{k}") for k, v in (fn.__kwdefaults__ or {}).items())
+    yield from ((v, f".{k}") for k, v in fn.__dict__.items())  # e.g. __wrapped__
 
 
 def _global_names(code: types.CodeType) -> dict[str, None]:
@@ -242,7 +361,7 @@ def _global_names(code: types.CodeType) -> dict[str, None]:
     return names
 
 
-def _attributes(obj: Any, path: str) -> Iterator[tuple[Any, str]]:
+def _attributes(obj: Any) -> Iterator[tuple[Any, str]]:
     """Instance attributes, read past any ``__getattr__`` or ``__getattribute__``."""
     try:
         attributes = object.__getattribute__(obj, "__dict__")
@@ -250,13 +369,13 @@ def _attributes(obj: Any, path: str) -> Iterator[tuple[Any, str]]:
         attributes = {}
     if issubclass(type(attributes), dict):
         for name, value in itertools.islice(dict.items(attributes), _MAX_PER_CONTAINER):
-            yield value, f"{path}.{name}"
+            yield value, f".{name}"
     for kind in type(obj).__mro__:
         slots = kind.__dict__.get("__slots__", ())
         for name in (slots,) if isinstance(slots, str) else slots:
             if name not in ("__dict__", "__weakref__"):
                 try:
-                    yield object.__getattribute__(obj, name), f"{path}.{name}"
+                    yield object.__getattribute__(obj, name), f".{name}"
                 except AttributeError:  # an empty slot
                     continue
 
@@ -282,13 +401,23 @@ def _reseed_monai(obj: Any, seed: int) -> None:
     which first draws OS entropy (80 us here); reseeding the object's own one
     in place gives the same state in 1 us.  What MONAI's overrides add (the
     seed passed on to the transforms they hold) the walk does itself: it found
-    those too.  The first time, the object may still use the class's shared
-    ``R``: then the method gives it its own."""
+    those too; an object holding what the walk left unwalked (a bound cut it
+    short) is reseeded through its own method instead (:func:`_walk`).  The
+    first time, the object may still use the class's shared ``R``: then the
+    method gives it its own."""
     state = object.__getattribute__(obj, "__dict__").get("R")
     if isinstance(state, np.random.RandomState):
         state.seed(seed)
     else:
         obj.set_random_state(seed=seed)
+
+
+def _propagates(kind: type) -> bool:
+    """Whether a MONAI class's ``set_random_state`` does more than set its own
+    ``R``: ``Compose``'s (``OneOf``, ``RandomOrder``...) reseeds the transforms
+    it holds, a dictionary transform's the array transform it wraps."""
+    method = getattr(kind, "set_random_state", None)
+    return getattr(method, "__qualname__", "") != "Randomizable.set_random_state"
 
 
 def _reseed_set_random_seed(obj: Any, seed: int) -> None:
@@ -451,9 +580,15 @@ def item_scope(seed: int | None, epoch: int, index: int, fn: Any = None) -> Iter
     imported); with ``fn``, also the random objects reachable from it, as the
     workers do (MONAI and albumentations transforms, generators: see the
     module's docstring).  ``seed=None`` draws a new seed: a new stream, not a
-    replay.
+    replay.  A walk of ``fn`` that a bound cut short is a ``RuntimeWarning``
+    (the workers' is logged by the loader, see :func:`report_notes`).
     """
-    objects = () if fn is None else find_random_objects(fn)
+    objects: tuple[RandomObject, ...] = ()
+    if fn is not None:
+        walk = _walk(fn)
+        if walk.note is not None:
+            warnings.warn(walk.note, RuntimeWarning, stacklevel=3)
+        objects = walk.objects
     with _Seeding(seed, (epoch, index), objects, globals_=True):
         yield
 
@@ -466,8 +601,11 @@ class WorkerRandomness:
     def __init__(self, seed: int, fn: Any, prepare: Any = None, globals_: bool = True) -> None:
         self._seed = seed
         self._globals = globals_  # the loader was given its seed: see the module docstring
-        self._fn_objects = find_random_objects(fn)
-        self._prepare_objects = () if prepare is None else find_random_objects(prepare, "prepare")
+        walks = [_walk(fn)] + ([] if prepare is None else [_walk(prepare, "prepare")])
+        self._fn_objects = walks[0].objects
+        self._prepare_objects = walks[1].objects if prepare is not None else ()
+        # what the walks left unwalked, for the parent to log (Ready.notes)
+        self.notes = tuple(w.note for w in walks if w.note is not None)
         if "torch" not in sys.modules:
             sys.meta_path.insert(0, _SeedTorchOnImport())
 
@@ -475,11 +613,22 @@ class WorkerRandomness:
         """The scope fn runs an item in."""
         return _Seeding(self._seed, (epoch, index), self._fn_objects, self._globals)
 
-    def prepare(self, index: int) -> contextlib.AbstractContextManager[None]:
-        """The scope prepare runs in: from the index alone, not the loader's
-        seed nor the epoch, so its draws are the same in every epoch and every
-        run, cached or not (a directory cache's key does not hold the seed)."""
-        return _PrepareSeeding(_PREPARE_SEED, (index,), self._prepare_objects, True)
+    def prepare(self, item: bytes | memoryview) -> contextlib.AbstractContextManager[None]:
+        """The scope prepare runs in, from the item itself: ``item`` is its
+        encoding as the task carries it (messages.item_bytes).  Not from its
+        index (prepare's results are cached by the item: an item at another
+        index, in another run or twice in a source, would get its first
+        index's draws when cached and other ones when not), nor the loader's
+        seed or the epoch (a directory cache's key holds neither), so its
+        draws are the same for the same item in every epoch and every run,
+        cached or not."""
+        return _PrepareSeeding(_prepare_entropy(item), (), self._prepare_objects, True)
+
+
+def _prepare_entropy(item: bytes | memoryview) -> int:
+    """A SeedSequence's entropy from an item's bytes (128 bits of blake2b)."""
+    digest = hashlib.blake2b(item, digest_size=16, person=b"mploader-prepare").digest()
+    return int.from_bytes(digest, "little")
 
 
 class _SeedTorchOnImport:

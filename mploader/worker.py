@@ -33,7 +33,7 @@ from .cache.stores import DirectoryStore, SharedMemoryStore
 from .errors import ResultNotCacheable, UnsupportedResult, short_repr
 from .layout import pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
-                       read_frame, write_frame)
+                       item_bytes, read_frame, write_frame)
 from .random_state import WorkerRandomness
 from .shipping import land
 from .slots import IDLE, PACKING, SlotWriter
@@ -113,14 +113,14 @@ class _TaskRunner:
     def _input(self, task: Task, position: int, index: int, item: Any) -> Any:
         """What fn gets: the item, or prepare's result for it, from the cache
         when it is there (prepare runs outside the item's random scope: it is
-        the deterministic stage, seeded per index, not per epoch)."""
+        the deterministic stage, seeded from the item itself, not its index or epoch)."""
         if self._prepare is None:
             return item
         found = None if self._store is None else self._store.fetch(task, position)
         if found is not None:
             return found
         try:
-            with self._random.prepare(index):
+            with self._random.prepare(item_bytes(task, position)):
                 prepared = self._prepare(item)
         except Exception as exc:
             raise _PrepareFailed from exc
@@ -271,7 +271,7 @@ def _serve(config: dict[str, Any]) -> int:
         write_frame(result_fd, StartFailed(dataclasses.replace(_failure(exc, None), stage=stage)))
         return 1
     slots = SlotWriter(config["arena_fd"], config["slots"], config["stride"])
-    write_frame(result_fd, Ready(pid=os.getpid()))
+    write_frame(result_fd, Ready(notes=randomness.notes))
     runner = _TaskRunner(fn, boot, slots, randomness, prepare, store)
     while True:
         try:

@@ -93,3 +93,72 @@ def die_once_on_5(flag: str):
 def prepare_with_randomness(i: int) -> float:
     """A prepare that draws random numbers (it should not: it is cached)."""
     return float(i + np.random.rand() + JITTER(0))
+
+
+def prepare_drawing(item) -> tuple:
+    """A prepare that draws from every source it is seeded with: the item and its draws."""
+    return item, float(np.random.rand()), random.random(), JITTER(0)
+
+
+def given(x):
+    """fn: what prepare gave."""
+    return x
+
+
+class Randomizable:
+    """MONAI's shape (monai.transforms.Randomizable): its own ``R``, which the
+    worker reseeds in place, as it does MONAI's (its method's module says
+    monai: see random_state._way_to_reseed)."""
+
+    def __init__(self) -> None:
+        self.R = np.random.RandomState(0)
+
+    def set_random_state(self, seed=None, state=None):
+        self.R = np.random.RandomState(seed)
+        return self
+
+    set_random_state.__module__ = "monai.transforms.transform"
+    set_random_state.__qualname__ = "Randomizable.set_random_state"
+
+    def __call__(self, x: float) -> float:
+        return float(x + self.R.random_sample())
+
+
+class Compose(Randomizable):
+    """MONAI's Compose's shape: its set_random_state passes seeds on to the
+    transforms it holds."""
+
+    def __init__(self, transforms: list) -> None:
+        super().__init__()
+        self.transforms = transforms
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        for t in self.transforms:
+            t.set_random_state(seed=int(self.R.randint(2**32, dtype="uint32")))
+        return self
+
+    set_random_state.__module__ = "monai.transforms.compose"
+    set_random_state.__qualname__ = "Compose.set_random_state"
+
+    def __call__(self, x: float) -> float:
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+
+class BesideBigData:
+    """fn holding big data beside its transforms: ``tables`` of plain values
+    (cheap for the walk), and ``lists``: ``width`` empty lists in each of 11,
+    each a value to walk into: 110,000 by default, more than the walk's budget,
+    spent before it reaches ``aug``'s transforms."""
+
+    def __init__(self, aug, width: int = 10_000) -> None:
+        self.tables = [{"case": f"case{i:05d}", "image": f"images/{i:05d}.nii.gz", "label": i % 3,
+                        "fold": i % 5, "age": 40.5, "sex": "F", "weight": 0.5, "site": None,
+                        "flag": True, "volume": np.zeros(2)} for i in range(20_000)]
+        self.lists = [[[] for _ in range(width)] for _ in range(11)]
+        self.aug = aug
+
+    def __call__(self, i: int) -> tuple:
+        return i, self.aug(i)

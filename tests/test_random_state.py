@@ -9,6 +9,7 @@ in ecosystem_tests/ (make test-ecosystem); here, objects of the same shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -238,3 +239,93 @@ def test_a_set_random_state_that_raises_fails_the_item_naming_the_object():
     assert "fn.broken" in message and "tests.random_objects.BrokenState" in message, message
     assert "set_random_state(seed=...)" in message, message
     assert "ValueError: this transform cannot be reseeded" in message, message
+
+
+def test_prepare_draws_follow_the_item_not_its_index_in_any_run_cached_or_not(tmp_path):
+    """prepare's results are cached by the item, so its draws come from the
+    item: a second run of a directory cache with the source reversed, or an
+    item twice in a source, gets what cache=None gives."""
+    def run(source, cache):
+        with MPLoader(ro.given, source, num_workers=1, seed=0, prepare=ro.prepare_drawing,
+                      cache=cache) as loader:
+            return list(loader)
+
+    fresh = run([0, 1, 2, 3], None)
+    assert len({row[1:] for row in fresh}) == 4
+    assert run([3, 2, 1, 0], None) == fresh[::-1]
+    directory = str(tmp_path / "cache")
+    assert run([0, 1, 2, 3], directory) == fresh
+    assert run([3, 2, 1, 0], directory) == fresh[::-1]  # hits, and cache=None agrees
+    twice = run(["a.nii", "b.nii", "a.nii"], None)
+    assert twice[0] == twice[2] != twice[1]
+    assert run(["a.nii", "b.nii", "a.nii"], "memory") == twice
+
+
+def test_big_plain_metadata_beside_the_transforms_costs_the_walk_little():
+    """Plain values (scalars, strings, arrays) are passed over, not counted
+    against the walk's budget: 200,000 of them beside a Compose leave its
+    transforms found, each reseeded in place."""
+    from mploader.random_state import _reseed_monai, _walk
+
+    fn = ro.BesideBigData(ro.Compose([ro.Randomizable(), ro.Randomizable()]), width=0)
+    start = time.perf_counter()
+    walk = _walk(fn)
+    assert time.perf_counter() - start < 0.5
+    assert walk.note is None
+    assert [(o.path, o.reseed) for o in walk.objects] == [
+        ("fn.aug", _reseed_monai), ("fn.aug.transforms[0]", _reseed_monai),
+        ("fn.aug.transforms[1]", _reseed_monai)]
+
+
+def _children_draws(fn, seed, index):
+    with item_scope(seed, 0, index, fn=fn):
+        return tuple(float(t.R.random_sample()) for t in fn.aug.transforms)
+
+
+def test_a_walk_cut_short_reseeds_a_monai_container_through_its_own_method_and_warns(
+        monkeypatch):
+    """Bounds that leave a found container's transforms unwalked (the budget,
+    elements per container, depth): the container is reseeded through its own
+    set_random_state, which passes seeds on, and a budget that stopped the
+    walk is a warning naming what it left."""
+    from mploader import random_state as rs
+
+    def fn_of(width=0):
+        return ro.BesideBigData(ro.Compose([ro.Randomizable() for _ in range(4)]), width)
+
+    cases = [  # (bound patched, fn, the transforms the walk still finds)
+        (None, lambda: fn_of(10_000), 0),  # 110,000 lists beside: the budget is spent
+        (("_MAX_PER_CONTAINER", 3), fn_of, 3),
+        (("_MAX_DEPTH", 1), fn_of, 0)]
+    for bound, make, reached in cases:
+        with monkeypatch.context() as patch:
+            if bound is not None:
+                patch.setattr(rs, *bound)
+            fn = make()
+            walk = rs._walk(fn)
+            assert [(o.path, o.reseed) for o in walk.objects] == [
+                ("fn.aug", rs._reseed_set_random_state),
+                *((f"fn.aug.transforms[{i}]", rs._reseed_monai) for i in range(reached))], bound
+            if bound is None:
+                assert "stopped at its budget" in walk.note, walk.note
+                assert "fn.aug.transforms" in walk.note and "item_rng()" in walk.note, walk.note
+                warned = pytest.warns(RuntimeWarning, match="stopped at its budget")
+            else:
+                assert walk.note is None, bound  # documented bounds, not a budget spent
+                warned = contextlib.nullcontext()
+            with warned:
+                draws = [_children_draws(fn, 0, i) for i in range(4)]
+                replayed = _children_draws(make(), 0, 1)
+            # every transform, reached or not, is reseeded per item, and replayed
+            assert len({d[-1] for d in draws}) == 4 and draws[1] == replayed, bound
+
+
+def test_the_loader_logs_a_walk_its_budget_stopped_once_and_the_output_stays_per_item(caplog):
+    fn = ro.BesideBigData(ro.Compose([ro.Randomizable(), ro.Randomizable()]))  # 110,000 lists
+    with caplog.at_level("WARNING", logger="mploader"):
+        one = _run(fn, num_workers=1, seed=0)
+        assert _run(fn, num_workers=2, seed=0) == one
+    assert len({value for _, value in one}) == 8
+    notes = [r.getMessage() for r in caplog.records if "stopped at its budget" in r.getMessage()]
+    assert len(notes) == 2, "once per loader, not once per worker"
+    assert "fn.aug.transforms" in notes[0], notes[0]
