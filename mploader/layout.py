@@ -176,10 +176,11 @@ def pack_items(results: list[Any], base: int = 0) -> tuple[tuple[Any, ...], list
     the slot: (trees, writes, bytes needed from the slot's start)."""
     writes: list[Write] = []
     end = base
+    torch = sys.modules.get("torch")  # once per call, not per leaf
 
     def leaf(value: Any, path: tuple) -> Any:
         nonlocal end
-        value = from_torch(value, path)
+        value = _from_torch(value, path, torch)
         if isinstance(value, np.ndarray):
             _check_array(value, path)
             offset = _aligned(end)
@@ -194,13 +195,13 @@ def pack_items(results: list[Any], base: int = 0) -> tuple[tuple[Any, ...], list
     return trees, writes, end
 
 
-def from_torch(value: Any, path: tuple, torch: Any = None) -> Any:
+def _from_torch(value: Any, path: tuple, torch: Any) -> Any:
     """A CPU ``torch.Tensor`` leaf as the numpy array over its memory (no copy,
     no cast; a subclass such as MONAI's ``MetaTensor`` as a plain tensor, its
     metadata left behind); any other value unchanged.  A tensor numpy cannot
     hold as it is (on a device, sparse or nested, bfloat16) is an error naming
-    the leaf.  ``torch``: the module, when the caller looked it up already."""
-    torch = torch or sys.modules.get("torch")  # only if fn's own code imported it
+    the leaf.  ``torch``: the module when the worker has it (fn's own code
+    imported it; mploader never does), else None: looked up once per result."""
     if torch is None or not isinstance(value, torch.Tensor):
         return value
     where = f"fn returned a torch tensor at {path_text(path)}"
@@ -277,7 +278,7 @@ class _Item:
                 self._walk(part, path + (key,), padded, torch)
         else:
             try:
-                value = from_torch(value, path, torch)
+                value = _from_torch(value, path, torch)
                 self.kinds[path] = _kind(value, path, padded)
             except UnsupportedResult:
                 raise

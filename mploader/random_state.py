@@ -398,8 +398,8 @@ def _reseed_set_random_state(obj: Any, seed: int) -> None:
 
 def _reseed_monai(obj: Any, seed: int) -> None:
     """MONAI's ``set_random_state(seed)`` makes a new ``RandomState(seed)``,
-    which first draws OS entropy (80 us here); reseeding the object's own one
-    in place gives the same state in 1 us.  What MONAI's overrides add (the
+    which first draws OS entropy, an order of magnitude dearer than reseeding
+    the object's own one in place, which gives the same state.  What MONAI's overrides add (the
     seed passed on to the transforms they hold) the walk does itself: it found
     those too; an object holding what the walk left unwalked (a bound cut it
     short) is reseeded through its own method instead (:func:`_walk`).  The
@@ -513,7 +513,7 @@ def _seed_torch(seed: int) -> None:
     generator = getattr(torch, "default_generator", None)
     if generator is None:  # torch is not imported, or is being imported
         return
-    generator.manual_seed(seed)  # torch.manual_seed costs 90 us here, for devices' lazy seeds
+    generator.manual_seed(seed)  # not torch.manual_seed: it also seeds every device, lazily
     cuda = getattr(torch, "cuda", None)
     if cuda is not None and cuda.is_initialized():
         cuda.manual_seed_all(seed)
@@ -639,7 +639,7 @@ class _SeedTorchOnImport:
     default seed, the same in every worker: the first items of two workers
     would get the same augmentation.  It looks at the top-level ``import
     torch`` only, then leaves ``sys.meta_path`` (a finder needs only
-    ``find_spec``: importlib.abc would cost every worker 4 ms to import).
+    ``find_spec``: importing importlib.abc would slow every worker's start).
     """
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
