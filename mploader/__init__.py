@@ -18,9 +18,11 @@ Where things live, by side (each module's docstring says why it is so):
     samples.py         batches of the samples of a generator fn (they span items)
     bottleneck.py      where a pass's time went, and a hint
     interrupts.py      Ctrl-C while another thread (TensorFlow's) runs the consumer
-  the worker pool
-    pool.py            the worker processes: one state machine each, start, watch, stop
-                       (NOTE [Shutdown], the lock rule)
+  the worker pool, behind a backend seam
+    backend.py         the contract between the pipeline and whatever runs the workers:
+                       ordering, who owns a result's memory, what a death looks like
+    pool.py            the local backend, worker processes: one state machine each,
+                       start, watch, stop (NOTE [Shutdown], the lock rule)
     resources.py       the descriptor and address-space budget of a pool
     memory_deaths.py   whether a killed worker was killed for memory, and its last RSS
   the workers' side
@@ -36,11 +38,14 @@ Where things live, by side (each module's docstring says why it is so):
 
 The data path of one element:
 
-    source --(items, in the epoch's order: epochs.py)--> passes.py --(tasks)--> pool.py
+    source --(items, in the epoch's order: epochs.py)--> passes.py --(tasks)--> backend
+                                                                           (pool.py)
       --> worker.py: fn(item) under its random state, result laid out (layout.py)
           in the worker's shared-memory slot (slots.py)
-      --(Result: where in the slot)--> passes.py: reordered, errors at their positions
+      --(Result: where in the slot)--> passes.py: reordered, errors at their positions,
+          each value with its Record (the steps of the epoch it completes)
       --> for x in loader   |   tf/adapter.py: from_generator, signature checked
+          (the epoch's progress advances by the Record when the consumer takes the value)
 """
 from typing import TYPE_CHECKING, Any
 

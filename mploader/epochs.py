@@ -145,6 +145,30 @@ class Plan:
                 yield step, index, source.item(index)
 
 
+@dataclass(frozen=True)
+class Record:
+    """What handing out one element completes of its epoch: it travels with
+    the element, and the epoch's progress advances when the consumer takes
+    the element (``Progress.apply``), not when the pass makes it.
+
+    ``handed``: steps whose items are now wholly out (the element's own, and
+    those of items skipped just before it); ``sampled``: one step per sample
+    out of an item not finished yet; ``ended``: the pass ran to its end.  A
+    batch gathered in the parent carries the sum of its samples' records.
+    """
+    epoch: int
+    handed: tuple[int, ...] = ()
+    sampled: tuple[int, ...] = ()
+    ended: bool = False
+
+    def __add__(self, other: Record) -> Record:
+        return Record(self.epoch, self.handed + other.handed, self.sampled + other.sampled,
+                      self.ended or other.ended)
+
+    def __bool__(self) -> bool:
+        return bool(self.handed or self.sampled or self.ended)
+
+
 class Progress:
     """The steps of one pass handed out so far: a prefix, and the steps beyond it.
 
@@ -167,10 +191,19 @@ class Progress:
         # once the consumer took it (tf/grouping.py); state() runs it first.
         self.settle: Callable[[], None] | None = None
 
-    def sampled(self, step: int) -> None:
-        """One more sample of the item at ``step`` is out (not its last)."""
+    def apply(self, record: Record) -> None:
+        """The consumer took the element ``record`` came with: samples first
+        (an item's last sample, in the same record, then ends it), then steps."""
+        if record.epoch != self.plan.epoch:
+            raise AssertionError(f"a record of epoch {record.epoch} applied to the "
+                                 f"progress of epoch {self.plan.epoch}")
         with self._lock:
-            self.partial[step] = self.partial.get(step, 0) + 1
+            for step in record.sampled:
+                self.partial[step] = self.partial.get(step, 0) + 1
+        if record.handed:
+            self.handed(record.handed)
+        if record.ended:
+            self.ended = True
 
     def handed(self, steps: tuple[int, ...]) -> None:
         with self._lock:
@@ -184,10 +217,6 @@ class Progress:
             while self.prefix in self.ahead:
                 self.ahead.discard(self.prefix)
                 self.prefix += 1
-
-    def end(self, _: Any = None) -> None:
-        """The pass ran to its end."""
-        self.ended = True
 
     def done(self) -> bool:
         total = self.plan.steps()

@@ -118,7 +118,8 @@ class WorkerDied(MPLoaderError):
     Attributes: ``worker_id``, ``pid``, ``returncode`` (negative: the signal
     number, as ``subprocess`` reports it), ``signal_name`` (``"SIGKILL"`` or
     ``None``), ``exitcode`` (``None`` when killed by a signal), ``indices`` (the
-    source indices that were in flight on it).
+    source indices it owed that are not handed out: the items of its task
+    that it had finished go out before the error, run again elsewhere).
     """
 
     def __init__(self, worker_id: int, pid: int, returncode: int | None,
@@ -130,7 +131,7 @@ class WorkerDied(MPLoaderError):
         self.exitcode = returncode if returncode is not None and returncode >= 0 else None
         self.indices = tuple(indices)
         text = (f"worker {worker_id} (pid {pid}) {describe_exit(returncode)} "
-                f"with source indices {list(self.indices)} in flight")
+                f"owing source indices {list(self.indices)}")
         if detail:
             text += f"; {detail}"
         super().__init__(text)

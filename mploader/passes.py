@@ -29,6 +29,7 @@ A pass holds its loader only weakly (the loader holds its current pass), so
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -43,11 +44,11 @@ from typing import Any, Callable
 from . import interrupts
 from .bottleneck import PassClock
 from .cache.index import Cache
-from .epochs import Progress
+from .epochs import Progress, Record
 from .errors import (ItemNotPicklable, MPLoaderError, PaddingDoesNotFit, PassAbandoned,
                      WorkerDied, WorkerError, WorkerTimeout, not_the_owner, short_repr)
 from .messages import Failure, ItemEncoder, Result, Task
-from .pool import Delivered, Died, WorkerPool
+from .backend import Backend, Delivered, Died
 
 log = logging.getLogger("mploader")
 
@@ -123,8 +124,10 @@ class Feed:
     """
 
     def __init__(self, items: Iterator[tuple[int, int, Any]], options: Options,
-                 cache: Cache | None) -> None:
+                 cache: Cache | None, pass_id: int, epoch: int) -> None:
         self._items = items           # (step, source index, item), in the epoch's order
+        self._pass_id = pass_id
+        self._epoch = epoch
         self._opt = options
         self._cache = cache
         self._chunk_items = options.batch_size if options.stacked else 1  # grows if tiny
@@ -141,6 +144,10 @@ class Feed:
     def done(self) -> bool:
         """Every chunk was made and none waits to be sent again."""
         return self._source_done and not self.retry
+
+    def halt(self) -> None:
+        """Make no new chunk: the pass ends at an error (chunks to run again still go)."""
+        self._source_done = True
 
     def next_chunk(self) -> Chunk | None:
         if self.retry:
@@ -177,6 +184,12 @@ class Feed:
                      steps=tuple(step for step, _, _ in read),
                      keys=(self._cache.keys(tuple(items[:len(read)]), encoded, ends)
                            if self._cache is not None else ()))
+
+    def task(self, chunk: Chunk, slot: int, capacity: int) -> Task:
+        """The message that sends ``chunk`` to a worker, its result into ``slot``."""
+        return Task((self._pass_id, chunk.seq), slot, capacity, self._epoch, chunk.indices,
+                    chunk.encoded, chunk.ends, chunk.keys,
+                    self._cache.lookup(chunk.keys) if self._cache is not None else ())
 
     def learn(self, delivered: Delivered) -> None:
         """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
@@ -218,6 +231,7 @@ class Reorder:
         self._drop_samples = dict(progress.plan.partial) if progress is not None else {}
         self.next_seq = 0                    # ordered: the seq to yield next
         self._empty: dict[int, tuple[int, ...]] = {}  # seq -> steps, every item skipped
+        self._fail: dict[int, MPLoaderError] = {}  # seq -> the death to raise after it
 
     @property
     def waiting(self) -> bool:
@@ -231,27 +245,47 @@ class Reorder:
         """Task ``seq`` will give nothing: every item was dropped after deaths."""
         self._empty[seq] = steps
 
+    def fail(self, seq: int, error: MPLoaderError, rerun: bool) -> None:
+        """A worker died running task ``seq``: ``error`` comes right after
+        what the task still gives (``rerun``: its items before the one it
+        died on, run again), and after every task before it when ordered."""
+        self._fail[seq] = error
+        if rerun:
+            return
+        if self._opt.ordered:
+            self.all_skipped(seq, ())
+        else:
+            self._unpack_failure(seq, None)
+
     def next_entry(self) -> tuple[int, int | None, tuple[int, ...], Any, int | None] | None:
         """The next entry, or None until the result it needs arrives."""
         while not self.pending:
             if self._opt.ordered and self.next_seq in self._empty:
-                steps = self._empty.pop(self.next_seq)
+                self.pending.append((-1, None, self._empty.pop(self.next_seq), _NOTHING, None))
+                self._unpack_failure(self.next_seq, None)
                 self.next_seq += 1
-                return (-1, None, steps, _NOTHING, None)
-            if not self._ready:
-                return None
-            seq = self.next_seq if self._opt.ordered else next(iter(self._ready))
-            if seq not in self._ready:
-                return None
-            if self._opt.ordered:
-                self.next_seq += 1
-            self._unpack(self._ready.pop(seq))
+            else:
+                if not self._ready:
+                    return None
+                seq = self.next_seq if self._opt.ordered else next(iter(self._ready))
+                if seq not in self._ready:
+                    return None
+                if self._opt.ordered:
+                    self.next_seq += 1
+                self._unpack_failure(seq, self._ready.pop(seq))
         return self.pending.popleft()
+
+    def _unpack_failure(self, seq: int, delivered: Delivered | None) -> None:
+        """Queue task ``seq``'s entries, then the death that ended it, if any."""
+        if delivered is not None:
+            self._unpack(delivered)
+        if seq in self._fail:
+            self.pending.append((-1, None, (), _Death(self._fail.pop(seq)), None))
 
     def drop(self) -> None:
         """Give back the slots of results never yielded (the pass ends)."""
         for delivered in self._ready.values():
-            delivered.handle.ring.release(delivered.result.slot)
+            delivered.release()
         self._ready.clear()
         self.pending.clear()
 
@@ -264,19 +298,19 @@ class Reorder:
         killed workers ride on an entry of their own.
         """
         result, chunk = delivered.result, delivered.sent
-        ring, worker_id = delivered.handle.ring, delivered.handle.worker_id
+        worker_id = delivered.handle.worker_id
         step_of = dict(zip(chunk.indices, chunk.steps))
         # (sort key, index, steps handed out, outcome, step part-way or None)
         failures = [((step_of[f.index], f.sample or 0), f.index, (step_of[f.index],),
                      _named(f, chunk), None) for f in result.failures]
         if result.tree is None and not self._opt.samples:
-            ring.release(result.slot)
+            delivered.release()
             values = []
         elif result.tree is None:  # items that yielded no sample, or failed
-            ring.release(result.slot)
+            delivered.release()
             values = self._samples(result, step_of, [])
         elif self._opt.stacked and self._short_batch_dropped(result):
-            ring.release(result.slot)
+            delivered.release()
             values = []
             # Its skips, then its good items as skipped too; the last hands out the steps.
             dropped = [_dropped_with_batch(index, chunk) for index in result.indices]
@@ -284,16 +318,16 @@ class Reorder:
                 ((math.inf, 0), f.index, chunk.steps if f is dropped[-1] else (),
                  f, None) for f in dropped]
         elif self._opt.stacked:  # one batch stacked by the worker; its failures first
-            batch = ring.open_result(result.slot, result.nbytes, result.tree)
+            batch = delivered.open(result.tree)
             values = [((math.inf, 0), result.indices[0], chunk.steps + chunk.dropped, batch,
                        None)]
             failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures]
         elif len(result.tree) == 1 and len(result.indices) == 1 and not failures:  # views
             step = step_of[result.indices[0]]
-            value = ring.open_result(result.slot, result.nbytes, result.tree[0])
+            value = delivered.open(result.tree[0])
             values = [((step, 0), result.indices[0], (step,), value, None)]
         else:
-            trees = ring.open_result(result.slot, result.nbytes, result.tree, copy=True)
+            trees = delivered.open(result.tree, copy=True)
             values = self._samples(result, step_of, trees)
         self._stats.items += len(result.indices)
         outcomes = values + failures
@@ -335,18 +369,18 @@ class Reorder:
 class Pass(Iterator[Any]):
     """Iterator over one pass; see the module docstring."""
 
-    def __init__(self, pool: WorkerPool, items: Iterator[tuple[int, int, Any]], pass_id: int,
+    def __init__(self, pool: Backend, items: Iterator[tuple[int, int, Any]], pass_id: int,
                  epoch: int, options: Options, stats: Stats, skipped: list[Skipped] | None,
-                 discard_pool: Callable[[WorkerPool], None], progress: Progress | None = None,
+                 discard_pool: Callable[[Backend], None], progress: Progress | None = None,
                  route_interrupts: bool = False, cache: Cache | None = None,
                  clock: PassClock | None = None) -> None:
         self._pool = pool
         self.clock = clock            # where its time goes (bottleneck.py); None: a probe
         self._cache = cache
-        self._feed = Feed(items, options, cache)  # the epoch's items, cut into chunks
+        self._feed = Feed(items, options, cache, pass_id, epoch)  # the items, as tasks
         self.progress = progress      # None: a probe, which hands out nothing for good
         self._pass_id = pass_id
-        self._epoch = epoch
+        self.epoch = epoch            # the epoch whose steps its records name
         self._opt = options
         self._stats = stats
         self._skipped = skipped   # None: skips are not recorded (a probe)
@@ -359,19 +393,44 @@ class Pass(Iterator[Any]):
         self._abandoned = False
         self._recovery = Recovery(options, pool)  # what a worker's death means
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
-        self._held: list[tuple[Callable[[Any], None], Any]] | None = None  # see hold()
+        # What the pass handed out since its last value: the next value's record.
+        self._handed: list[int] = []
+        self._sampled: list[int] = []
+        self._ended = False
         interrupts.forget_pending()
 
     # -- iteration ---------------------------------------------------------------
 
     def __next__(self) -> Any:
-        return self._pull(wait=True)
+        """The next value, counted as taken at once (its record applied)."""
+        try:
+            value, record = self.take()
+        except BaseException:
+            self.apply(self.leftover())  # skips before the end or the error are out
+            raise
+        self.apply(record)
+        return value
 
-    def next_if_ready(self) -> Any:
-        """The next value if it is here without waiting on a worker, else
-        ``NOT_READY``; raises like ``next()`` (a consumer that takes several
-        values per call: tf/adapter.py)."""
-        return self._pull(wait=False)
+    def take(self, wait: bool = True) -> tuple[Any, Record]:
+        """(next value, its record) for a consumer that counts the value as
+        taken later, by applying the record itself (a batch gathered in the
+        parent, TensorFlow's buffer: tf/grouping.py).  Without ``wait``, the
+        value is ``NOT_READY`` unless it is here without waiting on a worker.
+        Raises like ``next()``; what the pass handed out with no value after
+        it (the pass's end, skipped items) is then :meth:`leftover`."""
+        value = self._pull(wait)
+        return value, (self.leftover() if value is not NOT_READY else Record(self.epoch))
+
+    def leftover(self) -> Record:
+        """What the pass handed out since the last value's record."""
+        record = Record(self.epoch, tuple(self._handed), tuple(self._sampled), self._ended)
+        self._handed, self._sampled, self._ended = [], [], False
+        return record
+
+    def apply(self, record: Record) -> None:
+        """The consumer took what ``record`` describes (a probe counts nothing)."""
+        if self.progress is not None and record:
+            self.progress.apply(record)
 
     def _pull(self, wait: bool) -> Any:
         if _forked and os.getpid() != self._pool.owner_pid:
@@ -409,14 +468,12 @@ class Pass(Iterator[Any]):
             found = self._take_ready()
             if found is not None:
                 return found[0]
-            in_flight = self._in_flight()
+            in_flight = self._pool.owes(self._pass_id)
             if self._feed.done and not self._order.waiting and not in_flight:
-                for handle in self._pool.live():
-                    handle.ring.shrink()  # the pass's bursts are over (see slots.py)
+                self._pool.shrink()  # the pass's bursts are over (see slots.py)
                 if self._feed.error is not None:
                     raise self._feed.error  # at its position: every item before it is out
-                if self.progress is not None:
-                    self._record(self.progress.end, None)
+                self._ended = True
                 raise StopIteration
             if self._pool.closing:  # closed re-entrantly (a signal handler) during a wait
                 raise _abandoned()
@@ -463,31 +520,19 @@ class Pass(Iterator[Any]):
         while True:
             sent = False
             for handle in self._pool.live():
-                if len(handle.outstanding) >= self._opt.prefetch:
+                if not self._pool.has_room(handle, self._opt.prefetch):
                     continue
                 if (self._opt.ordered and not self._feed.retry
                         and self._feed.next_task >= self._order.next_seq + self._window):
                     return  # far enough ahead of the item the consumer waits for
-                slot = handle.ring.acquire()
-                if slot is None:
-                    continue
                 chunk = self._feed.next_chunk()
                 if chunk is None:
-                    handle.ring.release(slot)
                     return
-                task = Task((self._pass_id, chunk.seq), slot, handle.ring.capacity[slot],
-                            self._epoch, chunk.indices, chunk.encoded, chunk.ends, chunk.keys,
-                            self._cache.lookup(chunk.keys) if self._cache is not None else ())
-                self._pool.send(handle, task, chunk)
+                self._pool.send(handle, functools.partial(self._feed.task, chunk), chunk)
                 self._stats.tasks += 1
                 sent = True
             if not sent:
                 return
-
-    def _in_flight(self) -> bool:
-        # Every worker, KILLED ones too: a timed-out item's death is still to come.
-        return any(key[0] == self._pass_id
-                   for h in self._pool.workers for key in h.outstanding)
 
     # -- results ---------------------------------------------------------------------
 
@@ -498,11 +543,13 @@ class Pass(Iterator[Any]):
             if entry is None:
                 return None
             worker_id, index, steps, outcome, sampled = entry
+            if isinstance(outcome, _Death):
+                raise outcome.error  # at its position: the items before it are out
             if isinstance(outcome, Failure):
                 self._report(worker_id, outcome)  # raises, unless skipped
             self._hand_out(steps)
-            if sampled is not None and self.progress is not None:
-                self._record(self.progress.sampled, sampled)
+            if sampled is not None:
+                self._sampled.append(sampled)
             if outcome is _NOTHING or isinstance(outcome, Failure):
                 continue
             self.last_index = index
@@ -511,29 +558,7 @@ class Pass(Iterator[Any]):
             return (outcome,)
 
     def _hand_out(self, steps: tuple[int, ...]) -> None:
-        if self.progress is not None and steps:
-            self._record(self.progress.handed, steps)
-
-    def _record(self, update: Callable[[Any], None], arg: Any) -> None:
-        if self._held is None:
-            update(arg)
-        else:
-            self._held.append((update, arg))
-
-    def hold(self) -> None:
-        """Count nothing as handed out until :meth:`commit` (a batch being gathered)."""
-        self._held = []
-
-    def take_held(self) -> list[tuple[Callable[[Any], None], Any]]:
-        """What was held so far, to apply later; the pass goes on holding."""
-        held, self._held = self._held or [], []
-        return held
-
-    def commit(self, apply: bool = True) -> None:
-        """Count what was held as handed out (or, without ``apply``, forget it)."""
-        held, self._held = self._held or [], None
-        for update, arg in held if apply else ():
-            update(arg)
+        self._handed.extend(steps)
 
     def _report(self, worker_id: int, failure: Failure) -> None:
         if self._opt.on_error == "raise" or failure.exc_type == _SETTINGS_ERROR:
@@ -556,7 +581,7 @@ class Pass(Iterator[Any]):
         if self._cache is not None and delivered.sent is not None:  # whoever's pass it was
             self._cache.learn(delivered.sent.indices, delivered.sent.keys, delivered.result)
         if key[0] != self._pass_id:
-            delivered.handle.ring.release(delivered.result.slot)  # from an abandoned pass
+            delivered.release()  # from an abandoned pass
             return
         self._order.add(key[1], delivered)
         self._recovery.result_arrived()
@@ -566,40 +591,54 @@ class Pass(Iterator[Any]):
     # -- deaths and timeouts ------------------------------------------------------------
 
     def _on_death(self, died: Died) -> None:
-        """Raise WorkerDied (WorkerTimeout when the pool killed it for a timeout),
-        or replace the worker and queue its items again (Recovery decides)."""
-        handle = died.handle
-        lost = [sent.payload for sent in died.lost if sent.task.key[0] == self._pass_id]
-        error, dropped = self._recovery.judge(died, lost, self._pass_id)
-        for skipped in dropped:
+        """Carry out what Recovery decides: a new worker, items to run again,
+        the death as an error at its position."""
+        lost = sorted((sent.payload for sent in died.lost if sent.task.key[0] == self._pass_id),
+                      key=lambda chunk: chunk.seq)
+        verdict = self._recovery.judge(died, lost, self._pass_id)
+        for skipped in verdict.dropped:
             self._skip(skipped)
-        log.warning("%s; starting a new worker %d and running its items again",
-                    error, handle.worker_id)
-        self._pool.replace(handle)
-        doomed = {skipped.index for skipped in dropped}
-        for chunk in sorted(lost, key=lambda c: c.seq):
-            chunk = _without(chunk, doomed)
-            if chunk.indices:
-                self._feed.retry.append(chunk)
-            elif self._opt.ordered:  # every item skipped: nothing to wait for
+        if verdict.replace:
+            self._pool.replace(died.handle)
+            self._stats.restarts += 1
+        self._feed.retry.extend(verdict.rerun)
+        for chunk in verdict.skipped_whole:  # every item dropped: nothing to wait for
+            if self._opt.ordered:
                 self._order.all_skipped(chunk.seq, chunk.dropped)
             else:
                 self._hand_out(chunk.dropped)
-        self._stats.restarts += 1
+        if verdict.fail is not None:
+            seq, error, rerun = verdict.fail
+            self._feed.halt()  # nothing after the error will be handed out
+            self._order.fail(seq, error, rerun)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a worker's death means for the pass (Recovery.judge)."""
+    replace: bool                         # start a new worker in its place
+    rerun: tuple[Chunk, ...] = ()         # chunks to run again, in order
+    skipped_whole: tuple[Chunk, ...] = ()  # chunks whose every item was dropped
+    dropped: tuple[Skipped, ...] = ()     # items dropped after they ended workers
+    fail: tuple[int, MPLoaderError, bool] | None = None  # (seq, error, rerun part of it)
 
 
 class Recovery:
     """What a worker's death means for a pass.
 
-    With ``on_worker_death="raise"`` it is the pass's end: WorkerDied (or
-    WorkerTimeout) naming the worker and the items it owed.  With
-    ``"restart"`` the worker is replaced and its items run again, except an
-    item that has ended ``_MAX_ITEM_STRIKES`` workers (raised, or dropped under
+    With ``on_worker_death="raise"`` it ends the pass with WorkerDied (or
+    WorkerTimeout) naming the worker and the items it owed, *at its
+    position*: the items of its task before the one it died on were finished
+    but never sent (a task's results travel together), so they run again on
+    another worker (a new one if none is left) and go out first, in order
+    after every task before it; then the error.  With ``"restart"`` the
+    worker is replaced and its items run again, except an item that has
+    ended ``_MAX_ITEM_STRIKES`` workers (raised, or dropped under
     ``on_error="skip"``), and unless workers keep dying with no result in
     between (then the pass ends: a restart loop would never).
     """
 
-    def __init__(self, options: Options, pool: WorkerPool) -> None:
+    def __init__(self, options: Options, pool: Backend) -> None:
         self._opt = options
         self._pool = pool
         self._strikes: dict[int, int] = {}  # source index -> workers it killed
@@ -608,21 +647,16 @@ class Recovery:
     def result_arrived(self) -> None:
         self._fruitless = 0
 
-    def judge(self, died: Died, lost: list[Chunk], pass_id: int
-              ) -> tuple[MPLoaderError, list[Skipped]]:
-        """(the death as an error, the items to drop) when the pass goes on
-        with a new worker; raises when it cannot."""
+    def judge(self, died: Died, lost: list[Chunk], pass_id: int) -> Verdict:
+        """The verdict on a death whose lost chunks of this pass are ``lost``
+        (in order); raises when the pass cannot go on at all."""
         handle = died.handle
         indices = tuple(i for chunk in lost for i in chunk.indices)
-        overdue = died.overdue
-        error = (WorkerTimeout(handle.worker_id, handle.pid, overdue.index, overdue.elapsed,
-                               overdue.limit, indices) if overdue
-                 else WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
-                                 detail=died.memory))
         self._pool.raise_if_failed()  # it died before it was ready: fatal to the pool
-        if self._opt.on_worker_death != "restart":
-            raise error
         blamed = died.blamed if died.blamed_key and died.blamed_key[0] == pass_id else ()
+        if self._opt.on_worker_death != "restart":
+            return self._at_position(died, lost, blamed)
+        error = _death_error(died, indices)
         dropped = []
         for index in blamed:
             self._strikes[index] = self._strikes.get(index, 0) + 1
@@ -641,7 +675,41 @@ class Recovery:
             raise WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
                              detail="workers keep dying between items with no result "
                                     "in between, so they are not restarted again") from error
-        return error, dropped
+        log.warning("%s; starting a new worker %d and running its items again",
+                    error, handle.worker_id)
+        doomed = {skipped.index for skipped in dropped}
+        chunks = [_without(chunk, doomed) for chunk in lost]
+        return Verdict(True, tuple(c for c in chunks if c.indices),
+                       tuple(c for c in chunks if not c.indices), tuple(dropped))
+
+    def _at_position(self, died: Died, lost: list[Chunk], blamed: tuple[int, ...]) -> Verdict:
+        """Raise mode: the death's error after the items before the one the
+        worker died on (``blamed``; unknown: its first lost task is where it
+        stopped), naming the items it owed that are not handed out.  A worker
+        batch is whole or nothing, so a batch it died in fails whole."""
+        if not lost:  # it owed this pass nothing: no position to wait for
+            raise _death_error(died, ())
+        failing = next((c for c in lost if blamed and blamed[0] in c.indices), lost[0])
+        earlier = tuple(c for c in lost if c.seq < failing.seq)  # retried, then lost again
+        before = ()
+        if blamed and not self._opt.stacked and blamed[0] in failing.indices:
+            unfinished = failing.indices[failing.indices.index(blamed[0]):]
+            if len(unfinished) < len(failing.indices):
+                before = (_without(failing, set(unfinished), handed=False),)
+        rerun = earlier + before
+        owed = [i for chunk in lost if chunk.seq >= failing.seq for i in chunk.indices]
+        error = _death_error(died, tuple(owed[len(before[0].indices) if before else 0:]))
+        return Verdict(bool(rerun) and not self._pool.live(), rerun,
+                       fail=(failing.seq, error, bool(before)))
+
+
+def _death_error(died: Died, indices: tuple[int, ...]) -> MPLoaderError:
+    handle, overdue = died.handle, died.overdue
+    if overdue is not None:
+        return WorkerTimeout(handle.worker_id, handle.pid, overdue.index, overdue.elapsed,
+                             overdue.limit, indices)
+    return WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
+                      detail=died.memory)
 
 
 _forked = False  # True in a child forked from this process: only then ask for the pid
@@ -655,9 +723,17 @@ def _note_fork() -> None:
 os.register_at_fork(after_in_child=_note_fork)
 
 
-_NOTHING = object()
+_NOTHING = object()  # a pending entry that hands out steps and yields no value
+
+
+@dataclass(frozen=True)
+class _Death:
+    """A pending entry: the worker death (raise mode) that ends the pass here."""
+    error: MPLoaderError
+
+
 # A failure that says the loader's settings do not fit (layout.py): raised even under "skip".
-_SETTINGS_ERROR = f"{PaddingDoesNotFit.__module__}.{PaddingDoesNotFit.__qualname__}"  # a pending entry that hands out steps and yields no value
+_SETTINGS_ERROR = f"{PaddingDoesNotFit.__module__}.{PaddingDoesNotFit.__qualname__}"
 NOT_READY = object()  # next_if_ready(): no value without waiting
 
 
@@ -668,8 +744,9 @@ def _abandoned() -> PassAbandoned:
         "second MPLoader for concurrent passes)")
 
 
-def _without(chunk: Chunk, indices: set[int]) -> Chunk:
-    """``chunk`` less the items at ``indices`` (encoded again), their steps dropped."""
+def _without(chunk: Chunk, indices: set[int], handed: bool = True) -> Chunk:
+    """``chunk`` less the items at ``indices`` (encoded again); with
+    ``handed`` their steps count as handed out with the chunk (dropped)."""
     if not indices.intersection(chunk.indices):
         return chunk
     entries = list(zip(chunk.indices, chunk.items, chunk.steps))
@@ -679,7 +756,8 @@ def _without(chunk: Chunk, indices: set[int]) -> Chunk:
     keys = dict(zip(chunk.indices, chunk.keys))
     return Chunk(chunk.seq, tuple(i for i, _, _ in kept), tuple(item for _, item, _ in kept),
                  *encoder.finish(), steps=tuple(step for _, _, step in kept),
-                 dropped=chunk.dropped + tuple(s for i, _, s in entries if i in indices),
+                 dropped=chunk.dropped + (tuple(s for i, _, s in entries if i in indices)
+                                          if handed else ()),
                  keys=tuple(keys[i] for i, _, _ in kept) if chunk.keys else ())
 
 

@@ -1,4 +1,6 @@
-"""The worker pool and its lifecycle: start, watch, stop.
+"""The local worker pool and its lifecycle: start, watch, stop.
+
+The backend (backend.py) for worker processes on this host.
 
 Data flow (one loader)::
 
@@ -114,6 +116,7 @@ from multiprocessing import connection
 from typing import Any, Callable
 
 from . import messages, resources
+from .backend import Delivered, Died, Outstanding, Overdue
 from .cache.index import MemoryCache
 from .errors import MPLoaderError, WorkerDied, WorkerError
 from .memory_deaths import SAMPLE_EVERY_S, MemoryWatch
@@ -146,21 +149,6 @@ class State(enum.Enum):
 _LIVE = (State.STARTING, State.READY)
 
 
-@dataclass(frozen=True)
-class Outstanding:
-    """A task sent to a worker whose Result has not been read yet."""
-    task: Task
-    payload: Any  # the sender's own record of it, handed back with its result or death
-
-
-@dataclass(frozen=True)
-class Overdue:
-    """Why the pool killed a worker: source ``index`` ran ``elapsed`` s > ``limit``."""
-    index: int
-    elapsed: float
-    limit: float
-
-
 @dataclass(eq=False)
 class WorkerHandle:
     """The parent's end of one worker: its process, pipes, arena and state."""
@@ -183,30 +171,6 @@ class WorkerHandle:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-
-@dataclass(frozen=True)
-class Delivered:
-    """Event: a worker's Result.  Holding ``handle`` keeps the slot's memory valid."""
-    handle: WorkerHandle
-    result: Result
-    sent: Any                # the payload given to send(), None if unknown
-    wire_bytes: int          # size of the message on the pipe
-
-
-@dataclass(frozen=True)
-class Died:
-    """Event: a worker exited.  ``lost`` are the tasks it owed, in send order;
-    ``blamed`` the source indices it was running, of task ``blamed_key`` (empty
-    when it died between items); ``overdue`` is set when the pool killed it for
-    a timeout."""
-    handle: WorkerHandle
-    returncode: int
-    lost: tuple[Outstanding, ...]
-    blamed_key: tuple[int, int] | None
-    blamed: tuple[int, ...]
-    overdue: Overdue | None
-    memory: str = ""         # for a SIGKILL: out of memory or not, and the last RSS
 
 
 class _Spawner:
@@ -283,40 +247,12 @@ class WorkerPool:
             raise
 
     def _start_worker(self, worker_id: int) -> WorkerHandle:
-        """Spawn one worker; on any failure, everything made here is closed again."""
-        with contextlib.ExitStack() as undo:
-            task_r, task_w = os.pipe2(os.O_CLOEXEC)
-            undo.callback(os.close, task_r)
-            undo.callback(os.close, task_w)
-            result_r, result_w = os.pipe2(os.O_CLOEXEC)
-            undo.callback(os.close, result_r)
-            undo.callback(os.close, result_w)
-            ring = SlotRing(self._slots, self._stride, self._max_leases, self._keep_free,
-                            f"w{worker_id}")
-            undo.callback(ring.close)
-            config = {"worker_id": worker_id, "parent_pid": os.getpid(), "task_fd": task_r,
-                      "result_fd": result_w, "arena_fd": ring.fd, "slots": self._slots,
-                      "stride": self._stride}
-            inherited = (task_r, result_w, ring.fd)
-            if self._cache is not None:  # the loader's, inherited by every worker
-                config["cache"] = {"fd": self._cache.fd, "size": self._cache.size}
-                inherited += (self._cache.fd,)
-            process = self._spawner.spawn(
-                args=[sys.executable, "-c", _WORKER_MAIN, json.dumps(config)],
-                pass_fds=inherited, env=self._env,
-                stdin=subprocess.DEVNULL)
-            undo.callback(process.wait)
-            undo.callback(process.kill)
-            pidfd = os.pidfd_open(process.pid)
-            undo.pop_all()
-        for fd in (task_r, result_w):  # the worker's ends
-            os.close(fd)
-        ring.close_fd()
-        for fd in (task_w, result_r):
-            os.set_blocking(fd, False)
-        handle = WorkerHandle(worker_id, process, pidfd, task_w, result_r, ring,
-                              memory=MemoryWatch(process.pid))
-        for fd in (result_r, pidfd):
+        """Spawn one worker and watch its result pipe and pidfd."""
+        assert self._spawner is not None
+        handle = _spawn_worker(self._spawner, worker_id, SlotRing(
+            self._slots, self._stride, self._max_leases, self._keep_free, f"w{worker_id}"),
+            self._cache, self._env)
+        for fd in (handle.result_fd, handle.pidfd):
             self._poller.register(fd, select.POLLIN)
             self._watched[fd] = handle
         self._queue(handle, self._bootstrap)
@@ -336,9 +272,24 @@ class WorkerPool:
         if self._failure is not None:
             raise self._failure()
 
-    def send(self, handle: WorkerHandle, task: Task, payload: Any) -> None:
+    def has_room(self, handle: WorkerHandle, prefetch: int) -> bool:
+        return len(handle.outstanding) < prefetch and handle.ring.has_free()
+
+    def send(self, handle: WorkerHandle, make_task: Callable[[int, int], Task],
+             payload: Any) -> None:
+        slot = handle.ring.acquire()
+        assert slot is not None, "send() without has_room()"
+        task = make_task(slot, handle.ring.capacity[slot])
         handle.outstanding[task.key] = Outstanding(task, payload)
         self._queue(handle, messages.frame(task))
+
+    def owes(self, pass_id: int) -> bool:
+        # Every worker, KILLED ones too: a timed-out item's death is still to come.
+        return any(key[0] == pass_id for h in self.workers for key in h.outstanding)
+
+    def shrink(self) -> None:
+        for handle in self.live():
+            handle.ring.shrink()
 
     def _queue(self, handle: WorkerHandle, data: bytes) -> None:
         handle.outbound += data
@@ -433,7 +384,7 @@ class WorkerPool:
         returncode = handle.process.wait()  # the pidfd said it exited: no blocking
         memory = "" if handle.killed_for else handle.memory.explain(returncode)
         lost = tuple(handle.outstanding.values())
-        blamed_key, blamed = self._blame(handle, lost)
+        blamed_key, blamed = _blame(handle, lost)
         for sent in lost:
             handle.ring.release(sent.task.slot)
         handle.outstanding.clear()
@@ -448,20 +399,6 @@ class WorkerPool:
                 detail="it died before it was ready (starting the interpreter, "
                        "unpickling fn or running worker_init); its stderr says why")
         return Died(handle, returncode, lost, blamed_key, blamed, handle.killed_for, memory)
-
-    @staticmethod
-    def _blame(handle: WorkerHandle, lost: tuple[Outstanding, ...]
-               ) -> tuple[tuple[int, int] | None, tuple[int, ...]]:
-        """(task key, source indices) the worker was running when it died, from
-        its status page; the whole task if it died laying out the results."""
-        key, index, _started = handle.ring.status.read()
-        for sent in lost:
-            if sent.task.key == key:
-                if index >= 0:
-                    return key, (index,)
-                if index == PACKING:
-                    return key, sent.task.indices
-        return None, ()
 
     def kill_overdue(self, limit: float) -> None:
         """SIGKILL every worker whose current item has run over ``limit`` s.
@@ -507,21 +444,9 @@ class WorkerPool:
         with self.lock:
             if self._spawner is None:
                 return
-            deadline = time.monotonic() + timeout
             running = [h for h in self.workers if h.state is not State.RELEASED]
             try:
-                for handle in running:
-                    _give_pill(handle)
-                    if handle.outstanding:
-                        _signal(handle, signal.SIGTERM)
-                steps: list[tuple[float, Callable[[WorkerHandle], None]]] = [
-                    (min(_PILL_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGTERM)),
-                    (min(_TERM_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGKILL)),
-                ]
-                for grace, escalate in steps:
-                    for handle in _wait_exit(running, time.monotonic() + grace):
-                        escalate(handle)
-                _wait_exit(running, deadline)
+                _escalate(running, timeout)
             finally:
                 # Also when a second Ctrl-C lands in the waits above: nothing
                 # here blocks, and a worker still running is killed outright.
@@ -537,6 +462,72 @@ class WorkerPool:
                 self._spawner.stop()
                 self._spawner = None
                 _open_pools.discard(self)
+
+
+def _spawn_worker(spawner: _Spawner, worker_id: int, ring: SlotRing,
+                  cache: MemoryCache | None, env: dict[str, str]) -> WorkerHandle:
+    """Start one worker process on ``ring``; on any failure, everything made
+    here (the ring too) is closed again."""
+    with contextlib.ExitStack() as undo:
+        undo.callback(ring.close)
+        task_r, task_w = os.pipe2(os.O_CLOEXEC)
+        undo.callback(os.close, task_r)
+        undo.callback(os.close, task_w)
+        result_r, result_w = os.pipe2(os.O_CLOEXEC)
+        undo.callback(os.close, result_r)
+        undo.callback(os.close, result_w)
+        config = {"worker_id": worker_id, "parent_pid": os.getpid(), "task_fd": task_r,
+                  "result_fd": result_w, "arena_fd": ring.fd, "slots": len(ring.capacity),
+                  "stride": ring.stride}
+        inherited = (task_r, result_w, ring.fd)
+        if cache is not None:  # the loader's, inherited by every worker
+            config["cache"] = {"fd": cache.fd, "size": cache.size}
+            inherited += (cache.fd,)
+        process = spawner.spawn(
+            args=[sys.executable, "-c", _WORKER_MAIN, json.dumps(config)],
+            pass_fds=inherited, env=env, stdin=subprocess.DEVNULL)
+        undo.callback(process.wait)
+        undo.callback(process.kill)
+        pidfd = os.pidfd_open(process.pid)
+        undo.pop_all()
+    for fd in (task_r, result_w):  # the worker's ends
+        os.close(fd)
+    ring.close_fd()
+    for fd in (task_w, result_r):
+        os.set_blocking(fd, False)
+    return WorkerHandle(worker_id, process, pidfd, task_w, result_r, ring,
+                        memory=MemoryWatch(process.pid))
+
+
+def _blame(handle: WorkerHandle, lost: tuple[Outstanding, ...]
+           ) -> tuple[tuple[int, int] | None, tuple[int, ...]]:
+    """(task key, source indices) the worker was running when it died, from
+    its status page; the whole task if it died laying out the results."""
+    key, index, _started = handle.ring.status.read()
+    for sent in lost:
+        if sent.task.key == key:
+            if index >= 0:
+                return key, (index,)
+            if index == PACKING:
+                return key, sent.task.indices
+    return None, ()
+
+
+def _escalate(running: list[WorkerHandle], timeout: float) -> None:
+    """The pill, SIGTERM, SIGKILL, against one deadline (NOTE [Shutdown])."""
+    deadline = time.monotonic() + timeout
+    for handle in running:
+        _give_pill(handle)
+        if handle.outstanding:
+            _signal(handle, signal.SIGTERM)
+    steps: list[tuple[float, Callable[[WorkerHandle], None]]] = [
+        (min(_PILL_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGTERM)),
+        (min(_TERM_GRACE_S, timeout / 4), lambda h: _signal(h, signal.SIGKILL)),
+    ]
+    for grace, escalate in steps:
+        for handle in _wait_exit(running, time.monotonic() + grace):
+            escalate(handle)
+    _wait_exit(running, deadline)
 
 
 def _give_pill(handle: WorkerHandle) -> None:

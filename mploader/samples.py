@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .epochs import Record
 from .errors import UnsupportedResult
 from .nest import leaves, map_nest, path_text
 
@@ -76,39 +77,43 @@ class SampleBatches(Iterator[Any]):
         self.last_index: int | None = None
 
     def __next__(self) -> Any:
+        """The next batch; its samples' records are applied when it is
+        returned, so the state counts a batch, never part of one."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        samples, indices = [], []
-        self.one_pass.hold()
-        try:
-            while len(samples) < self._size:
-                try:
-                    samples.append(next(self.one_pass))
-                except StopIteration:
-                    break
-                except Exception as exc:
-                    if not samples or self._drop:  # drop_remainder: never a short batch
-                        raise
-                    self._error = exc  # the samples before it first, as a short batch
-                    break
-                indices.append(self.one_pass.last_index)
-        except BaseException:
-            self.one_pass.commit()  # what the pass handed out (skips) stays out
-            raise
+        one_pass = self.one_pass
+        samples, indices, record = [], [], Record(one_pass.epoch)
+        while len(samples) < self._size:
+            try:
+                sample, taken = one_pass.take()
+            except StopIteration:
+                break
+            except Exception as exc:
+                if not samples or self._drop:  # drop_remainder: never a short batch
+                    one_pass.apply(record + one_pass.leftover())  # skips stay out
+                    raise
+                self._error = exc  # the samples before it first, as a short batch
+                break
+            except BaseException:
+                one_pass.apply(record + one_pass.leftover())
+                raise
+            samples.append(sample)
+            record += taken
+            indices.append(one_pass.last_index)
+        record += one_pass.leftover()  # the pass's end, skips after the last sample
         if not samples or (self._drop and len(samples) < self._size and self._error is None):
-            self.one_pass.commit()
+            one_pass.apply(record)
             raise StopIteration
         try:
             batch = stack(samples, indices)
         except Exception:
             # Samples that cannot be batched end the pass, and are not counted
             # as handed out: a resume meets them again.
-            self.one_pass.commit(apply=False)
-            self.one_pass.close()
+            one_pass.close()
             raise
         self.last_index = indices[0]
-        self.one_pass.commit()
+        one_pass.apply(record)
         return batch
 
     @property

@@ -170,6 +170,11 @@ class SlotRing:
         self._busy.add(slot)
         return slot
 
+    def has_free(self) -> bool:
+        """A slot that ``acquire`` would give."""
+        self._collect_returned()
+        return bool(self._free) and not self._closed
+
     def release(self, slot: int) -> None:
         """BUSY -> FREE, for a result that was dropped or copied out."""
         self._make_free(slot)

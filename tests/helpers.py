@@ -40,6 +40,12 @@ def pid_of_worker(_x):
     return os.getpid()
 
 
+def hang_on_2500(x: int) -> int:
+    if x == 2500:
+        time.sleep(60)
+    return x
+
+
 def die_on_5(x: int) -> int:
     """Item 5 ends its worker the way named by the MPLOADER_TEST_DEATH variable."""
     import ctypes

@@ -37,16 +37,41 @@ def test_worker_death_at_item_raises_worker_died(monkeypatch, how, signal_name, 
         detected = time.monotonic() - died_at
         err = info.value
         assert err.signal_name == signal_name and err.exitcode == exitcode
-        assert 5 in err.indices and err.pid in pids and err.worker_id in (0, 1)
+        assert err.indices[0] == 5 and err.pid in pids and err.worker_id in (0, 1)
         assert f"worker {err.worker_id} (pid {err.pid})" in str(err)
         assert (signal_name or f"exited with code {exitcode}") in str(err)
-        assert seen == list(range(len(seen))) and len(seen) <= 5
+        assert seen == list(range(5))  # every item before the death, then the error
         assert detected < DETECT_BOUND_S
         assert not wait_gone(pids, 0.5 + DETECT_BOUND_S), "the other workers were not stopped"
         # The loader starts a fresh pool for its next pass.
         monkeypatch.setenv("MPLOADER_TEST_DEATH", "none")
         assert list(loader) == list(range(40))
         assert not set(loader.worker_pids()) & set(pids)
+
+
+def _exit_at_2500(i: int) -> int:
+    if i == 2500:
+        os._exit(3)
+    return i
+
+
+@pytest.mark.parametrize("fn, error, options", [
+    (helpers.hang_on_2500, WorkerTimeout, {"timeout": 1.0}),
+    (_exit_at_2500, WorkerDied, {}),
+    (_exit_at_2500, WorkerDied, {"batch_size": 10}),
+], ids=["timeout", "crash", "crash-in-batch"])
+def test_a_killed_worker_s_finished_items_go_out_before_its_error(fn, error, options):
+    """Tiny items travel in chunks of many: the items of the killed worker's
+    chunk that it had finished come before the error, which names only the
+    items not handed out, and the state resumes at the item that failed."""
+    with MPLoader(fn, range(4000), num_workers=2, **options) as loader:
+        seen = []
+        with pytest.raises(error) as info:
+            for x in loader:
+                seen.extend(np.atleast_1d(x).tolist())
+        assert seen == list(range(2500))
+        assert info.value.indices[0] == 2500 and 2499 not in info.value.indices
+        assert loader.state_dict()["position"] == 2500
 
 
 def test_a_python_memory_error_is_an_item_error_with_its_traceback():

@@ -1,7 +1,6 @@
 """The parent never blocks on a pipe, and close() wins every race.
 
-Findings 1, 9 and 14 of the core hardening issue (repro scripts e1, e2, e19,
-e10 and e22 in shared/repro).  Each scenario is a user script run in a child
+Each scenario is a user script run in a child
 interpreter under a hard bound (bounded.py): a deadlock fails the test with
 the script's stacks instead of hanging the suite.
 """
@@ -49,7 +48,7 @@ def test_30k_str_items_of_2kB_in_and_out_do_not_deadlock(script):
 
 
 def test_20k_dict_items_of_1500B_in_and_str_out_do_not_deadlock(script):
-    # a metadata record in, a serialized record out (repro e19)
+    # a metadata record in, a serialized record out
     got = round_trip(script,
                      items='[{"id": i, "meta": f"{i:08d}" + "x" * 1500} for i in range(20_000)]',
                      loader='MPLoader(lambda d: d["meta"], items, num_workers=2)',

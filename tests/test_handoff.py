@@ -141,6 +141,19 @@ def test_small_elements_raise_at_their_position_after_every_element_before():
     assert seen == list(range(7))
 
 
+def test_a_killed_worker_s_finished_items_reach_tensorflow_before_its_error():
+    """Tiny items in chunks, through grouped calls: the finished part of the
+    chunk whose worker hung goes out before the WorkerTimeout."""
+    with MPLoader(helpers.hang_on_2500, 4000, num_workers=2, timeout=1.0) as loader:
+        seen = []
+        with pytest.raises(tf.errors.OpError, match="source index 2500 ran"):
+            for x in loader.dataset().as_numpy_iterator():
+                seen.append(int(x))
+        assert loader.stats()["elements_per_tensorflow_call"] > 1
+        assert loader.state_dict()["position"] == 2500
+    assert seen == list(range(2500))
+
+
 @pytest.mark.parametrize("shuffle,batch", [(False, 1), (True, 1), (True, 4)])
 def test_resume_is_exact_inside_a_chunk_tensorflow_still_holds(shuffle, batch):
     """The state counts only what the consumer took, not the rest of a chunk

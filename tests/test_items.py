@@ -1,8 +1,7 @@
 """Items reach fn as the user made them; bad items, Ctrl-C and odd surroundings
 affect only what they should.
 
-Findings 4, 13 and 15 of the core hardening issue and minor ones (repro
-scripts e6, e9 and e15 in shared/repro).  Each scenario is a user script run
+Each scenario is a user script run
 in a child interpreter under a hard bound (bounded.py).
 """
 from __future__ import annotations

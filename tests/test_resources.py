@@ -1,8 +1,7 @@
 """What a loader holds: descriptors, shared memory, its workers after `del`, and
 whose workers they are after a fork.
 
-Findings 5, 11, 10 and 12 of the core hardening issue (repro scripts e7*,
-e13*, e18, e11 and e12 in shared/repro).  Each scenario is a user script run
+Each scenario is a user script run
 in a child interpreter under a hard bound (bounded.py).
 """
 from __future__ import annotations

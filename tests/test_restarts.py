@@ -1,7 +1,6 @@
 """Deaths, restarts, failed start-ups and timeouts: the right outcome, on the right item.
 
-Findings 2, 3, 6, 7 and 8 of the core hardening issue (repro scripts e3, e5,
-e4, e17 and e8 in shared/repro).  Each scenario is a user script run in a
+Each scenario is a user script run in a
 child interpreter under a hard bound (bounded.py).
 """
 from __future__ import annotations

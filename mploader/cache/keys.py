@@ -373,48 +373,17 @@ class _Pickler(pickle.Pickler):
         return self._walk.persistent(obj)
 
 
-class _Walk:
-    """One recipe's walk: what it found so far, and what is still to fingerprint."""
+class _Sites:
+    """The half of a walk that pickles values (a *site*: one value and where
+    it was found) into digests: plain data by its bytes, arrays and tensors
+    by value, and, in place of functions, classes, modules and code, the
+    names and digests the walk (:class:`_Walk`, which this is the base of)
+    gives them."""
 
-    def __init__(self, strict: bool, where: str,
-                 versions: dict[str, str] | None = None) -> None:
-        self._strict = strict
-        self._where = where
-        self.code: dict[str, str] = {}
-        self.values: dict[str, str] = {}
-        self.libraries: dict[str, str] = {}
-        self._versions = {} if versions is None else versions  # library -> version, found
-        self._start = "prepare itself"  # how the errors name what the walk started from
-        self.unfingerprinted: list[str] = []
-        self._names: dict[int, str] = {}   # id -> name of what is named (kept alive below)
-        self._alive: list[Any] = []
-        self._taken: set[str] = set()
-        self._queue: deque[tuple[Callable[[Any, str], None], Any, str]] = deque()
-        self._modules: dict[str, types.ModuleType] = {}  # the user's own, reached
-        self._attributes: set[str] = set()  # every name the user's code reads
-        self._origins: dict[str | None, str] = {}
-        self._codes: dict[int, str] = {}
-
-    def start(self, prepare: Any, worker_init: Any, what: str = "prepare itself") -> None:
-        """Fingerprint prepare (and worker_init) and all they reach, until
-        nothing new is found."""
-        self._start = what
-        self.values[PREPARE] = self._digest(what, prepare)
-        if worker_init is not None:
-            self.values[WORKER_INIT] = self._digest("worker_init itself", worker_init)
-        while True:
-            while self._queue:
-                walk, obj, name = self._queue.popleft()
-                walk(obj, name)
-            # A module's attributes are those named in any code walked: a name
-            # read as module.attr.  Walking them may find more code, more names.
-            before = (len(self._attributes), len(self._modules))
-            for name, module in list(self._modules.items()):
-                self.values[name] = self._digests(
-                    [(f"the attribute `{attr}` of module {name}", value)
-                     for attr, value in self._module_attributes(module)])
-            if not self._queue and before == (len(self._attributes), len(self._modules)):
-                return
+    _strict: bool
+    _where: str
+    _start: str
+    unfingerprinted: list[str]
 
     # -- a site: one value, pickled --------------------------------------------------
 
@@ -501,34 +470,8 @@ class _Walk:
             return ("ndarray", obj.dtype.str, obj.shape, fortran, data)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, getattr(torch, "Tensor", ())):
-            return self._tensor(obj, torch)
+            return _tensor_value(obj, torch)
         return None
-
-    @staticmethod
-    def _tensor(tensor: Any, torch: Any) -> tuple[Any, ...]:
-        """A torch tensor by value, as an array: its pickle holds its storage's
-        address (so no two processes agree), and copies the storage whole.
-        Its class (a Parameter, MONAI's MetaTensor) and the attributes of its
-        own (a MetaTensor's affine and metadata) key too."""
-        try:
-            data = tensor.detach()
-            if data.layout != torch.strided:  # sparse: its values, not its encoding
-                data = data.to_dense()
-            if data.device.type == "meta":  # no values: its dtype and shape are all
-                digest = "meta"
-            else:
-                data = data.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-                data = data.view(torch.uint8)  # (bool, complex, bfloat16: numpy has none)
-                size = data.numel()
-                view = (ctypes.c_ubyte * size).from_address(data.data_ptr()) if size else b""
-                digest = hashlib.blake2b(view, digest_size=16).hexdigest()
-        except Exception as exc:  # noqa: BLE001 - quantized, nested...: whatever torch raised
-            raise _Unfingerprintable(
-                f"the values of a torch tensor ({tensor.dtype}, layout {tensor.layout}) could "
-                f"not be read: {type(exc).__name__}: {exc}") from None
-        return ("tensor", type(tensor), str(tensor.dtype), tuple(tensor.shape),
-                bool(tensor.requires_grad), tensor.device.type, digest,
-                dict(getattr(tensor, "__dict__", None) or {}) or None)
 
     def method_table(self, table: dict[Any, Any]) -> Any:
         """A library object's dict of its own bound methods (albumentations'
@@ -546,6 +489,50 @@ class _Walk:
         return ("method table", tuple(sorted(((self._element(key), value)
                                               for key, value in table.items()),
                                              key=lambda entry: entry[0])))
+
+
+class _Walk(_Sites):
+    """One recipe's walk: what it found so far, and what is still to fingerprint."""
+
+    def __init__(self, strict: bool, where: str,
+                 versions: dict[str, str] | None = None) -> None:
+        self._strict = strict
+        self._where = where
+        self.code: dict[str, str] = {}
+        self.values: dict[str, str] = {}
+        self.libraries: dict[str, str] = {}
+        self._versions = {} if versions is None else versions  # library -> version, found
+        self._start = "prepare itself"  # how the errors name what the walk started from
+        self.unfingerprinted: list[str] = []
+        self._names: dict[int, str] = {}   # id -> name of what is named (kept alive below)
+        self._alive: list[Any] = []
+        self._taken: set[str] = set()
+        self._queue: deque[tuple[Callable[[Any, str], None], Any, str]] = deque()
+        self._modules: dict[str, types.ModuleType] = {}  # the user's own, reached
+        self._attributes: set[str] = set()  # every name the user's code reads
+        self._origins: dict[str | None, str] = {}
+        self._codes: dict[int, str] = {}
+
+    def start(self, prepare: Any, worker_init: Any, what: str = "prepare itself") -> None:
+        """Fingerprint prepare (and worker_init) and all they reach, until
+        nothing new is found."""
+        self._start = what
+        self.values[PREPARE] = self._digest(what, prepare)
+        if worker_init is not None:
+            self.values[WORKER_INIT] = self._digest("worker_init itself", worker_init)
+        while True:
+            while self._queue:
+                walk, obj, name = self._queue.popleft()
+                walk(obj, name)
+            # A module's attributes are those named in any code walked: a name
+            # read as module.attr.  Walking them may find more code, more names.
+            before = (len(self._attributes), len(self._modules))
+            for name, module in list(self._modules.items()):
+                self.values[name] = self._digests(
+                    [(f"the attribute `{attr}` of module {name}", value)
+                     for attr, value in self._module_attributes(module)])
+            if not self._queue and before == (len(self._attributes), len(self._modules)):
+                return
 
     # -- names: what the recipe lists ---------------------------------------------------
 
@@ -745,6 +732,32 @@ class _Walk:
 
 _REFERENCES = frozenset({types.FunctionType, types.BuiltinFunctionType})
 _MISSING = object()
+
+
+def _tensor_value(tensor: Any, torch: Any) -> tuple[Any, ...]:
+    """A torch tensor by value, as an array: its pickle holds its storage's
+    address (so no two processes agree), and copies the storage whole.
+    Its class (a Parameter, MONAI's MetaTensor) and the attributes of its
+    own (a MetaTensor's affine and metadata) key too."""
+    try:
+        data = tensor.detach()
+        if data.layout != torch.strided:  # sparse: its values, not its encoding
+            data = data.to_dense()
+        if data.device.type == "meta":  # no values: its dtype and shape are all
+            digest = "meta"
+        else:
+            data = data.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+            data = data.view(torch.uint8)  # (bool, complex, bfloat16: numpy has none)
+            size = data.numel()
+            view = (ctypes.c_ubyte * size).from_address(data.data_ptr()) if size else b""
+            digest = hashlib.blake2b(view, digest_size=16).hexdigest()
+    except Exception as exc:  # noqa: BLE001 - quantized, nested...: whatever torch raised
+        raise _Unfingerprintable(
+            f"the values of a torch tensor ({tensor.dtype}, layout {tensor.layout}) could "
+            f"not be read: {type(exc).__name__}: {exc}") from None
+    return ("tensor", type(tensor), str(tensor.dtype), tuple(tensor.shape),
+            bool(tensor.requires_grad), tensor.device.type, digest,
+            dict(getattr(tensor, "__dict__", None) or {}) or None)
 
 
 class ItemCode:

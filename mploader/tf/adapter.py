@@ -169,25 +169,24 @@ class _Stream:
     def _groups(self, one_pass: Any) -> Iterator[tuple[int, list]]:
         """(number of the last, elements) per call: the element the consumer
         waits for, then, up to ``per_call``, those ready without waiting.  A
-        failure goes out after the elements before it, on the next call.  What
-        the pass hands out waits in a Deferred until the consumer took the
-        element it came with (grouping.py)."""
+        failure goes out after the elements before it, on the next call.  Each
+        element's record (epochs.Record) waits in a Deferred until the
+        consumer took the element (grouping.py)."""
         self.passes = self.passes % PASS_TAGS + 1
-        deferred = Deferred(self.passes, self.read_tag)
+        deferred = Deferred(self.passes, self.read_tag, one_pass.apply)
         one_pass.progress.settle = deferred.settle
-        one_pass.hold()
         number, elements = 0, []
-        entries: list = []  # (element number, what the pass handed out with it)
+        entries: list = []  # (element number, its record)
         call_ends: deque[int] = deque()  # number of the last element of each call
         while True:
             try:
-                element = one_pass.next_if_ready() if elements else next(one_pass)
+                element, record = one_pass.take(wait=not elements)
                 if element is not NOT_READY:
                     self.check.check(element, one_pass.last_index)
             except StopIteration:
                 break
             except BaseException:
-                entries.append((number, one_pass.take_held()))
+                entries.append((number, one_pass.leftover()))
                 deferred.add(entries)
                 if elements:
                     yield number, elements
@@ -195,7 +194,7 @@ class _Stream:
             if element is not NOT_READY:
                 number += 1
                 elements.append(element)
-                entries.append((number, one_pass.take_held()))
+                entries.append((number, record))
             if elements and (element is NOT_READY or len(elements) == self.per_call):
                 deferred.add(entries)
                 yield number, elements
@@ -203,7 +202,7 @@ class _Stream:
                 call_ends.append(number)
                 if len(call_ends) > SURELY_TAKEN_AFTER_CALLS:
                     deferred.settle_through(call_ends.popleft())
-        entries.append((number, one_pass.take_held()))  # the pass's end, skips at its end
+        entries.append((number, one_pass.leftover()))  # the pass's end, skips at its end
         deferred.add(entries)
         if elements:
             yield number, elements

@@ -17,8 +17,8 @@ element, after the same signature check), errors at their positions (the
 elements before a failure go out as a chunk first), skips, cardinality.
 
 The resume position stays exact.  A chunk's elements wait in TensorFlow
-until the consumer takes them, so what the pass hands out (``Pass.hold``)
-is kept here, per element, and applied to the epoch's progress only for the
+until the consumer takes them, so each element's record (``Pass.take``)
+is kept here, and applied to the epoch's progress only for the
 elements the consumer has taken.  Each element carries a tag (its pass and
 its number in the pass) that a ``map`` after ``unbatch`` writes to a
 variable as the element goes by; ``state_dict()`` reads it (Progress.settle).
@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..epochs import Record
 from ..nest import map_nest
 from .signature import Leaf
 
@@ -44,9 +45,6 @@ PASS_TAGS = (1 << (63 - TAG_SHIFT)) - 1  # pass numbers 1..PASS_TAGS, then round
 # counts them (nothing buffers in between); a margin over that one.
 SURELY_TAKEN_AFTER_CALLS = 4
 _UNBATCH_KINDS = "biufc"  # bool, integers, floats, complex
-
-Records = list[tuple[Callable[[Any], None], Any]]
-
 
 def chunk_elements(spec: Any) -> int:
     """How many elements of signature ``spec`` (a nest of Leaf) one call may
@@ -76,24 +74,26 @@ def stack(elements: list[Any], spec: Any) -> Any:
 
 
 class Deferred:
-    """What the pass handed out with each element, applied once the consumer
-    took the element (see the module docstring).
+    """The records (epochs.Record) of a pass's elements, applied once the
+    consumer took each element (see the module docstring).
 
     ``add`` runs on the thread that drives the pass, ``settle`` on whichever
-    asks for the state: a lock of its own, held to apply entries in order
+    asks for the state: a lock of its own, held to apply records in order
     (each takes the progress's lock after it, never the other way round).
     """
 
-    def __init__(self, tag: int, read_tag: Callable[[], int]) -> None:
+    def __init__(self, tag: int, read_tag: Callable[[], int],
+                 apply: Callable[[Record], None]) -> None:
         self.tag = tag
         self._read_tag = read_tag
+        self._apply = apply
         self._lock = threading.Lock()
-        self._entries: deque[tuple[int, Records]] = deque()  # (element number, records)
+        self._entries: deque[tuple[int, Record]] = deque()  # (element number, record)
 
-    def add(self, entries: list[tuple[int, Records]]) -> None:
-        """Each entry's records count as handed out once its element
-        ``number`` (from 1) was taken; a call's entries at once, before
-        TensorFlow can take any of its elements."""
+    def add(self, entries: list[tuple[int, Record]]) -> None:
+        """Each entry's record counts once its element ``number`` (from 1)
+        was taken; a call's entries at once, before TensorFlow can take any
+        of its elements."""
         with self._lock:
             self._entries.extend(entry for entry in entries if entry[1])
 
@@ -105,9 +105,8 @@ class Deferred:
 
     def settle_through(self, taken: int) -> None:
         """Apply the records of the elements up to number ``taken``; the
-        pass calls it too, for calls surely taken, so that entries do not pile
-        up over an epoch nobody saves mid-way."""
+        pass calls it too, for calls surely taken, so that records do not
+        pile up over an epoch nobody saves mid-way."""
         with self._lock:  # applied in order, before another thread's state() reads
             while self._entries and self._entries[0][0] <= taken:
-                for update, arg in self._entries.popleft()[1]:
-                    update(arg)
+                self._apply(self._entries.popleft()[1])
