@@ -122,6 +122,19 @@ def run_script(script: str, env: dict, *args: str) -> dict:
     return json.loads(lines[-1])
 
 
+def many_text(i: dict) -> str:
+    if "error" in i:
+        return f"(i) many workers for a fn that waits: failed: {i['error']}"
+    lines = [f"(i) many workers for a fn that waits ({i['sleep_s'] * 1000:.0f} ms, "
+             f"{i['result_bytes'] >> 10} KiB out): steady rate / ideal (in flight / "
+             f"{i['sleep_s']} s), medians of {i['reps']} interleaved runs (min-max)",
+             f"  {'in flight':>9}  {'how (processes x threads, consumed as)':<52}{'efficiency':>22}"]
+    for row in i["rows"]:
+        lines.append(f"  {row['in_flight']:>9}  {row['how']:<52}"
+                     f"{row['efficiency']:>10.2f} ({row['min']:.2f}-{row['max']:.2f})")
+    return "\n".join(lines)
+
+
 def consumer_text(h: dict) -> str:
     if "error" in h:
         return f"(h) the consumer side: failed: {h['error']}"
@@ -257,6 +270,8 @@ def report(results: dict) -> str:
         text.append(cache_text(results["cache"]))
     if "consumer" in results:
         text.append(consumer_text(results["consumer"]))
+    if "many" in results:
+        text.append(many_text(results["many"]))
     if "lifecycle" in results:
         text.append("(f) lifecycle, seconds:\n" + "\n".join(
             f"  {k:<45} median {v['median_s']:.3f} s   max {v['max_s']:.3f} s"
@@ -301,7 +316,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--sections", default="abcdefgh")
+    parser.add_argument("--sections", default="abcdefghi")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rebuild ratios, results.md and the plot from results.json")
     args = parser.parse_args()
@@ -355,6 +370,10 @@ def main() -> int:
                                          "--workers", str(args.workers),
                                          "--scale", "0.05" if args.tiny else "1")
         print(consumer_text(results["consumer"]) + "\n", flush=True)
+    if "i" in args.sections:
+        results["many"] = run_script("many_bench.py", env, "--reps", str(reps),
+                                     "--scale", "0.05" if args.tiny else "1")
+        print(many_text(results["many"]) + "\n", flush=True)
     if "f" in args.sections:
         print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)
         figures = subprocess.run([sys.executable, str(HERE / "lifecycle.py"), "--reps",

@@ -14,6 +14,8 @@ are, so a worker imports only the library its fn uses.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from mploader import MPLoader, item_scope
@@ -71,6 +73,44 @@ def test_monai_compose_of_random_transforms_on_a_nifti_volume(volume):
     assert seeded[0].shape == (1, 12, 12, 12)
     with item_scope(0, 0, 5, fn=fn):  # replay one item in this process, transforms reseeded
         np.testing.assert_array_equal(fn(source[5])[1], seeded[5])
+
+
+def test_monai_and_albumentations_give_the_same_output_on_four_threads(volume):
+    """Each thread has its own copy of fn, so of the transforms and their
+    generators, seeded per item: T=4 gives what T=1 gives."""
+    import albumentations as A
+    import monai.transforms as mt
+    pipeline = mt.Compose([
+        mt.LoadImaged(keys=["image"], image_only=True),
+        mt.EnsureChannelFirstd(keys=["image"], channel_dim="no_channel"),
+        mt.RandSpatialCropd(keys=["image"], roi_size=(12, 12, 12), random_size=False),
+        mt.RandFlipd(keys=["image"], prob=0.5, spatial_axis=0),
+        mt.RandGaussianNoised(keys=["image"], prob=1.0),
+        mt.RandAffined(keys=["image"], prob=1.0, rotate_range=0.2, padding_mode="zeros"),
+    ])
+    augment = A.Compose([A.HorizontalFlip(p=0.5), A.GaussNoise(p=1.0)])
+
+    def fn(item):
+        index, path = item
+        volume_ = np.asarray(pipeline({"image": path})["image"])
+        image = (np.abs(volume_[0, :, :, :3]) * 50).astype(np.uint8)
+        return index, volume_, augment(image=image)["image"]
+
+    source = [(i, volume) for i in range(2 * N)]
+
+    def run(workers, threads):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # about the global generators
+            with MPLoader(fn, source, num_workers=workers, seed=0,
+                          threads_per_worker=threads) as loader:
+                return {int(i): (np.asarray(v), np.asarray(a)) for i, v, a in loader}
+
+    one, four = run(1, 1), run(2, 4)
+    assert sorted(one) == sorted(four) == list(range(2 * N))
+    _assert_distinct({i: v for i, (v, _) in one.items()}, "seed=0, MONAI")
+    for i in one:
+        np.testing.assert_array_equal(four[i][0], one[i][0], err_msg=f"MONAI, item {i}")
+        np.testing.assert_array_equal(four[i][1], one[i][1], err_msg=f"albumentations, item {i}")
 
 
 def test_torchio_compose_uses_torchs_global_generator(volume):

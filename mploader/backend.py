@@ -26,7 +26,8 @@ freed by the backend.
 
 Deaths.  A worker that exits is one ``Died`` event, after every result it
 sent was delivered: ``lost`` holds the tasks it owed, in send order,
-``blamed`` the source indices it was running when it died (empty when it
+``blamed`` the items it was running when it died, as (task key, source
+index), the overdue one first (one per thread of the worker; empty when it
 was between items), ``overdue`` why the backend killed it for a timeout
 (``kill_overdue``).  The dead worker takes no more tasks until ``replace()``
 starts a new one in its place.  A worker that dies before it was ready makes
@@ -101,8 +102,7 @@ class Died:
     handle: Worker
     returncode: int
     lost: tuple[Outstanding, ...]
-    blamed_key: tuple[int, int] | None   # the task ``blamed`` belongs to
-    blamed: tuple[int, ...]
+    blamed: tuple[tuple[tuple[int, int], int], ...]  # (task key, source index) running
     overdue: Overdue | None
     memory: str = ""         # for a SIGKILL: out of memory or not, and the last RSS
 

@@ -34,6 +34,7 @@ class PassClock:
     cached: bool
     workers: list[Any]            # the pool's handles (their busy_s grows)
     stats: Any                    # passes.Stats: the consumer's wait, summed
+    threads: int = 1              # per worker: busy time is summed over them
     busy_at_start: dict[int, float] = field(default_factory=dict)
     started_at: float = 0.0
     last_at: float = 0.0          # when the last element was handed out
@@ -55,7 +56,7 @@ class PassClock:
         busy = sum(h.busy_s - self.busy_at_start.get(id(h), 0.0) for h in self.workers)
         wait_fraction = min(1.0, (self.waited_at_last - self.waited_at_start) / elapsed
                             if elapsed > 0 else 0.0)
-        busy_fraction = min(1.0, busy / (elapsed * len(self.workers))
+        busy_fraction = min(1.0, busy / (elapsed * len(self.workers) * self.threads)
                             if elapsed > 0 and self.workers else 0.0)
         bound, hint = verdict(wait_fraction, busy_fraction, self.via_tensorflow, self.batched,
                               self.cached)

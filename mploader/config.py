@@ -15,6 +15,7 @@ from typing import Any, Callable
 from . import resources
 from .epochs import shard_of
 from .layout import Padding
+from .slots import MAX_ROWS
 from .sources import Source
 
 
@@ -43,6 +44,8 @@ class Config:
     on_error: str
     on_worker_death: str
     close_timeout: float
+    threads_per_worker: int = 1
+    copy_fn_per_thread: bool = True
 
     @classmethod
     def of(cls, fn: Callable[[Any], Any], source: Source, *, num_workers: int,
@@ -50,7 +53,8 @@ class Config:
            padded_shapes: Any, padding_values: Any, prefetch: int, output_signature: Any,
            seed: int | None, shuffle: bool, shard: Any, samples_per_item: int | None,
            timeout: float | None, on_error: str, on_worker_death: str,
-           close_timeout: float) -> Config:
+           close_timeout: float, threads_per_worker: int = 1,
+           copy_fn_per_thread: bool = True) -> Config:
         """The checked options (``num_workers`` already resolved from None)."""
         check(isinstance(num_workers, numbers.Integral) and num_workers >= 1,
               f"num_workers must be an int >= 1 or None, not {num_workers!r}")
@@ -61,6 +65,13 @@ class Config:
               "drop_remainder=True needs batch_size: it drops the last, short batch")
         check(isinstance(prefetch, int) and prefetch >= 1,
               f"prefetch must be an int >= 1, not {prefetch!r}")
+        check(isinstance(threads_per_worker, numbers.Integral)
+              and not isinstance(threads_per_worker, bool)
+              and 1 <= threads_per_worker <= MAX_ROWS,
+              f"threads_per_worker must be an int from 1 to {MAX_ROWS}, "
+              f"not {threads_per_worker!r}")
+        check(isinstance(copy_fn_per_thread, bool),
+              f"copy_fn_per_thread must be True or False, not {copy_fn_per_thread!r}")
         check(on_error in ("raise", "skip"),
               f"on_error must be 'raise' or 'skip', not {on_error!r}")
         check(on_worker_death in ("raise", "restart"),
@@ -105,4 +116,6 @@ class Config:
                    shuffle=shuffle, shard=shards,
                    samples_per_item=None if samples_per_item is None else int(samples_per_item),
                    samples=samples, timeout=timeout, on_error=on_error,
-                   on_worker_death=on_worker_death, close_timeout=close_timeout)
+                   on_worker_death=on_worker_death, close_timeout=close_timeout,
+                   threads_per_worker=int(threads_per_worker),
+                   copy_fn_per_thread=copy_fn_per_thread)

@@ -12,6 +12,7 @@ import numbers
 import os
 import secrets
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -30,6 +31,13 @@ from .sources import Source
 log = logging.getLogger("mploader")
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+_THREADS_AND_GLOBAL_GENERATORS = (
+    "threads_per_worker > 1 with a seed: each item's own generator (mploader.item_rng()) "
+    "and the random objects of fn (MONAI, albumentations transforms: each thread has its "
+    "own copy of fn) are seeded per item, but the process-wide generators (Python's "
+    "random, numpy's legacy np.random.*, torch's, so TorchIO's) are shared by the "
+    "threads, so what an item draws from them depends on timing.  Draw from item_rng() "
+    "or from objects with their own generators for results that a seed reproduces")
 
 
 def _cpu_count() -> int:
@@ -93,7 +101,8 @@ class MPLoader:
     """
 
     def __init__(self, fn: Callable[[Any], Any], source: Any, *,
-                 num_workers: int | None = None, ordered: bool = True,
+                 num_workers: int | None = None, threads_per_worker: int = 1,
+                 copy_fn_per_thread: bool = True, ordered: bool = True,
                  batch_size: int | None = None, drop_remainder: bool = False,
                  padded_shapes: Any = None, padding_values: Any = None,
                  prefetch: int = 2, output_signature: Any = None,
@@ -113,12 +122,17 @@ class MPLoader:
             padded_shapes=padded_shapes, padding_values=padding_values, prefetch=prefetch,
             output_signature=output_signature, seed=seed, shuffle=shuffle, shard=shard,
             samples_per_item=samples_per_item, timeout=timeout, on_error=on_error,
-            on_worker_death=on_worker_death, close_timeout=close_timeout)
+            on_worker_death=on_worker_death, close_timeout=close_timeout,
+            threads_per_worker=threads_per_worker, copy_fn_per_thread=copy_fn_per_thread)
+        if config.threads_per_worker > 1 and config.seed is not None:
+            warnings.warn(_THREADS_AND_GLOBAL_GENERATORS, RuntimeWarning, stacklevel=2)
         # The order's seed: given, or drawn once per loader (state_dict() keeps it);
         # the workers' too, so that with seed=None every item still has its own
         # random stream (random_state.py).
         self._epochs = Epochs(config.seed if config.seed is not None else secrets.randbits(63))
-        options = Options(ordered=ordered, prefetch=prefetch, timeout=timeout,
+        # Tasks in flight per worker: prefetch for each of its threads.
+        options = Options(ordered=ordered, prefetch=prefetch * config.threads_per_worker,
+                          timeout=timeout,
                                 on_error=on_error, on_worker_death=on_worker_death,
                                 batch_size=batch_size, drop_remainder=drop_remainder,
                                 samples=config.samples)
@@ -134,7 +148,8 @@ class MPLoader:
             seed=self._epochs.seed, seed_given=config.seed is not None,
             stack_batches=options.stacked, samples=config.samples,
             samples_per_item=config.samples_per_item, prepare=prepare_payload,
-            padding=config.padding,
+            padding=config.padding, threads=config.threads_per_worker,
+            copy_fn_per_thread=config.copy_fn_per_thread,
             cache=self._cache.where if self._cache is not None else None,
             cache_trust=cache_trust,
             cache_recipe=(self._cache.recipe.to_json()
@@ -149,6 +164,8 @@ class MPLoader:
 
     # Read-only views of the frozen config: an option cannot change under running workers.
     num_workers = property(lambda self: self.config.num_workers, doc="Worker processes.")
+    threads_per_worker = property(lambda self: self.config.threads_per_worker,
+                                  doc="Threads running fn in each worker process.")
     batch_size = property(lambda self: self.config.batch_size,
                           doc="Items (or samples) per batch, or None.")
     drop_remainder = property(lambda self: self.config.drop_remainder)

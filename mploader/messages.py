@@ -51,6 +51,8 @@ class Bootstrap:
     cache_recipe: dict[str, Any] | None = None  # a directory's key (cache/keys.check_in_worker)
     padding: Any = None         # layout.Padding: batches of items whose shapes vary
     seed_given: bool = True     # False: seed was drawn, the global generators are left alone
+    threads: int = 1            # threads running fn in the worker (threads_per_worker)
+    copy_fn_per_thread: bool = True  # each thread unpickles its own fn and prepare
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Result:
     indices: tuple[int, ...]
     failures: tuple[Failure, ...]
     busy_s: float               # time the worker spent on this task
+    cpu_s: float = 0.0          # the worker's CPU time (all its threads) since it was ready
     samples: tuple[int, ...] = ()  # values per index of a generator fn; () for one each
     # with prepare: entries written to the shared-memory cache, (index, place,
     # bytes), and the store's counts (cache/stores.py)

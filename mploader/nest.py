@@ -1,7 +1,8 @@
 """Walking a result nest: tuples, lists and dicts of leaves.
 
 One module for what every side does to a nest (the workers lay results out,
-the parent batches samples, the adapter builds and checks a signature): a
+the parent batches samples, the adapter builds and checks a signature and
+stacks small elements): a
 path names a leaf (``(0, "image")``, said ``result[0]['image']`` in errors),
 and lists are read as tuples, the only sequence type ``tf.data`` accepts.
 """
@@ -41,3 +42,18 @@ def leaves(value: Any) -> list[tuple[tuple, Any]]:
     found: list[tuple[tuple, Any]] = []
     map_nest(lambda leaf, path: found.append((path, leaf)), value)
     return found
+
+
+def stack_nests(nests: list[Any], column: Callable[[list[Any], tuple], Any],
+                path: tuple = ()) -> Any:
+    """One nest in the first one's structure whose leaf at each path is
+    ``column(the leaves of every nest there, path)``: how batches of nests
+    are stacked leaf by leaf (the caller checked that the structures agree)."""
+    first = nests[0]
+    if isinstance(first, dict):
+        return {key: stack_nests([nest[key] for nest in nests], column, path + (key,))
+                for key in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(stack_nests([nest[i] for nest in nests], column, path + (i,))
+                     for i in range(len(first)))
+    return column(nests, path)

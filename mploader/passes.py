@@ -404,12 +404,21 @@ class Pass(Iterator[Any]):
     def __next__(self) -> Any:
         """The next value, counted as taken at once (its record applied)."""
         try:
-            value, record = self.take()
-        except BaseException:
-            self.apply(self.leftover())  # skips before the end or the error are out
-            raise
-        self.apply(record)
+            value = self._pull(wait=True)
+        finally:  # also what was handed out before the end or an error (skips)
+            self._apply_pending()
         return value
+
+    def _apply_pending(self) -> None:
+        """Apply the record in the making at once: the value goes to the
+        consumer now.  The common case, steps alone, without a Record."""
+        if self.progress is None:
+            return
+        if self._sampled or self._ended:
+            self.progress.apply(self.leftover())
+        elif self._handed:
+            handed, self._handed = self._handed, []
+            self.progress.handed(tuple(handed))
 
     def take(self, wait: bool = True) -> tuple[Any, Record]:
         """(next value, its record) for a consumer that counts the value as
@@ -547,7 +556,7 @@ class Pass(Iterator[Any]):
                 raise outcome.error  # at its position: the items before it are out
             if isinstance(outcome, Failure):
                 self._report(worker_id, outcome)  # raises, unless skipped
-            self._hand_out(steps)
+            self._handed.extend(steps)
             if sampled is not None:
                 self._sampled.append(sampled)
             if outcome is _NOTHING or isinstance(outcome, Failure):
@@ -557,17 +566,11 @@ class Pass(Iterator[Any]):
                 self.clock.handed_out()
             return (outcome,)
 
-    def _hand_out(self, steps: tuple[int, ...]) -> None:
-        self._handed.extend(steps)
-
     def _report(self, worker_id: int, failure: Failure) -> None:
         if self._opt.on_error == "raise" or failure.exc_type == _SETTINGS_ERROR:
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
                               worker_id, failure.index, failure.item, failure.sample)
-        message = failure.message
-        if failure.sample:
-            message += f" (after {failure.sample} samples; the item's other samples are dropped)"
-        self._skip(Skipped(failure.index, failure.item, worker_id, failure.exc_type, message))
+        self._skip(_skipped(worker_id, failure))
 
     def _skip(self, skipped: Skipped) -> None:
         if self._skipped is None:
@@ -606,7 +609,7 @@ class Pass(Iterator[Any]):
             if self._opt.ordered:
                 self._order.all_skipped(chunk.seq, chunk.dropped)
             else:
-                self._hand_out(chunk.dropped)
+                self._handed.extend(chunk.dropped)
         if verdict.fail is not None:
             seq, error, rerun = verdict.fail
             self._feed.halt()  # nothing after the error will be handed out
@@ -653,7 +656,7 @@ class Recovery:
         handle = died.handle
         indices = tuple(i for chunk in lost for i in chunk.indices)
         self._pool.raise_if_failed()  # it died before it was ready: fatal to the pool
-        blamed = died.blamed if died.blamed_key and died.blamed_key[0] == pass_id else ()
+        blamed = tuple(index for key, index in died.blamed if key[0] == pass_id)
         if self._opt.on_worker_death != "restart":
             return self._at_position(died, lost, blamed)
         error = _death_error(died, indices)
@@ -684,32 +687,41 @@ class Recovery:
 
     def _at_position(self, died: Died, lost: list[Chunk], blamed: tuple[int, ...]) -> Verdict:
         """Raise mode: the death's error after the items before the one the
-        worker died on (``blamed``; unknown: its first lost task is where it
-        stopped), naming the items it owed that are not handed out.  A worker
-        batch is whole or nothing, so a batch it died in fails whole."""
+        worker died on, naming the items it owed that are not handed out.
+        That item: the one it was killed for (a timeout), else the first in
+        the epoch's order of those it was running (``blamed``: one per
+        thread), else (it died between items) its first lost task's first.
+        Tasks before that one that it had not finished run again whole; a
+        worker batch is whole or nothing, so a batch it died in fails whole."""
         if not lost:  # it owed this pass nothing: no position to wait for
             raise _death_error(died, ())
-        failing = next((c for c in lost if blamed and blamed[0] in c.indices), lost[0])
-        earlier = tuple(c for c in lost if c.seq < failing.seq)  # retried, then lost again
+        running = [c for c in lost if set(blamed[:1] if died.overdue else blamed) & set(c.indices)]
+        failing = running[0] if running else lost[0]
+        earlier = tuple(c for c in lost if c.seq < failing.seq)
         before = ()
-        if blamed and not self._opt.stacked and blamed[0] in failing.indices:
-            unfinished = failing.indices[failing.indices.index(blamed[0]):]
+        first = next((i for i in failing.indices if i in blamed), None)
+        if first is not None and not self._opt.stacked:
+            unfinished = failing.indices[failing.indices.index(first):]
             if len(unfinished) < len(failing.indices):
                 before = (_without(failing, set(unfinished), handed=False),)
         rerun = earlier + before
         owed = [i for chunk in lost if chunk.seq >= failing.seq for i in chunk.indices]
-        error = _death_error(died, tuple(owed[len(before[0].indices) if before else 0:]))
+        detail = "" if died.overdue or len(blamed) < 2 else (
+            f"it was running source indices {sorted(blamed)} on its threads, and any "
+            "of them may have ended it")
+        error = _death_error(died, tuple(owed[len(before[0].indices) if before else 0:]),
+                             detail)
         return Verdict(bool(rerun) and not self._pool.live(), rerun,
                        fail=(failing.seq, error, bool(before)))
 
 
-def _death_error(died: Died, indices: tuple[int, ...]) -> MPLoaderError:
+def _death_error(died: Died, indices: tuple[int, ...], detail: str = "") -> MPLoaderError:
     handle, overdue = died.handle, died.overdue
     if overdue is not None:
         return WorkerTimeout(handle.worker_id, handle.pid, overdue.index, overdue.elapsed,
                              overdue.limit, indices)
     return WorkerDied(handle.worker_id, handle.pid, died.returncode, indices,
-                      detail=died.memory)
+                      detail="; ".join(filter(None, (died.memory, detail))))
 
 
 _forked = False  # True in a child forked from this process: only then ask for the pid
@@ -759,6 +771,14 @@ def _without(chunk: Chunk, indices: set[int], handed: bool = True) -> Chunk:
                  dropped=chunk.dropped + (tuple(s for i, _, s in entries if i in indices)
                                           if handed else ()),
                  keys=tuple(keys[i] for i, _, _ in kept) if chunk.keys else ())
+
+
+def _skipped(worker_id: int, failure: Failure) -> Skipped:
+    """The record of an item that on_error="skip" drops."""
+    message = failure.message
+    if failure.sample:
+        message += f" (after {failure.sample} samples; the item's other samples are dropped)"
+    return Skipped(failure.index, failure.item, worker_id, failure.exc_type, message)
 
 
 def _dropped_with_batch(index: int, chunk: Chunk) -> Failure:

@@ -90,7 +90,8 @@ class Pipeline:
             self.box[0] = WorkerPool(workers, self._bootstrap,
                                      slots_per_worker=prefetch + leases,
                                      max_leases=leases, keep_free=prefetch,
-                                     cache=self.cache.memory if self.cache else None)
+                                     cache=self.cache.memory if self.cache else None,
+                                     threads=self.config.threads_per_worker)
         return self.box[0]
 
     def _discard_pool(self, pool: WorkerPool) -> None:
@@ -116,7 +117,8 @@ class Pipeline:
             self._passes += 1
             clock = None if progress is None else PassClock(
                 epoch, via_tensorflow=route_interrupts, batched=options.batch_size is not None,
-                cached=self.cache is not None, workers=pool.workers, stats=self.stats)
+                cached=self.cache is not None, workers=pool.workers, stats=self.stats,
+                threads=self.config.threads_per_worker)
             self._current = Pass(pool, items, self._passes, epoch, options, self.stats,
                                  self.skipped if progress is not None else None,
                                  self._discard_pool, progress, route_interrupts,
@@ -250,13 +252,22 @@ class Pipeline:
     def _counters_of(self, workers: list[Any]) -> dict[str, Any]:
         stats = self.stats
         elapsed = time.perf_counter() - stats.started_at
+        threads = self.config.threads_per_worker
         return {
             "items": stats.items,
             "elapsed_s": elapsed,
             "items_per_s": stats.items / elapsed if elapsed > 0 else 0.0,
             "consumer_wait_s": stats.waited_s,
             "items_per_task": stats.items / stats.tasks if stats.tasks else 0.0,
-            "worker_busy_fraction": [h.busy_s / elapsed for h in workers],
+            # Per worker: the share of its threads' time spent on items; its
+            # CPU time per second (about 1.0 at most for Python code, whatever
+            # the threads: the GIL); the share of its item time spent waiting
+            # (I/O, sleep, the GIL) rather than computing.  Busy and waiting:
+            # more threads help; busy and computing: more processes.
+            "worker_busy_fraction": [h.busy_s / (elapsed * threads) for h in workers],
+            "worker_cpu_fraction": [h.cpu_s / elapsed for h in workers],
+            "worker_waiting_fraction": [max(0.0, 1.0 - h.cpu_s / h.busy_s) if h.busy_s else 0.0
+                                        for h in workers],
             "slots_leased": sum(h.ring.leased for h in workers),
             "shared_memory_bytes": sum(h.ring.reserved_bytes() for h in workers),
             "skipped": len(self.skipped),

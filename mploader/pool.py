@@ -166,7 +166,8 @@ class WorkerHandle:
     outbound: bytearray = field(default_factory=bytearray)  # framed, not yet written
     inbound: FrameReader = field(default_factory=FrameReader)
     killed_for: Overdue | None = None
-    busy_s: float = 0.0
+    busy_s: float = 0.0            # its threads' time on tasks, summed
+    cpu_s: float = 0.0             # its CPU time, as its last result said
 
     @property
     def pid(self) -> int:
@@ -217,7 +218,7 @@ class WorkerPool:
 
     def __init__(self, num_workers: int, bootstrap: messages.Bootstrap,
                  slots_per_worker: int, max_leases: int, keep_free: int,
-                 cache: MemoryCache | None = None) -> None:
+                 cache: MemoryCache | None = None, threads: int = 1) -> None:
         resources.check_workers(num_workers)
         # The lock rule (NOTE [Shutdown]): held only across bounded waits; every
         # descriptor touched under it is non-blocking.
@@ -231,6 +232,7 @@ class WorkerPool:
         self._stride = resources.slot_stride(num_workers, slots_per_worker)
         self._max_leases = max_leases
         self._keep_free = keep_free
+        self._threads = threads  # per worker: one status row each (slots.py)
         self._env = _worker_env()
         self._cache = cache  # the loader's shared-memory cache: it outlives this pool
         self._spawner: _Spawner | None = _Spawner()
@@ -250,7 +252,8 @@ class WorkerPool:
         """Spawn one worker and watch its result pipe and pidfd."""
         assert self._spawner is not None
         handle = _spawn_worker(self._spawner, worker_id, SlotRing(
-            self._slots, self._stride, self._max_leases, self._keep_free, f"w{worker_id}"),
+            self._slots, self._stride, self._max_leases, self._keep_free, f"w{worker_id}",
+            self._threads),
             self._cache, self._env)
         for fd in (handle.result_fd, handle.pidfd):
             self._poller.register(fd, select.POLLIN)
@@ -364,6 +367,7 @@ class WorkerPool:
         if isinstance(message, Result):
             sent = handle.outstanding.pop(message.key, None)
             handle.busy_s += message.busy_s
+            handle.cpu_s = max(handle.cpu_s, message.cpu_s)
             handle.ring.grown(message.slot, message.capacity)
             return Delivered(handle, message, sent.payload if sent else None, size)
         if isinstance(message, Ready):
@@ -384,7 +388,7 @@ class WorkerPool:
         returncode = handle.process.wait()  # the pidfd said it exited: no blocking
         memory = "" if handle.killed_for else handle.memory.explain(returncode)
         lost = tuple(handle.outstanding.values())
-        blamed_key, blamed = _blame(handle, lost)
+        blamed = _blame(handle, lost)
         for sent in lost:
             handle.ring.release(sent.task.slot)
         handle.outstanding.clear()
@@ -398,7 +402,7 @@ class WorkerPool:
                 worker_id, pid, returncode, (),
                 detail="it died before it was ready (starting the interpreter, "
                        "unpickling fn or running worker_init); its stderr says why")
-        return Died(handle, returncode, lost, blamed_key, blamed, handle.killed_for, memory)
+        return Died(handle, returncode, lost, blamed, handle.killed_for, memory)
 
     def kill_overdue(self, limit: float) -> None:
         """SIGKILL every worker whose current item has run over ``limit`` s.
@@ -410,14 +414,11 @@ class WorkerPool:
         """
         now = time.monotonic_ns()
         for handle in self.workers:
-            if handle.state is not State.READY or not handle.outstanding:
-                continue
-            key, index, started = handle.ring.status.read()
-            elapsed = (now - started) / 1e9
-            if index >= 0 and key in handle.outstanding and elapsed > limit:
-                handle.killed_for = Overdue(index, elapsed, limit)
-                handle.state = State.KILLED
-                _signal(handle, signal.SIGKILL)
+            if handle.state is State.READY and handle.outstanding:
+                handle.killed_for = _overdue(handle, limit, now)
+                if handle.killed_for is not None:
+                    handle.state = State.KILLED
+                    _signal(handle, signal.SIGKILL)
 
     def replace(self, handle: WorkerHandle) -> WorkerHandle:
         """Start a new worker with the same id in place of a DEAD one."""
@@ -499,18 +500,34 @@ def _spawn_worker(spawner: _Spawner, worker_id: int, ring: SlotRing,
                         memory=MemoryWatch(process.pid))
 
 
+def _overdue(handle: WorkerHandle, limit: float, now: int) -> Overdue | None:
+    """The first item running on one of the worker's threads (a status row
+    each) for over ``limit`` s, if any."""
+    for status in handle.ring.statuses:
+        key, index, started = status.read()
+        elapsed = (now - started) / 1e9
+        if index >= 0 and key in handle.outstanding and elapsed > limit:
+            return Overdue(index, elapsed, limit)
+    return None
+
+
 def _blame(handle: WorkerHandle, lost: tuple[Outstanding, ...]
-           ) -> tuple[tuple[int, int] | None, tuple[int, ...]]:
-    """(task key, source indices) the worker was running when it died, from
-    its status page; the whole task if it died laying out the results."""
-    key, index, _started = handle.ring.status.read()
-    for sent in lost:
-        if sent.task.key == key:
-            if index >= 0:
-                return key, (index,)
-            if index == PACKING:
-                return key, sent.task.indices
-    return None, ()
+           ) -> tuple[tuple[tuple[int, int], int], ...]:
+    """(task key, source index) of every item the worker was running when it
+    died, from its status rows (one per thread): a task's every item if it
+    died laying out the results; the item it was killed for first."""
+    owed = {sent.task.key: sent.task.indices for sent in lost}
+    blamed: list[tuple[tuple[int, int], int]] = []
+    for status in handle.ring.statuses:
+        key, index, _started = status.read()
+        if key in owed and index >= 0:
+            blamed.append((key, index))
+        elif key in owed and index == PACKING:
+            blamed.extend((key, i) for i in owed[key])
+    overdue = handle.killed_for
+    if overdue is not None:
+        blamed.sort(key=lambda entry: entry[1] != overdue.index)
+    return tuple(blamed)
 
 
 def _escalate(running: list[WorkerHandle], timeout: float) -> None:

@@ -86,6 +86,7 @@ import itertools
 import logging
 import random
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -93,8 +94,13 @@ from typing import Any
 
 import numpy as np
 
-_scope: "_ItemScope | None" = None      # of the item running: item_rng()
-_seeding: "_Seeding | None" = None      # the scope running: a torch imported inside it
+class _Running(threading.local):
+    """What runs on this thread (threads_per_worker: each thread its own item)."""
+    scope: "_ItemScope | None" = None      # of the item running: item_rng()
+    seeding: "_Seeding | None" = None      # the scope running: a torch imported inside it
+
+
+_running = _Running()
 
 # A scope's words (uint32) from its SeedSequence: words 0-7 seed item_rng's
 # PCG64 (word 0 the legacy globals too, as it always did); torch and the
@@ -133,13 +139,14 @@ def item_rng() -> np.random.Generator:
     Created on first use and derived from (seed, epoch, index).  Raises
     ``RuntimeError`` outside an item (use :func:`item_scope` to replay one).
     """
-    if _scope is None:
+    scope = _running.scope
+    if scope is None:
         raise RuntimeError(
             "mploader.item_rng() is only available while fn runs on an item: "
             "inside an MPLoader worker, or inside mploader.item_scope(...)")
-    if _scope.rng is None:
-        _scope.rng = np.random.Generator(np.random.PCG64(_scope.sequence))
-    return _scope.rng
+    if scope.rng is None:
+        scope.rng = np.random.Generator(np.random.PCG64(scope.sequence))
+    return scope.rng
 
 
 class RandomObject:
@@ -541,7 +548,6 @@ class _Seeding:
 
     def enter(self, item: bool) -> None:
         """Set the sources; ``item``: as an item (``item_rng()`` works), else as prepare."""
-        global _scope, _seeding
         torch = sys.modules.get("torch")
         if self._globals or self._objects or getattr(torch, "default_generator", None):
             words = self._scope.sequence.generate_state(_FIRST_OBJECT_WORD + len(self._objects))
@@ -551,15 +557,15 @@ class _Seeding:
             _seed_torch(self.torch_seed(words))
             for obj, word in zip(self._objects, words[_FIRST_OBJECT_WORD:]):
                 obj.apply(int(word))
-        self._outer = _scope, _seeding
-        _scope, _seeding = (self._scope if item else None), self
+        running = _running
+        self._outer = running.scope, running.seeding
+        running.scope, running.seeding = (self._scope if item else None), self
 
     def __enter__(self) -> None:
         self.enter(item=True)
 
     def __exit__(self, *exc_info: Any) -> None:
-        global _scope, _seeding
-        _scope, _seeding = self._outer
+        _running.scope, _running.seeding = self._outer
 
 
 class _PrepareSeeding(_Seeding):
@@ -606,7 +612,8 @@ class WorkerRandomness:
         self._prepare_objects = walks[1].objects if prepare is not None else ()
         # what the walks left unwalked, for the parent to log (Ready.notes)
         self.notes = tuple(w.note for w in walks if w.note is not None)
-        if "torch" not in sys.modules:
+        if "torch" not in sys.modules and not any(  # (one per process, whatever the threads)
+                isinstance(finder, _SeedTorchOnImport) for finder in sys.meta_path):
             sys.meta_path.insert(0, _SeedTorchOnImport())
 
     def item(self, epoch: int, index: int) -> contextlib.AbstractContextManager[None]:
@@ -657,8 +664,9 @@ class _SeedTorchOnImport:
                 run(module)
             finally:
                 del loader.exec_module  # the instance's patch: the class's method again
-            if _seeding is not None:
-                _seed_torch(_seeding.torch_seed())
+            seeding = _running.seeding
+            if seeding is not None:
+                _seed_torch(seeding.torch_seed())
 
         try:
             loader.exec_module = exec_module

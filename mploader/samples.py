@@ -19,7 +19,7 @@ import numpy as np
 
 from .epochs import Record
 from .errors import UnsupportedResult
-from .nest import leaves, map_nest, path_text
+from .nest import leaves, path_text, stack_nests
 
 
 def stack(samples: list[Any], indices: list[int | None]) -> Any:
@@ -31,9 +31,7 @@ def stack(samples: list[Any], indices: list[int | None]) -> Any:
             raise UnsupportedResult(
                 f"cannot batch: a sample of source index {index} has another structure "
                 f"than the batch's first sample (of source index {indices[0]})")
-    columns = iter([_column([found[i][1] for found in flat], paths[i], indices)
-                    for i in range(len(paths))])
-    return map_nest(lambda _v, _p: next(columns), samples[0])
+    return stack_nests(samples, lambda values, path: _column(values, path, indices))
 
 
 def _column(values: list[Any], path: tuple, indices: list[int | None]) -> np.ndarray:

@@ -69,19 +69,23 @@ _NO_BYTES = np.empty(0, np.uint8)  # the region of a result that has no arrays
 LEASE_BUDGET_BYTES = 128 << 20  # per worker: results handed out as views, at most
 IDLE_SHRINK_S = 2.0  # a spare slot unused this long gives its memory back (refaulting is slow)
 
-# Status words (int64) at the start of the arena.  The worker is the only
-# writer; the parent reads with a sequence check (a seqlock: odd while writing).
+# Status words (int64) at the start of the arena, one row per thread of the
+# worker (threads_per_worker).  Each row has one writer, its thread; the
+# parent reads with a sequence check (a seqlock: odd while writing).
 _SEQ, _PASS, _TASK, _INDEX, _STARTED_NS = range(5)
+_ROW_WORDS = 8
+MAX_ROWS = HEADER_BYTES // (8 * _ROW_WORDS)  # threads per worker, at most
 IDLE = -1      # _INDEX: between tasks
 PACKING = -2   # _INDEX: laying out a task's results
 _READ_TRIES = 1000  # a write takes well under a microsecond; a dead writer never finishes
 
 
 class Status:
-    """The worker's status page, seen from either side."""
+    """One thread's row of the worker's status page, seen from either side."""
 
-    def __init__(self, buffer: Any) -> None:
-        self._words = memoryview(buffer)[:HEADER_BYTES].cast("q")
+    def __init__(self, buffer: Any, row: int = 0) -> None:
+        start = row * _ROW_WORDS * 8
+        self._words = memoryview(buffer)[start:start + _ROW_WORDS * 8].cast("q")
 
     def set(self, key: tuple[int, int], index: int, started_ns: int) -> None:
         """(worker) Now running ``index`` of task ``key`` (or IDLE, PACKING)."""
@@ -115,7 +119,7 @@ class SlotRing:
     """The parent's side of one worker's arena (see the module docstring)."""
 
     def __init__(self, count: int, stride: int, max_leases: int, keep_free: int,
-                 label: str) -> None:
+                 label: str, threads: int = 1) -> None:
         self.stride = stride
         self.fd = os.memfd_create(f"mploader-{label}", os.MFD_CLOEXEC)
         try:
@@ -130,8 +134,9 @@ class SlotRing:
         except BaseException:
             os.close(self.fd)
             raise
-        self.status = Status(self._arena)
-        self.status.set((0, 0), IDLE, 0)
+        self.statuses = [Status(self._arena, row) for row in range(threads)]
+        for status in self.statuses:
+            status.set((0, 0), IDLE, 0)
         self.max_leases = max_leases
         self._keep_free = keep_free
         self.capacity = [0] * count  # bytes reserved per slot, as the worker last reported
@@ -151,15 +156,18 @@ class SlotRing:
             self.fd = -1
 
     def _collect_returned(self) -> None:
+        """Leases that ended are FREE slots again; spare ones idle for
+        IDLE_SHRINK_S give their memory back (as after a release)."""
         if self._returned.empty():  # the common case, without raising queue.Empty
             return
         while True:
             try:
                 slot = self._returned.get_nowait()
             except queue.Empty:
-                return
+                break
             self._leased_bytes -= self._leases.pop(slot)[1]
             self._make_free(slot)
+        self.shrink(idle_for=IDLE_SHRINK_S)
 
     def acquire(self) -> int | None:
         """A FREE slot made BUSY, or None when every slot is BUSY or LEASED."""
@@ -253,7 +261,8 @@ class SlotRing:
     def _unmap(self) -> None:
         if self._arena is None:
             return
-        self.status.release()
+        for status in self.statuses:
+            status.release()
         try:
             self._arena.close()
         except BufferError:
@@ -268,7 +277,11 @@ class SlotWriter:
         self._fd = fd
         self._stride = stride
         self._maps: list[np.ndarray | None] = [None] * count
-        self.status = Status(_map(fd, HEADER_BYTES))
+        self._header = _map(fd, HEADER_BYTES)
+
+    def status(self, row: int) -> Status:
+        """The status row of the worker's thread ``row``."""
+        return Status(self._header, row)
 
     def write(self, slot: int, capacity: int, writes: list[Write], nbytes: int,
               appending: bool = False) -> int:

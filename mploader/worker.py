@@ -22,8 +22,10 @@ import dataclasses
 import inspect
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from types import TracebackType
@@ -91,7 +93,7 @@ class _TaskRunner:
 
     def __init__(self, fn: Callable[[Any], Any], boot: Bootstrap, slots: SlotWriter,
                  randomness: WorkerRandomness, prepare: Callable[[Any], Any] | None = None,
-                 store: Any = None) -> None:
+                 store: Any = None, row: int = 0, cpu_origin: float = 0.0) -> None:
         self._fn = fn
         self._prepare = prepare
         self._store = store  # cache/stores.py: where prepare's results are kept
@@ -101,14 +103,20 @@ class _TaskRunner:
         self._samples_per_item = boot.samples_per_item
         self._padding = boot.padding
         self._slots = slots
-        self._status = slots.status
+        self._status = slots.status(row)  # this thread's row of the status page
+        self._cpu_origin = cpu_origin  # the process's CPU time when it was ready
 
     def run(self, task: Task) -> Result:
         result = self._run_batched(task) if self._stack else self._run_items(task)
-        if self._store is None:
-            return result
-        return dataclasses.replace(result, cache=self._store.report(),
-                                   cached=self._store.take_entries())
+        cpu_s = time.process_time() - self._cpu_origin  # stats(): computing, or waiting?
+        if self._store is not None:
+            return dataclasses.replace(result, cache=self._store.report(), cpu_s=cpu_s,
+                                       cached=self._store.take_entries())
+        return dataclasses.replace(result, cpu_s=cpu_s)
+
+    def idle(self, task: Task) -> None:
+        """The task's result is sent: nothing of it runs (for the parent's timeouts)."""
+        self._status.set(task.key, IDLE, 0)
 
     def _input(self, task: Task, position: int, index: int, item: Any) -> Any:
         """What fn gets: the item, or prepare's result for it, from the cache
@@ -271,16 +279,104 @@ def _serve(config: dict[str, Any]) -> int:
         write_frame(result_fd, StartFailed(dataclasses.replace(_failure(exc, None), stage=stage)))
         return 1
     slots = SlotWriter(config["arena_fd"], config["slots"], config["stride"])
+    ready_at = time.process_time()
+    if boot.threads == 1:
+        write_frame(result_fd, Ready(notes=randomness.notes))
+        return _run_tasks(_TaskRunner(fn, boot, slots, randomness, prepare, store, 0, ready_at),
+                          task_fd, result_fd)
+    try:
+        runners = _thread_runners(boot, slots, fn, prepare, randomness, store, ready_at)
+    except BaseException as exc:  # noqa: BLE001 - reported, then exit
+        write_frame(result_fd, StartFailed(dataclasses.replace(
+            _failure(exc, None), stage="copying fn and prepare for each thread")))
+        return 1
     write_frame(result_fd, Ready(notes=randomness.notes))
-    runner = _TaskRunner(fn, boot, slots, randomness, prepare, store)
+    return _run_threads(runners, task_fd, result_fd)
+
+
+def _thread_runners(boot: Bootstrap, slots: SlotWriter, fn: Any, prepare: Any,
+                    randomness: WorkerRandomness, store: Any, ready_at: float
+                    ) -> list[_TaskRunner]:
+    """The runner of each thread: the first with ``fn`` itself, the others
+    each with its own copy of fn and prepare (unpickled again: third-party
+    random transforms are not thread-safe, and each copy's random objects
+    are seeded per item on its own thread) unless ``copy_fn_per_thread=False``;
+    one lock around the cache store."""
+    store = _LockedStore(store) if store is not None else None
+    runners = []
+    for row in range(boot.threads):
+        if boot.copy_fn_per_thread and row > 0:
+            fn = land(boot.fn, boot.code_files)
+            prepare = None if boot.prepare is None else land(boot.prepare, boot.code_files)
+            randomness = WorkerRandomness(boot.seed, fn, prepare, boot.seed_given)
+        runners.append(_TaskRunner(fn, boot, slots, randomness, prepare, store, row, ready_at))
+    return runners
+
+
+class _LockedStore:
+    """A cache store shared by the worker's threads, one call at a time."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(*args, **kwargs)
+        return locked
+
+
+def _run_tasks(runner: _TaskRunner, task_fd: int, result_fd: int) -> int:
+    """One thread: run each task as it comes, until the stop pill (EOF)."""
     while True:
         try:
             task = read_frame(task_fd)
         except EOFError:  # the parent closed the task pipe: the stop pill
             return 0
-        result = runner.run(task)
-        write_frame(result_fd, result)
-        slots.status.set(task.key, IDLE, 0)
+        write_frame(result_fd, runner.run(task))
+        runner.idle(task)
+
+
+def _run_threads(runners: list[_TaskRunner], task_fd: int, result_fd: int) -> int:
+    """threads_per_worker > 1: this thread reads tasks, each runner thread
+    takes the next one and sends its result (one frame at a time); the stop
+    pill lets every thread finish its task, then the worker exits.  A runner
+    that meets a closed pipe (the parent is gone), or a bug of mploader's,
+    ends the whole process: the parent sees a death, never a worker that
+    quietly runs fewer threads."""
+    tasks: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+    sending = threading.Lock()
+
+    def serve(runner: _TaskRunner) -> None:
+        try:
+            while (task := tasks.get()) is not None:
+                result = runner.run(task)
+                with sending:
+                    write_frame(result_fd, result)
+                runner.idle(task)
+        except (BrokenPipeError, EOFError):
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - a thread cannot fail alone
+            traceback.print_exc()
+            os._exit(1)
+
+    threads = [threading.Thread(target=serve, args=(runner,), name=f"mploader-fn-{row}",
+                                daemon=True) for row, runner in enumerate(runners)]
+    for thread in threads:
+        thread.start()
+    while True:
+        try:
+            tasks.put(read_frame(task_fd))
+        except EOFError:
+            break
+    for _ in threads:
+        tasks.put(None)
+    for thread in threads:
+        thread.join()
+    return 0
 
 
 def main(argv: list[str]) -> int:

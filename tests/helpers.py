@@ -63,6 +63,11 @@ def die_on_5(x: int) -> int:
     return x
 
 
+def sleep_ms(ms: int) -> int:
+    time.sleep(ms / 1000)
+    return ms
+
+
 def sleep_forever_on_3(x: int) -> int:
     if x == 3:
         time.sleep(600)

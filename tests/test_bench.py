@@ -37,6 +37,13 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     for element in consumer["elements"].values():
         assert set(element) == {"bare", "dataset_batch32", "batch_size32", "loader"}
         assert all(row["per_s"] > 0 and row["cpu_ms"] > 0 for row in element.values())
+    many = results["many"]
+    assert "error" not in many, many["error"]
+    hows = {row["how"] for row in many["rows"]}
+    assert {"mploader processes 64x1 loop", "mploader threads 1x64 batch_size32",
+            "mploader both 4x16 dataset_batch32"} <= hows
+    assert all(row["efficiency"] > 0 for row in many["rows"])
+    assert "(i) many workers" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "(a) GIL-bound Python" in (tmp_path / "results.md").read_text()
     assert "x serial" in done.stdout

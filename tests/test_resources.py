@@ -162,6 +162,37 @@ def test_shared_memory_shrinks_back_after_a_burst_of_32MiB_results(script):
     assert_no_worker_left(s.wait_for_pids())
 
 
+def test_spare_slots_give_their_memory_back_after_2_s_idle_during_a_steady_stream(script):
+    """One slow item lets the other worker run ahead into spare slots; the
+    steady stream that follows needs fewer.  The spares' pages go back within
+    a few seconds of it, not only at the pass's end."""
+    s = script("""
+        import json, time
+        import numpy as np
+        from mploader import MPLoader
+
+        def fn(i):
+            time.sleep(3 if i == 0 else 0.1)
+            return np.full(4 << 20, i, np.float32)   # 16 MiB, handed out as views
+
+        with MPLoader(fn, 200, num_workers=2, prefetch=4) as loader:
+            report_pids(loader)
+            it = iter(loader)
+            next(it)
+            burst = loader.stats()["shared_memory_bytes"]
+            start, reserved = time.monotonic(), []
+            while time.monotonic() - start < 6:
+                next(it)
+                reserved.append(loader.stats()["shared_memory_bytes"])
+        print(json.dumps({"burst": burst, "peak": max(reserved), "late": reserved[-1]}))
+    """)
+    result = run_bounded(s, within=60)
+    got = report(result)
+    assert got["late"] <= got["peak"] - 2 * 16 * MiB, {k: v // MiB for k, v in got.items()}
+    assert_quiet(result)
+    assert_no_worker_left(s.wait_for_pids())
+
+
 # -- a reference cycle between a loader and its pass kept the workers alive
 # -- until the garbage collector ran (never, with gc disabled)
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..epochs import Record
-from ..nest import map_nest
+from ..nest import at, map_nest, stack_nests
 from .signature import Leaf
 
 MAX_ELEMENT_BYTES = 64 << 10  # larger elements: one per call
@@ -66,11 +66,7 @@ def chunk_elements(spec: Any) -> int:
 def stack(elements: list[Any], spec: Any) -> Any:
     """The elements as one nest of arrays, each leaf ``(len(elements), *shape)``
     in the signature's dtype (tuples for lists, as TensorFlow reads them)."""
-    if isinstance(spec, dict):
-        return {key: stack([e[key] for e in elements], sub) for key, sub in spec.items()}
-    if isinstance(spec, tuple):
-        return tuple(stack([e[i] for e in elements], sub) for i, sub in enumerate(spec))
-    return np.asarray(elements, dtype=spec.dtype)
+    return stack_nests(elements, lambda values, path: np.asarray(values, at(spec, path).dtype))
 
 
 class Deferred:

@@ -1,0 +1,132 @@
+"""(i) Many workers for a fn that waits: processes, threads, or both.
+
+Run by run.py in a fresh interpreter.  ``fn`` sleeps 20 ms (a read from
+network storage) and returns 256 KiB, so K items in flight can give at most
+K / 0.02 items/s whatever the cores: the *efficiency* of a way to run it is
+its steady rate over that ideal.  For K = 4, 16, 64 items in flight:
+
+- mploader with K processes of one thread (``processes``), one process of K
+  threads (``threads``), and 4 processes of K/4 threads (``both``), each
+  consumed three ways: ``for x in loader``, ``loader.dataset().batch(32)``,
+  and ``MPLoader(..., batch_size=32).dataset()`` (batched in the workers);
+- PyTorch's DataLoader (K worker processes), Grain's DataLoader (K
+  workers) and ``tf.data`` ``map(numpy_function, num_parallel_calls=K)``
+  with ``.batch(32)``, when installed.
+
+Rates are steady (from the first element to the last).  Runs alternate,
+repetition by repetition, so the machine's drift hits them alike; medians.
+Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+SLEEP_S = 0.02
+RESULT = np.ones(64 << 10, np.float32)  # 256 KiB
+IN_FLIGHT = (4, 16, 64)
+MODES = {"processes": lambda k: (k, 1), "threads": lambda k: (1, k),
+         "both": lambda k: (4, k // 4)}
+CONSUMERS = ("loop", "dataset_batch32", "batch_size32")
+PEERS = ("torch", "grain", "tf_map")
+STEADY_S = 1.5  # of ideal time per run
+
+
+def fn(i: int) -> np.ndarray:
+    time.sleep(SLEEP_S)
+    return RESULT
+
+
+def _rate(iterable, batched: bool) -> float:
+    count, first = 0, None
+    for x in iterable:
+        count += len(x) if batched else 1
+        if first is None:
+            first, count = time.perf_counter(), 0
+    return count / (time.perf_counter() - first)
+
+
+def _mploader(n: int, processes: int, threads: int, consumer: str, tf) -> float:
+    from mploader import MPLoader
+    batch = 32 if consumer == "batch_size32" else None
+    spec = tf.TensorSpec((None, RESULT.size) if batch else (RESULT.size,), tf.float32)
+    with MPLoader(fn, n, num_workers=processes, threads_per_worker=threads,
+                  batch_size=batch, output_signature=spec) as loader:
+        if consumer == "loop":
+            return _rate(loader, batched=False)
+        ds = loader.dataset()
+        return _rate(ds.batch(32) if consumer == "dataset_batch32" else ds, batched=True)
+
+
+class _Items:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return fn(i)
+
+
+def _peer(peer: str, n: int, k: int, tf) -> float:
+    if peer == "torch":
+        from torch.utils.data import DataLoader
+        return _rate(DataLoader(_Items(n), batch_size=None, num_workers=k,
+                                multiprocessing_context="fork"), batched=False)
+    if peer == "grain":
+        import grain.python as gp
+        loader = gp.DataLoader(
+            data_source=_Items(n),
+            sampler=gp.IndexSampler(num_records=n, shard_options=gp.NoSharding(),
+                                    shuffle=False, num_epochs=1),
+            worker_count=k)
+        return _rate(loader, batched=False)
+    ds = tf.data.Dataset.range(n).map(
+        lambda i: tf.numpy_function(fn, [i], tf.float32), num_parallel_calls=k)
+    return _rate(ds.batch(32), batched=True)
+
+
+def _installed(peer: str) -> bool:
+    import importlib.util
+    module = {"torch": "torch", "grain": "grain", "tf_map": "tensorflow"}[peer]
+    return importlib.util.find_spec(module) is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="fewer items (a smoke test)")
+    args = parser.parse_args()
+    import tensorflow as tf
+    rows: list[tuple[int, str, tuple]] = []
+    for k in IN_FLIGHT:
+        for mode, shape in MODES.items():
+            processes, threads = shape(k)
+            if mode == "both" and threads == 1:
+                continue  # 4 x 1 is the processes row
+            rows += [(k, f"mploader {mode} {processes}x{threads} {consumer}",
+                      ("mploader", processes, threads, consumer)) for consumer in CONSUMERS]
+        rows += [(k, peer, (peer,)) for peer in PEERS if _installed(peer)]
+    runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _ in rows}
+    for _ in range(args.reps):
+        for k, name, how in rows:
+            n = max(64, int(args.scale * STEADY_S * k / SLEEP_S))
+            ideal = k / SLEEP_S
+            rate = (_mploader(n, *how[1:], tf) if how[0] == "mploader"
+                    else _peer(how[0], n, k, tf))
+            runs[(k, name)].append(rate / ideal)
+    out = {"reps": args.reps, "sleep_s": SLEEP_S, "result_bytes": RESULT.nbytes,
+           "rows": [{"in_flight": k, "how": name,
+                     "efficiency": statistics.median(runs[(k, name)]),
+                     "min": min(runs[(k, name)]), "max": max(runs[(k, name)])}
+                    for k, name, _ in rows]}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
