@@ -311,3 +311,36 @@ def test_keras_steps_per_epoch_over_repeat_never_runs_an_order_twice(script):
                if line.startswith("mploader, epoch ")]
     assert len(printed) == 3 and set(printed) <= set(got["epochs"])
     assert_no_worker_left(s.wait_for_pids())
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_a_state_saved_in_a_keras_batch_callback_counts_exactly_the_batches_trained(
+        script, steps_per_execution):
+    """model.fit reads nothing ahead of the step here: after batch b of a
+    Keras epoch, the position is (b + 1) batches further, across .repeat()."""
+    s = script(joined(PRELUDE, f"""
+        def pair(i):
+            return np.full(4, i, np.float32), np.float32(i)
+        loader = MPLoader(pair, 64, num_workers=2)
+        report_pids(loader)
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(1)])
+        model.compile("sgd", "mse", steps_per_execution={steps_per_execution})
+        seen = []
+
+        class Probe(tf.keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                state = loader.state_dict()
+                seen.append((batch, state["epoch"], state["position"]))
+
+        model.fit(loader.dataset().batch(2).repeat(), steps_per_epoch=8, epochs=2,
+                  verbose=0, callbacks=[Probe(), loader.keras_callback()])
+        print(json.dumps({{"seen": seen}}))
+        loader.close()
+    """))
+    got = report(run_bounded(s, within=180))
+    assert got["seen"], got
+    for keras_epoch, chunk in enumerate((got["seen"][:len(got["seen"]) // 2],
+                                         got["seen"][len(got["seen"]) // 2:])):
+        for batch, epoch, position in chunk:
+            assert (epoch, position) == (0, 2 * (8 * keras_epoch + batch + 1)), got
+    assert_no_worker_left(s.wait_for_pids())
