@@ -11,11 +11,18 @@ its steady rate over that ideal.  For K = 4, 16, 64 items in flight:
   and ``MPLoader(..., batch_size=32).dataset()`` (batched in the workers);
 - PyTorch's DataLoader (K worker processes), Grain's DataLoader (K
   workers) and ``tf.data`` ``map(numpy_function, num_parallel_calls=K)``
-  with ``.batch(32)``, when installed.
+  with ``.batch(32)`` (on a sixteenth of the items: it keeps about as many
+  calls in flight as there are cores, so a whole pass would take minutes),
+  when installed.
 
-Rates are steady (from the first element to the last).  Runs alternate,
-repetition by repetition, so the machine's drift hits them alike; medians.
-Prints one JSON line.
+Each run makes its loader, runs one whole pass untimed (the workers start,
+TensorFlow traces), then times a second pass from its first request to its
+end, so filling the pipeline counts; the ideal time of a pass is its rounds
+of in-flight tasks (a worker batch runs its 32 items one after another on
+one thread).  Grain starts new worker processes every pass, so its rate is
+taken from its first element to its last instead (which favours it).  Runs
+alternate, repetition by repetition, so the machine's drift hits them alike;
+medians.  Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ MODES = {"processes": lambda k: (k, 1), "threads": lambda k: (1, k),
          "both": lambda k: (4, k // 4)}
 CONSUMERS = ("loop", "dataset_batch32", "batch_size32")
 PEERS = ("torch", "grain", "tf_map")
-STEADY_S = 1.5  # of ideal time per run
+PASS_S = 0.8  # ideal time of a timed pass
+TF_MAP_SHARE = 16  # tf.data's map runs a fraction of the items: its threads are the cores
 
 
 def fn(i: int) -> np.ndarray:
@@ -41,13 +49,19 @@ def fn(i: int) -> np.ndarray:
     return RESULT
 
 
-def _rate(iterable, batched: bool) -> float:
-    count, first = 0, None
-    for x in iterable:
-        count += len(x) if batched else 1
-        if first is None:
-            first, count = time.perf_counter(), 0
-    return count / (time.perf_counter() - first)
+def _pass_s(make_iterable) -> float:
+    """Seconds of a timed pass, after an untimed one."""
+    for _ in make_iterable():
+        pass
+    start = time.perf_counter()
+    for _ in make_iterable():
+        pass
+    return time.perf_counter() - start
+
+
+def _ideal_s(n: int, k: int, task_items: int = 1) -> float:
+    """A pass's rounds of k tasks in flight, each task_items x SLEEP_S."""
+    return -(-n // (task_items * k)) * task_items * SLEEP_S
 
 
 def _mploader(n: int, processes: int, threads: int, consumer: str, tf) -> float:
@@ -57,9 +71,11 @@ def _mploader(n: int, processes: int, threads: int, consumer: str, tf) -> float:
     with MPLoader(fn, n, num_workers=processes, threads_per_worker=threads,
                   batch_size=batch, output_signature=spec) as loader:
         if consumer == "loop":
-            return _rate(loader, batched=False)
-        ds = loader.dataset()
-        return _rate(ds.batch(32) if consumer == "dataset_batch32" else ds, batched=True)
+            elapsed = _pass_s(lambda: loader)
+        else:
+            ds = loader.dataset()
+            elapsed = _pass_s(lambda: ds.batch(32) if consumer == "dataset_batch32" else ds)
+    return _ideal_s(n, processes * threads, batch or 1) / elapsed
 
 
 class _Items:
@@ -76,8 +92,11 @@ class _Items:
 def _peer(peer: str, n: int, k: int, tf) -> float:
     if peer == "torch":
         from torch.utils.data import DataLoader
-        return _rate(DataLoader(_Items(n), batch_size=None, num_workers=k,
-                                multiprocessing_context="fork"), batched=False)
+        loader = DataLoader(_Items(n), batch_size=None, num_workers=k,
+                            multiprocessing_context="fork", persistent_workers=True)
+        elapsed = _pass_s(lambda: loader)
+        del loader
+        return _ideal_s(n, k) / elapsed
     if peer == "grain":
         import grain.python as gp
         loader = gp.DataLoader(
@@ -85,10 +104,16 @@ def _peer(peer: str, n: int, k: int, tf) -> float:
             sampler=gp.IndexSampler(num_records=n, shard_options=gp.NoSharding(),
                                     shuffle=False, num_epochs=1),
             worker_count=k)
-        return _rate(loader, batched=False)
+        count, first = 0, None
+        for _ in loader:
+            count += 1
+            if first is None:
+                first, count = time.perf_counter(), 0
+        return count / (time.perf_counter() - first) / (k / SLEEP_S)
+    n = max(64, n // TF_MAP_SHARE)  # ~cores in flight, whatever num_parallel_calls says
     ds = tf.data.Dataset.range(n).map(
-        lambda i: tf.numpy_function(fn, [i], tf.float32), num_parallel_calls=k)
-    return _rate(ds.batch(32), batched=True)
+        lambda i: tf.numpy_function(fn, [i], tf.float32), num_parallel_calls=k).batch(32)
+    return _ideal_s(n, k) / _pass_s(lambda: ds)
 
 
 def _installed(peer: str) -> bool:
@@ -101,10 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="fewer items (a smoke test)")
+    parser.add_argument("--in-flight", default=",".join(map(str, IN_FLIGHT)),
+                        help="items in flight, comma-separated")
     args = parser.parse_args()
     import tensorflow as tf
     rows: list[tuple[int, str, tuple]] = []
-    for k in IN_FLIGHT:
+    for k in (int(k) for k in args.in_flight.split(",")):
         for mode, shape in MODES.items():
             processes, threads = shape(k)
             if mode == "both" and threads == 1:
@@ -115,11 +142,9 @@ def main() -> None:
     runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _ in rows}
     for _ in range(args.reps):
         for k, name, how in rows:
-            n = max(64, int(args.scale * STEADY_S * k / SLEEP_S))
-            ideal = k / SLEEP_S
-            rate = (_mploader(n, *how[1:], tf) if how[0] == "mploader"
-                    else _peer(how[0], n, k, tf))
-            runs[(k, name)].append(rate / ideal)
+            n = max(64, int(args.scale * PASS_S * k / SLEEP_S))
+            runs[(k, name)].append(_mploader(n, *how[1:], tf) if how[0] == "mploader"
+                                   else _peer(how[0], n, k, tf))
     out = {"reps": args.reps, "sleep_s": SLEEP_S, "result_bytes": RESULT.nbytes,
            "rows": [{"in_flight": k, "how": name,
                      "efficiency": statistics.median(runs[(k, name)]),

@@ -372,7 +372,8 @@ def main() -> int:
         print(consumer_text(results["consumer"]) + "\n", flush=True)
     if "i" in args.sections:
         results["many"] = run_script("many_bench.py", env, "--reps", str(reps),
-                                     "--scale", "0.05" if args.tiny else "1")
+                                     *(["--scale", "0.05", "--in-flight", "8"] if args.tiny
+                                       else []))
         print(many_text(results["many"]) + "\n", flush=True)
     if "f" in args.sections:
         print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)

@@ -29,6 +29,7 @@ A pass holds its loader only weakly (the loader holds its current pass), so
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -72,6 +73,7 @@ class Chunk:
     steps: tuple[int, ...]        # the items' steps in the epoch (epochs.py), as indices
     dropped: tuple[int, ...] = ()  # steps of items skipped after killing workers
     keys: tuple[bytes, ...] = ()  # with prepare: the items' cache keys (cache/index.py)
+    solo: bool = False            # a suspect of a death: runs alone on its worker
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,14 @@ class Feed:
                      keys=(self._cache.keys(tuple(items[:len(read)]), encoded, ends)
                            if self._cache is not None else ()))
 
+    def may_send(self, outstanding: dict[Any, Any]) -> bool:
+        """Whether the next chunk may go to a worker owing ``outstanding``: a
+        chunk that must run alone (Recovery) goes to an idle worker, and a
+        worker running one gets nothing beside it."""
+        if any(sent.payload is not None and sent.payload.solo for sent in outstanding.values()):
+            return False
+        return not (outstanding and self.retry and self.retry[0].solo)
+
     def task(self, chunk: Chunk, slot: int, capacity: int) -> Task:
         """The message that sends ``chunk`` to a worker, its result into ``slot``."""
         return Task((self._pass_id, chunk.seq), slot, capacity, self._epoch, chunk.indices,
@@ -231,7 +241,9 @@ class Reorder:
         self._drop_samples = dict(progress.plan.partial) if progress is not None else {}
         self.next_seq = 0                    # ordered: the seq to yield next
         self._empty: dict[int, tuple[int, ...]] = {}  # seq -> steps, every item skipped
-        self._fail: dict[int, MPLoaderError] = {}  # seq -> the death to raise after it
+        self._fail: dict[int, MPLoaderError] = {}  # ordered: seq -> the death to raise after it
+        # unordered: (the seqs still to come, the death to raise once they came)
+        self._deaths: list[tuple[set[int], MPLoaderError]] = []
 
     @property
     def waiting(self) -> bool:
@@ -245,17 +257,19 @@ class Reorder:
         """Task ``seq`` will give nothing: every item was dropped after deaths."""
         self._empty[seq] = steps
 
-    def fail(self, seq: int, error: MPLoaderError, rerun: bool) -> None:
-        """A worker died running task ``seq``: ``error`` comes right after
-        what the task still gives (``rerun``: its items before the one it
-        died on, run again), and after every task before it when ordered."""
-        self._fail[seq] = error
-        if rerun:
-            return
+    def fail(self, seq: int, error: MPLoaderError, rerun: tuple[int, ...]) -> None:
+        """A worker died running task ``seq``; ``rerun`` are the tasks it owed
+        that run again (its items before the one it died on keep ``seq``).
+        Ordered: ``error`` comes right after what task ``seq`` still gives,
+        so after every task before it; unordered: once every task of
+        ``rerun`` gave its items."""
         if self._opt.ordered:
-            self.all_skipped(seq, ())
+            self._fail[seq] = error
+            if seq not in rerun:
+                self.all_skipped(seq, ())
         else:
-            self._unpack_failure(seq, None)
+            self._deaths.append((set(rerun), error))
+            self._unpack_failure(None, None)
 
     def next_entry(self) -> tuple[int, int | None, tuple[int, ...], Any, int | None] | None:
         """The next entry, or None until the result it needs arrives."""
@@ -275,12 +289,17 @@ class Reorder:
                 self._unpack_failure(seq, self._ready.pop(seq))
         return self.pending.popleft()
 
-    def _unpack_failure(self, seq: int, delivered: Delivered | None) -> None:
-        """Queue task ``seq``'s entries, then the death that ended it, if any."""
+    def _unpack_failure(self, seq: int | None, delivered: Delivered | None) -> None:
+        """Queue task ``seq``'s entries, then a death that waited for them."""
         if delivered is not None:
             self._unpack(delivered)
         if seq in self._fail:
             self.pending.append((-1, None, (), _Death(self._fail.pop(seq)), None))
+        for waiting, error in list(self._deaths):
+            waiting.discard(seq)
+            if not waiting:
+                self._deaths.remove((waiting, error))
+                self.pending.append((-1, None, (), _Death(error), None))
 
     def drop(self) -> None:
         """Give back the slots of results never yielded (the pass ends)."""
@@ -529,7 +548,8 @@ class Pass(Iterator[Any]):
         while True:
             sent = False
             for handle in self._pool.live():
-                if not self._pool.has_room(handle, self._opt.prefetch):
+                if not (self._pool.has_room(handle, self._opt.prefetch)
+                        and self._feed.may_send(handle.outstanding)):
                     continue
                 if (self._opt.ordered and not self._feed.retry
                         and self._feed.next_task >= self._order.next_seq + self._window):
@@ -623,7 +643,7 @@ class Verdict:
     rerun: tuple[Chunk, ...] = ()         # chunks to run again, in order
     skipped_whole: tuple[Chunk, ...] = ()  # chunks whose every item was dropped
     dropped: tuple[Skipped, ...] = ()     # items dropped after they ended workers
-    fail: tuple[int, MPLoaderError, bool] | None = None  # (seq, error, rerun part of it)
+    fail: tuple[int, MPLoaderError, tuple[int, ...]] | None = None  # (seq, error, seqs rerun)
 
 
 class Recovery:
@@ -660,16 +680,21 @@ class Recovery:
         if self._opt.on_worker_death != "restart":
             return self._at_position(died, lost, blamed)
         error = _death_error(died, indices)
+        # Several tasks were running (threads): which one ended the worker is
+        # unknown, so none is struck; each of them runs again alone, where a
+        # death names its one culprit.
+        suspects = len({key for key, _ in died.blamed if key[0] == pass_id}) > 1
         dropped = []
-        for index in blamed:
+        for index in () if suspects else blamed:
             self._strikes[index] = self._strikes.get(index, 0) + 1
             if self._strikes[index] >= _MAX_ITEM_STRIKES:
                 final = WorkerDied(handle.worker_id, handle.pid, died.returncode, (index,),
                                    detail=f"source index {index} has now ended "
                                           f"{_MAX_ITEM_STRIKES} workers, so it is not "
                                           "retried again")
-                if self._opt.on_error != "skip":
-                    raise final from error
+                final.__cause__ = error
+                if self._opt.on_error != "skip":  # at its position, as any death
+                    return self._at_position(died, lost, (index,), final)
                 chunk = next(c for c in lost if index in c.indices)
                 dropped.append(Skipped(index, short_repr(chunk.items[chunk.indices.index(index)]),
                                        handle.worker_id, "WorkerDied", str(final)))
@@ -682,12 +707,17 @@ class Recovery:
                     error, handle.worker_id)
         doomed = {skipped.index for skipped in dropped}
         chunks = [_without(chunk, doomed) for chunk in lost]
+        if suspects:
+            chunks = [dataclasses.replace(c, solo=True) if set(c.indices) & set(blamed) else c
+                      for c in chunks]
         return Verdict(True, tuple(c for c in chunks if c.indices),
                        tuple(c for c in chunks if not c.indices), tuple(dropped))
 
-    def _at_position(self, died: Died, lost: list[Chunk], blamed: tuple[int, ...]) -> Verdict:
+    def _at_position(self, died: Died, lost: list[Chunk], blamed: tuple[int, ...],
+                     final: MPLoaderError | None = None) -> Verdict:
         """Raise mode: the death's error after the items before the one the
-        worker died on, naming the items it owed that are not handed out.
+        worker died on, naming the items it owed that are not handed out
+        (or ``final``: restart mode's error for an item that ended too many).
         That item: the one it was killed for (a timeout), else the first in
         the epoch's order of those it was running (``blamed``: one per
         thread), else (it died between items) its first lost task's first.
@@ -709,10 +739,10 @@ class Recovery:
         detail = "" if died.overdue or len(blamed) < 2 else (
             f"it was running source indices {sorted(blamed)} on its threads, and any "
             "of them may have ended it")
-        error = _death_error(died, tuple(owed[len(before[0].indices) if before else 0:]),
-                             detail)
+        error = final or _death_error(died, tuple(owed[len(before[0].indices) if before else 0:]),
+                                      detail)
         return Verdict(bool(rerun) and not self._pool.live(), rerun,
-                       fail=(failing.seq, error, bool(before)))
+                       fail=(failing.seq, error, tuple(chunk.seq for chunk in rerun)))
 
 
 def _death_error(died: Died, indices: tuple[int, ...], detail: str = "") -> MPLoaderError:

@@ -40,8 +40,8 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     many = results["many"]
     assert "error" not in many, many["error"]
     hows = {row["how"] for row in many["rows"]}
-    assert {"mploader processes 64x1 loop", "mploader threads 1x64 batch_size32",
-            "mploader both 4x16 dataset_batch32"} <= hows
+    assert {"mploader processes 8x1 loop", "mploader threads 1x8 batch_size32",
+            "mploader both 4x2 dataset_batch32"} <= hows
     assert all(row["efficiency"] > 0 for row in many["rows"])
     assert "(i) many workers" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 10_000

@@ -259,3 +259,48 @@ def test_stats_tell_a_waiting_worker_from_a_computing_one():
     assert computing["worker_waiting_fraction"][0] < 0.3
     assert computing["worker_cpu_fraction"][0] > 0.3
     assert 0 < waiting["worker_busy_fraction"][0] <= 1.0
+
+
+def _slow_start_hang_on_4(i: int) -> int:
+    if i < 4:
+        time.sleep(0.3)
+    if i == 4:
+        time.sleep(60)
+    return i
+
+
+def test_unordered_a_timeout_waits_for_the_earlier_batch_the_other_thread_had_not_sent():
+    """The worker is killed while its other thread still runs batch 0..3:
+    that batch runs again and goes out before the error, unordered too."""
+    for ordered in (True, False):
+        with MPLoader(_slow_start_hang_on_4, 16, num_workers=1, threads_per_worker=2,
+                      batch_size=4, ordered=ordered, timeout=1.0) as loader:
+            seen = []
+            with pytest.raises(WorkerTimeout) as info:
+                for batch in loader:
+                    seen += batch.tolist()
+            assert seen == [0, 1, 2, 3] and sorted(info.value.indices) == list(range(4, 16))
+            assert loader.state_dict()["position"] == 4
+
+
+def _always_exit_on_30(i: int) -> int:
+    time.sleep(0.02)
+    if i == 30:
+        os._exit(7)
+    return i
+
+
+def test_restart_with_threads_names_the_item_that_ends_workers_not_its_neighbours():
+    """The items running beside a crash are suspects, not culprits: each runs
+    again alone, so only item 30 is given up on, at its position."""
+    with MPLoader(_always_exit_on_30, 60, num_workers=2, threads_per_worker=3,
+                  on_worker_death="restart") as loader:
+        seen = []
+        with pytest.raises(WorkerDied, match="source index 30 has now ended 2 workers") as info:
+            for x in loader:
+                seen.append(int(x))
+    assert seen == list(range(30)) and info.value.indices == (30,)
+    with MPLoader(_always_exit_on_30, 60, num_workers=2, threads_per_worker=3,
+                  on_worker_death="restart", on_error="skip") as loader:
+        assert [int(x) for x in loader] == [i for i in range(60) if i != 30]
+        assert [s.index for s in loader.skipped] == [30]
