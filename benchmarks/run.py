@@ -114,8 +114,11 @@ def startup(reps: int, workers: int) -> dict:
 
 def run_script(script: str, env: dict, *args: str) -> dict:
     """The JSON line a section's own script (in a fresh interpreter) prints."""
-    done = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True,
-                          text=True, env=env, timeout=900)
+    try:
+        done = subprocess.run([sys.executable, str(HERE / script), *args],
+                              capture_output=True, text=True, env=env, timeout=900)
+    except subprocess.TimeoutExpired:  # one section's failure, not the run's
+        return {"error": f"{script} ran over 900 s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
