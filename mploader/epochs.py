@@ -218,6 +218,13 @@ class Progress:
                 self.ahead.discard(self.prefix)
                 self.prefix += 1
 
+    def taken_all(self) -> bool:
+        """The consumer took the whole pass (what waits in TensorFlow's
+        buffers counts once it is taken: ``settle``)."""
+        if self.settle is not None:
+            self.settle()
+        return self.done()
+
     def done(self) -> bool:
         total = self.plan.steps()
         if self.ended or total is None:
@@ -278,7 +285,7 @@ class Epochs:
         if self.resume is not None:
             return self.resume.plan(n, shuffle, shard)
         epoch = self._next
-        if self._again is not None and self._progress is not None and not self._progress.done():
+        if self._again is not None and self._progress is not None and not self._progress.taken_all():
             epoch = self._again  # that pass was left unfinished: epoch e from its start
         return Plan(n, epoch, shuffle, self.seed, *shard)
 
@@ -294,7 +301,9 @@ class Epochs:
     def running_epoch(self) -> int | None:
         """The epoch of the pass under way (begun, neither ended nor left), or None."""
         progress = self._progress
-        if progress is None or not self._running() or progress.done():
+        if progress is None or not self._running():
+            return None
+        if progress.taken_all():
             return None
         return progress.plan.epoch
 

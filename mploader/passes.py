@@ -409,6 +409,7 @@ class Pass(Iterator[Any]):
         self._order = Reorder(options, stats, progress)  # results, in the epoch's order
         self.last_index: int | None = None    # source index of the last value (a batch's first)
         self._finished = False
+        self._exhausted = False   # ran to its end (its last record may still wait)
         self._abandoned = False
         self._recovery = Recovery(options, pool)  # what a worker's death means
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
@@ -501,7 +502,7 @@ class Pass(Iterator[Any]):
                 self._pool.shrink()  # the pass's bursts are over (see slots.py)
                 if self._feed.error is not None:
                     raise self._feed.error  # at its position: every item before it is out
-                self._ended = True
+                self._ended = self._exhausted = True
                 raise StopIteration
             if self._pool.closing:  # closed re-entrantly (a signal handler) during a wait
                 raise _abandoned()
@@ -527,8 +528,11 @@ class Pass(Iterator[Any]):
 
     @property
     def running(self) -> bool:
-        """Neither ended nor left: the consumer may still take from it."""
-        return not self._finished
+        """Not left (no ``break``, error or newer pass): the consumer may still
+        take from it.  A pass that ran to its end still runs: its last
+        elements may wait in TensorFlow's buffers, their records not applied
+        (the epoch's progress says when the consumer took them all)."""
+        return not self._finished or (self._exhausted and not self._abandoned)
 
     def abandon(self) -> None:
         """A newer pass started: the next ``next()`` raises PassAbandoned."""

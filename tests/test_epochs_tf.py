@@ -344,3 +344,36 @@ def test_a_state_saved_in_a_keras_batch_callback_counts_exactly_the_batches_trai
         for batch, epoch, position in chunk:
             assert (epoch, position) == (0, 2 * (8 * keras_epoch + batch + 1)), got
     assert_no_worker_left(s.wait_for_pids())
+
+
+def test_set_epoch_while_tensorflow_holds_the_rest_of_a_pass_keeps_its_position(script):
+    """The generator can read a pass to its end while the consumer has taken two
+    elements (every result was ready): the pass goes on until they are taken, so
+    set_epoch(1) then leaves the state inside epoch 0, and epoch 1 comes after."""
+    s = script(joined(PRELUDE, """
+        def scalar(i):
+            return np.float32(i)
+        loader = MPLoader(scalar, 8, num_workers=2, prefetch=4)
+        report_pids(loader)
+        it = iter(loader.dataset().repeat())
+        taken = [float(next(it))]
+        time.sleep(1.5)                 # all 8 ready: the next call takes them all
+        taken.append(float(next(it)))
+        per_call = loader.stats()["elements_per_tensorflow_call"]
+        loader.set_epoch(1)
+        mid = loader.state_dict()
+        taken += [float(next(it)) for _ in range(6)]
+        end = loader.state_dict()
+        taken.append(float(next(it)))
+        epochs = [r["epoch"] for r in loader.stats()["epochs"]]
+        print(json.dumps({"per_call": per_call, "mid": mid, "end": end, "taken": taken,
+                          "epochs": epochs}))
+        loader.close()
+    """))
+    got = report(run_bounded(s, within=120))
+    assert got["per_call"] > 2, got        # the premise: the pass's rest went in one call
+    assert (got["mid"]["epoch"], got["mid"]["position"]) == (0, 2), got
+    assert "next_epoch" not in got["mid"], got
+    assert (got["end"]["epoch"], got["end"]["position"]) == (1, 0), got
+    assert got["taken"][:8] == list(range(8)) and got["epochs"][:2] == [0, 1], got
+    assert_no_worker_left(s.wait_for_pids())
