@@ -34,8 +34,14 @@ BENCH_STAMP := $(VENV)/.stamp-bench
 ECO_VENV := .venv-ecosystem
 ECO_PY := $(ECO_VENV)/bin/python
 ECO_STAMP := $(ECO_VENV)/.stamp-ecosystem
+RAY_VENV := .venv-ray
+RAY_PY := $(RAY_VENV)/bin/python
+RAY_STAMP := $(RAY_VENV)/.stamp-ray
+DOCS_VENV := .venv-docs
+DOCS_PY := $(DOCS_VENV)/bin/python
+DOCS_STAMP := $(DOCS_VENV)/.stamp-docs
 
-.PHONY: demo test test-bench test-ecosystem bench soak clean
+.PHONY: demo test test-bench test-ecosystem test-ray docs bench soak clean
 
 $(VENV_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +65,28 @@ $(ECO_STAMP): pyproject.toml Makefile
 	$(ECO_PY) -m pip install -q --upgrade pip
 	$(ECO_PY) -m pip install -q -e ".[test,ecosystem]"
 	touch $@
+
+# -- the Ray backend: ray_tests/ on its own .venv-ray holding only .[test,ray],
+# -- in a private network namespace with only loopback up (every address Ray
+# -- binds is 127.0.0.1; needs root, as CI has)
+$(RAY_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_PY) -m pip install -q --upgrade pip
+	$(RAY_PY) -m pip install -q -e ".[test,ray]"
+	touch $@
+
+test-ray: $(RAY_STAMP)
+	unshare -n bash -c 'ip link set lo up && exec $(RAY_PY) -m pytest -q -p no:cacheprovider -rfEs --durations=12 ray_tests'
+
+# -- the documentation site (docs/): .venv-docs holding only .[docs]
+$(DOCS_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_PY) -m pip install -q --upgrade pip
+	$(DOCS_PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(DOCS_PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 demo: $(DEMO_STAMP)
 	$(PY) -u examples/medical_3d/demo.py
@@ -85,4 +113,4 @@ bench: $(BENCH_STAMP)
 	$(PY) -u benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(VENV)-3.* $(ECO_VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV)-3.* $(ECO_VENV) $(RAY_VENV) $(DOCS_VENV) docs/_build build *.egg-info
