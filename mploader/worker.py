@@ -254,10 +254,14 @@ def _cache_store(boot: Bootstrap, config: dict[str, Any]) -> Any:
     return SharedMemoryStore(config["cache"]["fd"], config["cache"]["size"])
 
 
-def _serve(config: dict[str, Any]) -> int:
-    task_fd, result_fd = config["task_fd"], config["result_fd"]
-    boot: Bootstrap = read_frame(task_fd)
-    sys.path[:] = boot.sys_path
+def start(boot: Bootstrap, config: dict[str, Any], slots: Any
+          ) -> tuple[list[_TaskRunner], Ready] | StartFailed:
+    """Land fn, prepare and worker_init, and make the runner of each thread
+    (``slots``: where results are laid out, a SlotWriter or any object with
+    its ``status`` and ``write``); the Ready to answer, or the StartFailed
+    that says which stage raised.  Shared by the worker process and any
+    other backend's worker (ray_backend.py), so every worker seeds, wraps
+    errors and skips the same way."""
     stage = "unpickling fn"
     try:
         fn = land(boot.fn, boot.code_files)
@@ -276,21 +280,32 @@ def _serve(config: dict[str, Any]) -> int:
         stage = "finding the random objects of fn and prepare"
         randomness = WorkerRandomness(boot.seed, fn, prepare, boot.seed_given)  # after worker_init: what it built
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
-        write_frame(result_fd, StartFailed(dataclasses.replace(_failure(exc, None), stage=stage)))
-        return 1
-    slots = SlotWriter(config["arena_fd"], config["slots"], config["stride"])
+        return StartFailed(dataclasses.replace(_failure(exc, None), stage=stage))
     ready_at = time.process_time()
     if boot.threads == 1:
-        write_frame(result_fd, Ready(notes=randomness.notes))
-        return _run_tasks(_TaskRunner(fn, boot, slots, randomness, prepare, store, 0, ready_at),
-                          task_fd, result_fd)
+        return ([_TaskRunner(fn, boot, slots, randomness, prepare, store, 0, ready_at)],
+                Ready(notes=randomness.notes))
     try:
         runners = _thread_runners(boot, slots, fn, prepare, randomness, store, ready_at)
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
-        write_frame(result_fd, StartFailed(dataclasses.replace(
-            _failure(exc, None), stage="copying fn and prepare for each thread")))
+        return StartFailed(dataclasses.replace(
+            _failure(exc, None), stage="copying fn and prepare for each thread"))
+    return runners, Ready(notes=randomness.notes)
+
+
+def _serve(config: dict[str, Any]) -> int:
+    task_fd, result_fd = config["task_fd"], config["result_fd"]
+    boot: Bootstrap = read_frame(task_fd)
+    sys.path[:] = boot.sys_path
+    started = start(boot, config, SlotWriter(config["arena_fd"], config["slots"],
+                                             config["stride"]))
+    if isinstance(started, StartFailed):
+        write_frame(result_fd, started)
         return 1
-    write_frame(result_fd, Ready(notes=randomness.notes))
+    runners, ready = started
+    write_frame(result_fd, ready)
+    if boot.threads == 1:
+        return _run_tasks(runners[0], task_fd, result_fd)
     return _run_threads(runners, task_fd, result_fd)
 
 
