@@ -78,15 +78,33 @@ $(RAY_STAMP): pyproject.toml Makefile
 test-ray: $(RAY_STAMP)
 	unshare -n bash -c 'ip link set lo up && exec $(RAY_PY) -m pytest -q -p no:cacheprovider -rfEs --durations=12 ray_tests'
 
-# -- the documentation site (docs/): .venv-docs holding only .[docs]
+# -- the documentation site (docs/): .venv-docs holding only .[docs] (Sphinx,
+# -- MyST, furo, matplotlib, Playwright).  The build (warnings are errors), then
+# -- the Python code blocks of README.md and docs/ (docs_tests/run_blocks.py:
+# -- each page on the first of these interpreters that can run the most of its
+# -- blocks; .venv holds TensorFlow after `make demo`/`make test`,
+# -- .venv-ecosystem MONAI and TorchIO; a block needing what none has is skipped
+# -- and counted), then the site in headless Chromium (docs_tests/browser_check.py:
+# -- internal links, screenshots in docs/_build/screenshots/).  Chromium is
+# -- Debian's, installed here if missing; Playwright's own browsers are never
+# -- downloaded.
 $(DOCS_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(DOCS_VENV)
 	$(DOCS_PY) -m pip install -q --upgrade pip
 	$(DOCS_PY) -m pip install -q -e ".[docs]"
 	touch $@
 
-docs: $(DOCS_STAMP)
+/usr/bin/chromium:
+	@echo "installing Debian's chromium for the documentation's browser check"
+	@export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	{ apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }
+
+docs: $(DOCS_STAMP) /usr/bin/chromium
+	rm -rf docs/_build/html docs/_build/screenshots
 	$(DOCS_PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(DOCS_PY) docs_tests/run_blocks.py --python $(PY) --python $(ECO_PY) --python $(RAY_PY)
+	$(DOCS_PY) docs_tests/browser_check.py docs/_build/html
 
 demo: $(DEMO_STAMP)
 	$(PY) -u examples/medical_3d/demo.py
