@@ -28,7 +28,6 @@ release = version = mploader.__version__
 extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "matplotlib.sphinxext.plot_directive",   # the Performance page's figure, from results.json
     "mploader_docs",          # docs/_ext: the public API directive, the plot, the checks
@@ -50,7 +49,7 @@ html_title = f"mploader {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"navigation_with_keys": True}
-pygments_style = "sphinx"
+html_show_copyright = False
 
 # The figure of the Performance page is drawn when the site is built, from
 # benchmarks/results/results.json (docs/_plots/bench.py): never a copy to keep in step.

@@ -137,6 +137,10 @@ def look(build: str, shots: str) -> list[str]:
                     " return a.getBoundingClientRect().width; }")
                 heading = page.evaluate(
                     "() => (document.querySelector('article h1') || {}).textContent || ''")
+                text = page.inner_text("article") if page.query_selector("article") else ""
+                for raw in (".. py:", ".. auto", "```{", "{eval-rst}", ":members:"):
+                    if raw in text:
+                        problems.append(f"{rel}: markup shows as text: {raw!r}")
                 shot = os.path.join(shots, rel.replace("/", "__").replace(".html", ".png"))
                 page.screenshot(path=shot, full_page=True)
                 for text in errors:

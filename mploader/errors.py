@@ -28,13 +28,27 @@ class MPLoaderError(Exception):
 
 
 class UnsupportedResult(MPLoaderError, TypeError):
-    """fn returned something that cannot be laid out in shared memory."""
+    """fn returned something that cannot be laid out in shared memory.
+
+    An object array, an array subclass other than ``np.memmap``, a type that
+    is not an array, a scalar, ``str``, ``bytes`` or a tuple/list/dict of
+    these, a torch tensor on a device, or a batch whose items disagree.  The
+    message names the item and the path in the result (``result['a']``).
+    Found in a worker, it reaches the consumer as a :class:`WorkerError` whose
+    ``exc_type`` names it.
+    """
 
 
 class PaddingDoesNotFit(UnsupportedResult):
     """The loader's padding (a pad value, a padded shape) does not fit fn's
     result: a mistake of the settings, not of an item, so it is raised
-    whatever ``on_error`` says (skipping would skip every item)."""
+    whatever ``on_error`` says (skipping would skip every item).
+
+    Raised at construction when ``output_signature`` gives the leaf's dtype
+    or the pad value is not one scalar; found by a worker at the first batch,
+    it reaches the consumer as a :class:`WorkerError` whose ``exc_type`` is
+    ``mploader.errors.PaddingDoesNotFit``.
+    """
 
 
 class ResultNotCacheable(MPLoaderError, TypeError):
@@ -50,11 +64,21 @@ class ItemNotPicklable(MPLoaderError, TypeError):
 
 
 class SignatureMismatch(MPLoaderError, TypeError):
-    """An element does not match the dataset's signature (see mploader/tf/signature.py)."""
+    """Through ``dataset()``, an element's dtype or shape differs from the
+    dataset's signature (``output_signature``, or the one inferred from the
+    first result), where TensorFlow would cast it silently.  The message names
+    the source index, the leaf, what was expected and where that came from
+    (mploader/tf/signature.py)."""
 
 
 class PassAbandoned(MPLoaderError, RuntimeError):
-    """The loader started a newer pass, or was closed, while this one was in use."""
+    """The loader started a newer pass, or was closed, while this one was in use.
+
+    A loader runs one pass at a time, and an abandoned pass raises rather than
+    end as a silently short epoch.  A pass holds its loader weakly: keep a
+    reference to the loader while you iterate it (``for x in MPLoader(...)``
+    lets it be collected, and closed, mid-loop).
+    """
 
 
 class WorkerError(MPLoaderError):

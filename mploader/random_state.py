@@ -587,7 +587,7 @@ def item_scope(seed: int | None, epoch: int, index: int, fn: Any = None) -> Iter
     workers do (MONAI and albumentations transforms, generators: see the
     module's docstring).  ``seed=None`` draws a new seed: a new stream, not a
     replay.  A walk of ``fn`` that a bound cut short is a ``RuntimeWarning``
-    (the workers' is logged by the loader, see :func:`report_notes`).
+    (the workers' is logged by the loader, logger ``"mploader"``).
     """
     objects: tuple[RandomObject, ...] = ()
     if fn is not None:

@@ -34,18 +34,18 @@ def public_names() -> list[str]:
 
 
 def api_section(name: str) -> str:
-    """The MyST text of one public name's reference section."""
+    """The MyST text of one public name's reference section (autodoc writes
+    reStructuredText, so its directive goes through ``eval-rst``)."""
     import mploader
     obj = getattr(mploader, name)
     if inspect.isclass(obj):
         directive = "autoclass"
-        options = ":members:\n:show-inheritance:\n"
+        options = "   :members:\n   :show-inheritance:\n"
         if name == "MPLoader":
-            options += ":special-members: __iter__, __len__, __enter__, __exit__\n"
+            options += "   :special-members: __iter__, __len__, __enter__, __exit__\n"
     else:
-        directive = "autofunction"
-        options = ""
-    return f"## `{name}`\n\n```{{{directive}}} mploader.{name}\n{options}```\n\n"
+        directive, options = "autofunction", ""
+    return (f"## `{name}`\n\n```{{eval-rst}}\n.. {directive}:: mploader.{name}\n{options}```\n\n")
 
 
 def on_source_read(app: Sphinx, docname: str, source: list[str]) -> None:
