@@ -25,6 +25,8 @@ Where things live, by side (each module's docstring says why it is so):
                        start, watch, stop (NOTE [Shutdown], the lock rule)
     resources.py       the descriptor and address-space budget of a pool
     memory_deaths.py   whether a killed worker was killed for memory, and its last RSS
+    ray_backend.py     the Ray backend (RayBackend): workers as Ray actors, results
+                       through Ray's object store; imports Ray only when used
   the workers' side
     worker.py          the worker process and its main loop
     random_state.py    per-item random state (item_rng, torch, MONAI and other objects)
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
                          WorkerTimeout)
     from .loader import MPLoader
     from .passes import Skipped
+    from .ray_backend import RayBackend
     from .random_state import item_rng, item_scope
 
 __version__ = "0.1.0"
@@ -67,7 +70,7 @@ _HOMES = {"MPLoader": "loader", "MPLoaderError": "errors", "WorkerError": "error
           "WorkerDied": "errors", "WorkerTimeout": "errors", "CacheError": "errors",
           "PassAbandoned": "errors", "SignatureMismatch": "errors",
           "UnsupportedResult": "errors", "PaddingDoesNotFit": "errors",
-          "Skipped": "passes", "item_rng": "random_state",
+          "Skipped": "passes", "RayBackend": "ray_backend", "item_rng": "random_state",
           "item_scope": "random_state"}
 __all__ = list(_HOMES)
 

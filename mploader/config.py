@@ -46,6 +46,7 @@ class Config:
     close_timeout: float
     threads_per_worker: int = 1
     copy_fn_per_thread: bool = True
+    backend: Any = "process"  # "process" (the local pool), or a ray_backend.RayBackend
 
     @classmethod
     def of(cls, fn: Callable[[Any], Any], source: Source, *, num_workers: int,
@@ -54,11 +55,13 @@ class Config:
            seed: int | None, shuffle: bool, shard: Any, samples_per_item: int | None,
            timeout: float | None, on_error: str, on_worker_death: str,
            close_timeout: float, threads_per_worker: int = 1,
-           copy_fn_per_thread: bool = True) -> Config:
+           copy_fn_per_thread: bool = True, backend: Any = "process") -> Config:
         """The checked options (``num_workers`` already resolved from None)."""
+        backend = backend_of(backend)
         check(isinstance(num_workers, numbers.Integral) and num_workers >= 1,
               f"num_workers must be an int >= 1 or None, not {num_workers!r}")
-        resources.check_workers(int(num_workers))
+        if backend == "process":  # a local worker costs the parent descriptors
+            resources.check_workers(int(num_workers))
         check(batch_size is None or (isinstance(batch_size, int) and batch_size >= 1),
               f"batch_size must be an int >= 1 or None, not {batch_size!r}")
         check(not drop_remainder or batch_size is not None,
@@ -70,6 +73,9 @@ class Config:
               and 1 <= threads_per_worker <= MAX_ROWS,
               f"threads_per_worker must be an int from 1 to {MAX_ROWS}, "
               f"not {threads_per_worker!r}")
+        check(backend == "process" or threads_per_worker == 1,
+              "threads_per_worker > 1 runs in the local backend's worker processes; "
+              "with the Ray backend, ask for more actors (num_workers) instead")
         check(isinstance(copy_fn_per_thread, bool),
               f"copy_fn_per_thread must be True or False, not {copy_fn_per_thread!r}")
         check(on_error in ("raise", "skip"),
@@ -118,4 +124,16 @@ class Config:
                    samples=samples, timeout=timeout, on_error=on_error,
                    on_worker_death=on_worker_death, close_timeout=close_timeout,
                    threads_per_worker=int(threads_per_worker),
-                   copy_fn_per_thread=copy_fn_per_thread)
+                   copy_fn_per_thread=copy_fn_per_thread, backend=backend)
+
+
+def backend_of(value: Any) -> Any:
+    """The ``backend`` option checked: "process", or a RayBackend ("ray" is
+    ``RayBackend()``, the defaults).  Ray itself is not imported here."""
+    from .ray_backend import RayBackend
+    if isinstance(value, RayBackend) or (isinstance(value, str) and value == "process"):
+        return value
+    if isinstance(value, str) and value == "ray":
+        return RayBackend()
+    raise ValueError(f"backend must be 'process', 'ray' or a mploader.RayBackend(...), "
+                     f"not {value!r}")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from . import resources
 from .cache.index import Cache, check_cache_bytes, default_cache_bytes
 from .cache.stores import TRUSTS
-from .config import Config, check
+from .config import Config, backend_of, check
 from .epochs import Epochs, fingerprint, parse_state
 from .messages import Bootstrap
 from .passes import Options, Skipped
@@ -47,8 +47,11 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _default_workers() -> int:
-    """One worker per core, as many as the descriptor limit allows."""
+def _default_workers(backend: Any) -> int:
+    """One worker per core, as many as the descriptor limit allows (with
+    Ray: as many actors as the cluster holds)."""
+    if backend != "process":
+        return backend.default_workers()
     cores, fit = _cpu_count(), resources.workers_that_fit()
     if fit < cores:
         log.warning("num_workers=None: using %d workers, not one per core (%d), because the "
@@ -97,7 +100,9 @@ class MPLoader:
     ``__main__`` or TensorFlow); results come back through shared memory; the
     pool is reused by every pass and stopped deterministically by
     :meth:`close`, by the ``with`` block, when the loader is garbage collected,
-    or at interpreter exit.  See README.md for every option.
+    or at interpreter exit.  ``backend=mploader.RayBackend(...)`` (or ``"ray"``)
+    runs the workers as Ray actors instead (docs/guides/ray.md).  See README.md
+    for every option.
     """
 
     def __init__(self, fn: Callable[[Any], Any], source: Any, *,
@@ -114,16 +119,19 @@ class MPLoader:
                  cache_trust: str = "user",
                  timeout: float | None = None,
                  on_error: str = "raise", on_worker_death: str = "raise",
-                 close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+                 close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S, backend: Any = "process") -> None:
         self._source = Source(source)
+        backend = backend_of(backend)
         self.config = config = Config.of(
-            fn, self._source, num_workers=_default_workers() if num_workers is None else num_workers,
+            fn, self._source,
+            num_workers=_default_workers(backend) if num_workers is None else num_workers,
             ordered=ordered, batch_size=batch_size, drop_remainder=drop_remainder,
             padded_shapes=padded_shapes, padding_values=padding_values, prefetch=prefetch,
             output_signature=output_signature, seed=seed, shuffle=shuffle, shard=shard,
             samples_per_item=samples_per_item, timeout=timeout, on_error=on_error,
             on_worker_death=on_worker_death, close_timeout=close_timeout,
-            threads_per_worker=threads_per_worker, copy_fn_per_thread=copy_fn_per_thread)
+            threads_per_worker=threads_per_worker, copy_fn_per_thread=copy_fn_per_thread,
+            backend=backend)
         if config.threads_per_worker > 1 and config.seed is not None:
             warnings.warn(_THREADS_AND_GLOBAL_GENERATORS, RuntimeWarning, stacklevel=2)
         # The order's seed: given, or drawn once per loader (state_dict() keeps it);

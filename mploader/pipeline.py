@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from . import resources
+from .backend import Backend
 from .bottleneck import PassClock
 from .cache.index import Cache
 from .config import Config
@@ -45,7 +46,7 @@ _PROBE_ITEMS = 32  # with on_error="skip", items tried to infer output_signature
 _REPORTS_KEPT = 100  # epochs whose timing stats() keeps
 
 
-def close_pool(box: list[WorkerPool | None], timeout: float, cache: Cache | None = None
+def close_pool(box: list[Backend | None], timeout: float, cache: Cache | None = None
                ) -> None:
     """Close the pool in ``box`` (and, for good, the cache); shared by close(),
     a pass that discards its pool, and the loader's garbage-collection
@@ -66,7 +67,7 @@ class Pipeline:
         self.epochs, self.cache = epochs, cache
         self._bootstrap = bootstrap
         self.lock = threading.RLock()
-        self.box: list[WorkerPool | None] = [None]  # shared with the loader's finalizer
+        self.box: list[Backend | None] = [None]  # shared with the loader's finalizer
         self.stats = Stats(started_at=time.perf_counter())
         self.skipped: list[Skipped] = []  # items dropped by on_error="skip"
         self.closed = False
@@ -77,7 +78,7 @@ class Pipeline:
 
     # -- pool --------------------------------------------------------------------
 
-    def ensure_pool(self) -> WorkerPool:
+    def ensure_pool(self) -> Backend:
         if os.getpid() != self._owner_pid:
             raise not_the_owner(self._owner_pid)
         if self.closed:
@@ -87,6 +88,9 @@ class Pipeline:
             # still holds as zero-copy views (see slots.py).
             prefetch, workers = self.options.prefetch, self.config.num_workers
             leases = resources.leases_per_worker(workers, _MIN_LEASES, _POOL_LEASES)
+            if self.config.backend != "process":  # ray_backend.RayBackend
+                self.box[0] = self._ray_pool(prefetch + leases)
+                return self.box[0]
             self.box[0] = WorkerPool(workers, self._bootstrap,
                                      slots_per_worker=prefetch + leases,
                                      max_leases=leases, keep_free=prefetch,
@@ -94,7 +98,16 @@ class Pipeline:
                                      threads=self.config.threads_per_worker)
         return self.box[0]
 
-    def _discard_pool(self, pool: WorkerPool) -> None:
+    def _ray_pool(self, slots: int) -> Backend:
+        """The Ray backend's actors; a memory cache is shared memory of this
+        host, which actors on other nodes cannot map."""
+        if self.cache is not None and self.cache.memory is not None:
+            raise ValueError("cache='memory' is shared memory of this machine, which Ray "
+                             "actors on other nodes cannot use: pass cache=None (prepare "
+                             "runs every time) or a cache directory every node can reach")
+        return self.config.backend.start(self.config.num_workers, self._bootstrap, slots)
+
+    def _discard_pool(self, pool: Backend) -> None:
         """Stop a pool whose state can no longer be trusted (a death, Ctrl-C)."""
         with self.lock:
             if self.box[0] is pool:
