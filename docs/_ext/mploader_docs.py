@@ -25,6 +25,7 @@ from sphinx.util import logging
 log = logging.getLogger(__name__)
 
 PUBLIC_API_MARK = "<!-- public-api -->"
+CODE_WIDTH = 84
 MARKER = re.compile(r"^[ \t]*# docs-test:.*(\n|$)", re.MULTILINE)
 
 
@@ -115,6 +116,19 @@ def on_builder_inited(app: Sphinx) -> None:
     for test in sorted(set(re.findall(r"`(test_\w+)`", texts.get("guarantees.md", "")))):
         if test not in defined:
             log.warning("guarantees.md names %s, which no test in tests/ defines", test)
+
+    # Code a reader can read without scrolling sideways: furo's column shows
+    # about 86 characters of code.  (guides/ray.md is left to its own author.)
+    for page, text in texts.items():
+        if page == os.path.join("guides", "ray.md"):
+            continue
+        inside = False
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.startswith("```"):
+                inside = line.startswith("```python")
+            elif inside and len(line) > CODE_WIDTH:
+                log.warning("%s:%d: a code line of %d characters (at most %d show without "
+                            "scrolling)", page, number, len(line), CODE_WIDTH)
 
     reference = texts.get("reference.md", "")
     params = [p for p in inspect.signature(mploader.MPLoader.__init__).parameters
