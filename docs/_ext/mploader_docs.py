@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PUBLIC_API_MARK = "<!-- public-api -->"
 CODE_WIDTH = 84
+INPUT_SIZES = {"0.57"}   # MiB of the 224x224x3 float32 image of the benchmark's (h)
 MARKER = re.compile(r"^[ \t]*# docs-test:.*(\n|$)", re.MULTILINE)
 
 
@@ -129,6 +130,24 @@ def on_builder_inited(app: Sphinx) -> None:
             elif inside and len(line) > CODE_WIDTH:
                 log.warning("%s:%d: a code line of %d characters (at most %d show without "
                             "scrolling)", page, number, len(line), CODE_WIDTH)
+
+    # No figure that `make bench` did not write: every decimal number of the
+    # performance and guarantees pages, and of README's table of figures, is
+    # one of benchmarks/results/results.md (sizes of inputs excepted).
+    results_md = os.path.join(repo, "benchmarks", "results", "results.md")
+    with open(results_md, encoding="utf-8") as f:
+        measured = f.read()
+    with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    figures = {"performance.md": texts.get("performance.md", ""),
+               "guarantees.md": texts.get("guarantees.md", ""),
+               "README.md (its table of figures)":
+                   readme[readme.find("## What it promises"):]}
+    for page, text in figures.items():
+        for number in sorted(set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.]*\d)", text))):
+            if number not in measured and number not in INPUT_SIZES:
+                log.warning("%s gives the figure %s, which benchmarks/results/results.md "
+                            "does not hold: figures come from `make bench`", page, number)
 
     reference = texts.get("reference.md", "")
     params = [p for p in inspect.signature(mploader.MPLoader.__init__).parameters
