@@ -276,7 +276,8 @@ class WorkerPool:
             raise self._failure()
 
     def has_room(self, handle: WorkerHandle, prefetch: int) -> bool:
-        return len(handle.outstanding) < prefetch and handle.ring.has_free()
+        return (len(handle.outstanding) < prefetch and handle.ring.has_free()
+                and handle.ring.may_run_ahead(prefetch))
 
     def send(self, handle: WorkerHandle, make_task: Callable[[int, int], Task],
              payload: Any) -> None:

@@ -30,7 +30,9 @@ lease ends through a weakref callback on the array that every view of the
 result has as its ``base``; the callback only puts the slot number on a
 ``SimpleQueue``, which is safe from any thread and from inside a garbage
 collection.  At most ``max_leases`` slots, holding at most
-``LEASE_BUDGET_BYTES``, are leased at once; further results are copied out,
+``LEASE_BUDGET_BYTES`` (or one result, however large: copying a volume out
+into fresh memory costs more than the whole hand-off), are leased at once;
+further results are copied out,
 so a consumer that hoards results can never starve a worker of slots nor pin
 much memory.
 
@@ -67,6 +69,7 @@ PAGE_BYTES = mmap.PAGESIZE
 HEADER_BYTES = PAGE_BYTES
 _NO_BYTES = np.empty(0, np.uint8)  # the region of a result that has no arrays
 LEASE_BUDGET_BYTES = 128 << 20  # per worker: results handed out as views, at most
+RUN_AHEAD_BYTES = 64 << 20  # per worker: results done but not handed out, beyond prefetch
 IDLE_SHRINK_S = 2.0  # a spare slot unused this long gives its memory back (refaulting is slow)
 
 # Status words (int64) at the start of the arena, one row per thread of the
@@ -178,6 +181,19 @@ class SlotRing:
         self._busy.add(slot)
         return slot
 
+    def may_run_ahead(self, prefetch: int) -> bool:
+        """May this worker take another task?  Slots BUSY are its tasks in
+        flight and its results not yet handed out (waiting for an earlier
+        item of another worker, or for the consumer).  Up to ``prefetch`` of
+        them always; more only while they hold under ``RUN_AHEAD_BYTES``, so
+        small results let a worker run ahead of a slow item, and large ones
+        bound memory at ``prefetch`` results per worker plus those the
+        consumer holds (and the one fn is making)."""
+        if len(self._busy) < prefetch:
+            return True
+        largest = max(self.capacity)  # a slot not written yet: as large as any result so far
+        return sum(self.capacity[slot] or largest for slot in self._busy) < RUN_AHEAD_BYTES
+
     def has_free(self) -> bool:
         """A slot that ``acquire`` would give."""
         self._collect_returned()
@@ -228,7 +244,7 @@ class SlotRing:
         anchor = np.frombuffer(self._arena, dtype=np.uint8, count=nbytes, offset=self.offset(slot))
         self._collect_returned()
         if (copy or self._closed or len(self._leases) >= self.max_leases
-                or self._leased_bytes + nbytes > LEASE_BUDGET_BYTES):
+                or (self._leases and self._leased_bytes + nbytes > LEASE_BUDGET_BYTES)):
             value = unpack(tree, anchor, copy=True)
             self.release(slot)
             return value

@@ -173,7 +173,7 @@ def test_spare_slots_give_their_memory_back_after_2_s_idle_during_a_steady_strea
 
         def fn(i):
             time.sleep(3 if i == 0 else 0.1)
-            return np.full(4 << 20, i, np.float32)   # 16 MiB, handed out as views
+            return np.full(1 << 19, i, np.float32)   # 2 MiB: small enough to run ahead
 
         with MPLoader(fn, 200, num_workers=2, prefetch=4) as loader:
             report_pids(loader)
@@ -188,8 +188,40 @@ def test_spare_slots_give_their_memory_back_after_2_s_idle_during_a_steady_strea
     """)
     result = run_bounded(s, within=60)
     got = report(result)
-    assert got["late"] <= got["peak"] - 2 * 16 * MiB, {k: v // MiB for k, v in got.items()}
+    assert got["late"] <= got["peak"] - 4 * 2 * MiB, {k: v // MiB for k, v in got.items()}
     assert_quiet(result)
+    assert_no_worker_left(s.wait_for_pids())
+
+
+def test_large_results_and_a_slow_consumer_hold_prefetch_plus_one_per_worker(script):
+    """16 MiB results, the first slow, then read by a consumer slower than the
+    workers: a worker's finished results wait (for the first item, then for
+    the consumer), and it runs no further ahead than
+    ``prefetch`` of them, so the shared memory held stays within prefetch + 2
+    results per worker (the 2: the element the consumer holds and the one
+    ``next()`` hands it, which may both be one worker's)."""
+    s = script("""
+        import json, time
+        import numpy as np
+        from mploader import MPLoader
+
+        def fn(i):
+            time.sleep(1.0 if i == 0 else 0)         # the others finish meanwhile
+            return np.full(4 << 20, i, np.float32)   # 16 MiB
+
+        with MPLoader(fn, 40, num_workers=2, prefetch=2) as loader:
+            report_pids(loader)
+            held, values = [], []
+            for x in loader:
+                time.sleep(0.05)                      # a training step
+                values.append(float(x[0]))
+                held.append(loader.stats()["shared_memory_bytes"])
+        print(json.dumps({"peak": max(held), "values": values}))
+    """)
+    got = report(run_bounded(s, within=90))
+    assert got["values"] == list(range(40))
+    slot = 18 * MiB   # a 16 MiB result's slot: an eighth of headroom
+    assert got["peak"] <= 2 * (2 + 2) * slot, f"{got['peak'] / MiB} MiB"
     assert_no_worker_left(s.wait_for_pids())
 
 
