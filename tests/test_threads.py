@@ -132,9 +132,11 @@ def test_a_death_with_threads_busy_raises_after_every_item_before():
             for x in loader:
                 seen.append(int(x))
     # Which of the items running on the worker's threads ended it is unknown:
-    # the error comes at the first of them, naming them all.
+    # the error comes at the first of them, naming them all.  Items are dealt
+    # to both workers, so the dying worker's 4 running items span up to 8
+    # indices (seen in CI under load: the first of them was 24).
     first = len(seen)
-    assert seen == list(range(first)) and 30 - 4 < first <= 30 and info.value.exitcode == 3
+    assert seen == list(range(first)) and 30 - 8 < first <= 30 and info.value.exitcode == 3
     assert info.value.indices[0] == first and 30 in info.value.indices
     assert "on its threads" in str(info.value) and "30" in str(info.value)
 
