@@ -75,9 +75,9 @@ class PassAbandoned(MPLoaderError, RuntimeError):
     """The loader started a newer pass, or was closed, while this one was in use.
 
     A loader runs one pass at a time, and an abandoned pass raises rather than
-    end as a silently short epoch.  A pass holds its loader weakly: keep a
-    reference to the loader while you iterate it (``for x in MPLoader(...)``
-    lets it be collected, and closed, mid-loop).
+    end as a silently short epoch.  ``iter(loader)`` keeps its loader alive,
+    but an iterator kept past ``loader.close()`` raises this at its next
+    element.
     """
 
 

@@ -194,8 +194,13 @@ class MPLoader:
         return self._pipeline.skipped
 
     def __iter__(self) -> Iterator[Any]:
-        """Start a new pass over the source (a new epoch) on the same workers."""
-        return self._pipeline.iterate()
+        """Start a new pass over the source (a new epoch) on the same workers.
+
+        The iterator keeps the loader alive while it is referenced, so
+        ``for x in MPLoader(fn, items)`` runs to its end; the pass itself holds
+        the loader only weakly (passes.py), so once the iterator and the loader
+        are both dropped the workers stop at once."""
+        return _Iteration(self, self._pipeline.iterate())
 
     def first_result(self) -> Any:
         """fn's result for the first source item that gives one (batched: the
@@ -338,3 +343,25 @@ class MPLoader:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+class _Iteration:
+    """``iter(loader)``: the pass's values, holding the loader they come from.
+
+    Why not the pass itself: a pass must not hold its loader (the loader holds
+    its current pass, and that cycle would keep the workers running until the
+    garbage collector runs), but an iterator nobody else's loader backs
+    (``for x in MPLoader(...)``) must keep it, or the loader is collected, and
+    closed, mid-loop."""
+
+    __slots__ = ("_loader", "_values")
+
+    def __init__(self, loader: MPLoader, values: Iterator[Any]) -> None:
+        self._loader = loader
+        self._values = values
+
+    def __iter__(self) -> _Iteration:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._values)

@@ -25,7 +25,9 @@ at most ``2 * prefetch`` tasks per worker, so one slow item cannot make the fast
 workers fill every slot with results nobody can take yet.
 
 A pass holds its loader only weakly (the loader holds its current pass), so
-``del loader`` stops the workers at once, without the garbage collector.
+``del loader`` stops the workers at once, without the garbage collector; the
+iterator ``iter(loader)`` (loader.py) is what keeps a loader alive while a
+loop over it runs.
 """
 from __future__ import annotations
 

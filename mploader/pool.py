@@ -82,8 +82,9 @@ What each actor does:
   inside the generator when the interpreter finalizes needs the GIL, Python
   ends it, and the iterator's destructor waits for it forever; see
   tf/adapter.py.)  A loader that is garbage collected closes its pool through
-  ``weakref.finalize``; a pass holds its loader only weakly, so ``del loader``
-  is enough.  Both are backstops.
+  ``weakref.finalize``; a pass holds its loader only weakly (the iterator
+  ``iter(loader)`` holds it strongly), so ``del loader`` is enough once no
+  iterator of it is left.  Both are backstops.
 - The owner's death (SIGKILL, SIGTERM, a crash): each worker set
   ``PR_SET_PDEATHSIG`` = SIGKILL at start and checked that its parent was
   still the one that started it; the kernel kills it when the parent *thread*

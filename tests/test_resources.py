@@ -268,6 +268,42 @@ def test_del_loader_with_gc_disabled_stops_its_workers(script, passes):
     assert_no_worker_left(got["pids"])
 
 
+# -- a loader that only its loop refers to: the loop runs to its end (the
+# -- iterator holds the loader), and the workers stop when the loop is done
+
+
+def test_a_loop_over_a_loader_nothing_else_holds_runs_to_its_end(script):
+    s = script("""
+        import gc, json, os, time
+        from mploader import MPLoader
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        got, pids = [], []
+        for x in MPLoader(lambda i: i * 2, range(300), num_workers=2, prefetch=1):
+            if not pids:   # the workers: children of any of this process's threads
+                pids = [int(pid) for task in os.listdir("/proc/self/task")
+                        for pid in open(f"/proc/self/task/{task}/children").read().split()]
+            gc.collect()   # the loader, held by nothing but the loop, must survive this
+            got.append(x)
+        gc.collect()
+        start = time.monotonic()
+        while any(alive(p) for p in pids) and time.monotonic() - start < 5:
+            time.sleep(0.02)
+        print(json.dumps({"got": got, "pids": pids, "left": [p for p in pids if alive(p)]}))
+    """)
+    result = run_bounded(s, within=60)
+    got = report(result)
+    assert got["got"] == [2 * i for i in range(300)]
+    assert len(got["pids"]) >= 2 and got["left"] == [], got["left"]
+    assert_quiet(result)
+
+
 # -- a forked child drove the parent's workers
 
 
