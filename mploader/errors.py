@@ -122,9 +122,10 @@ def _signal_name(returncode: int | None) -> str | None:
 
 
 def describe_exit(returncode: int | None) -> str:
-    """'killed by SIGKILL' or 'exited with code 3' from a Popen returncode."""
+    """'killed by SIGKILL' or 'exited with code 3' from a Popen returncode;
+    'ended' when how is not known (a Ray actor: Ray does not say)."""
     if returncode is None:
-        return "still running"
+        return "ended"
     name = _signal_name(returncode)
     return f"killed by {name}" if name else f"exited with code {returncode}"
 
@@ -154,7 +155,8 @@ class WorkerDied(MPLoaderError):
         self.signal_name = _signal_name(returncode)
         self.exitcode = returncode if returncode is not None and returncode >= 0 else None
         self.indices = tuple(indices)
-        text = (f"worker {worker_id} (pid {pid}) {describe_exit(returncode)} "
+        where = f" (pid {pid})" if pid else ""  # no pid: it died before it said
+        text = (f"worker {worker_id}{where} {describe_exit(returncode)} "
                 f"owing source indices {list(self.indices)}")
         if detail:
             text += f"; {detail}"

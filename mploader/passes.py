@@ -40,7 +40,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -415,10 +415,7 @@ class Pass(Iterator[Any]):
         self._abandoned = False
         self._recovery = Recovery(options, pool)  # what a worker's death means
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
-        # What the pass handed out since its last value: the next value's record.
-        self._handed: list[int] = []
-        self._sampled: list[int] = []
-        self._ended = False
+        self._handout = Handout(epoch)  # since the last value: the next value's record
         interrupts.forget_pending()
 
     # -- iteration ---------------------------------------------------------------
@@ -432,15 +429,9 @@ class Pass(Iterator[Any]):
         return value
 
     def _apply_pending(self) -> None:
-        """Apply the record in the making at once: the value goes to the
-        consumer now.  The common case, steps alone, without a Record."""
-        if self.progress is None:
-            return
-        if self._sampled or self._ended:
-            self.progress.apply(self.leftover())
-        elif self._handed:
-            handed, self._handed = self._handed, []
-            self.progress.handed(tuple(handed))
+        """Apply the record in the making at once: the value goes to the consumer now."""
+        if self.progress is not None:
+            self._handout.apply_to(self.progress)
 
     def take(self, wait: bool = True) -> tuple[Any, Record]:
         """(next value, its record) for a consumer that counts the value as
@@ -454,9 +445,7 @@ class Pass(Iterator[Any]):
 
     def leftover(self) -> Record:
         """What the pass handed out since the last value's record."""
-        record = Record(self.epoch, tuple(self._handed), tuple(self._sampled), self._ended)
-        self._handed, self._sampled, self._ended = [], [], False
-        return record
+        return self._handout.pop()
 
     def apply(self, record: Record) -> None:
         """The consumer took what ``record`` describes (a probe counts nothing)."""
@@ -504,7 +493,7 @@ class Pass(Iterator[Any]):
                 self._pool.shrink()  # the pass's bursts are over (see slots.py)
                 if self._feed.error is not None:
                     raise self._feed.error  # at its position: every item before it is out
-                self._ended = self._exhausted = True
+                self._exhausted = self._handout.ended = True
                 raise StopIteration
             if self._pool.closing:  # closed re-entrantly (a signal handler) during a wait
                 raise _abandoned()
@@ -582,9 +571,7 @@ class Pass(Iterator[Any]):
                 raise outcome.error  # at its position: the items before it are out
             if isinstance(outcome, Failure):
                 self._report(worker_id, outcome)  # raises, unless skipped
-            self._handed.extend(steps)
-            if sampled is not None:
-                self._sampled.append(sampled)
+            self._handout.add(steps, sampled)
             if outcome is _NOTHING or isinstance(outcome, Failure):
                 continue
             self.last_index = index
@@ -635,11 +622,42 @@ class Pass(Iterator[Any]):
             if self._opt.ordered:
                 self._order.all_skipped(chunk.seq, chunk.dropped)
             else:
-                self._handed.extend(chunk.dropped)
+                self._handout.add(chunk.dropped)
         if verdict.fail is not None:
             seq, error, rerun = verdict.fail
             self._feed.halt()  # nothing after the error will be handed out
             self._order.fail(seq, error, rerun)
+
+
+class Handout:
+    """What a pass handed out since its last value: the record (epochs.Record)
+    in the making, which the next value carries."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.handed: list[int] = []   # steps wholly out
+        self.sampled: list[int] = []  # one step per sample of an unfinished item
+        self.ended = False            # the pass ran to its end
+
+    def add(self, steps: Iterable[int], sampled: int | None = None) -> None:
+        self.handed.extend(steps)
+        if sampled is not None:
+            self.sampled.append(sampled)
+
+    def pop(self) -> Record:
+        """The record so far, and a fresh start."""
+        record = Record(self.epoch, tuple(self.handed), tuple(self.sampled), self.ended)
+        self.handed, self.sampled, self.ended = [], [], False
+        return record
+
+    def apply_to(self, progress: Progress) -> None:
+        """Apply the record so far at once; the common case (steps alone)
+        without building a Record."""
+        if self.sampled or self.ended:
+            progress.apply(self.pop())
+        elif self.handed:
+            handed, self.handed = self.handed, []
+            progress.handed(tuple(handed))
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import Any, Callable
@@ -343,27 +344,10 @@ class WorkerPool:
         return events
 
     def _read(self, handle: WorkerHandle) -> list[Delivered]:
-        """Every whole message that has arrived from ``handle``; never blocks."""
-        events = []
-        for _ in range(_READS_PER_WAKE):
-            if handle.result_fd < 0:
-                break
-            try:
-                data = os.read(handle.result_fd, _READ_BYTES)
-            except BlockingIOError:
-                break
-            except OSError:
-                data = b""
-            if not data:  # EOF: the worker is exiting; its pidfd reports the exit
-                self._unwatch(handle.result_fd)
-                os.close(handle.result_fd)
-                handle.result_fd = -1
-                break
-            for message, size in handle.inbound.feed(data):
-                event = self._on_message(handle, message, size)
-                if event is not None:
-                    events.append(event)
-        return events
+        """The results among the messages that arrived from ``handle``."""
+        events = (self._on_message(handle, message, size)
+                  for message, size in _received(handle, self._unwatch))
+        return [event for event in events if event is not None]
 
     def _on_message(self, handle: WorkerHandle, message: Any, size: int) -> Delivered | None:
         if isinstance(message, Result):
@@ -465,6 +449,28 @@ class WorkerPool:
                 self._spawner.stop()
                 self._spawner = None
                 _open_pools.discard(self)
+
+
+def _received(handle: WorkerHandle, unwatch: Callable[[int], None]
+              ) -> Iterator[tuple[Any, int]]:
+    """(message, size) of every whole message that has arrived from
+    ``handle``; never blocks.  At EOF (the worker is exiting; its pidfd
+    reports the exit) its result pipe is closed."""
+    for _ in range(_READS_PER_WAKE):
+        if handle.result_fd < 0:
+            return
+        try:
+            data = os.read(handle.result_fd, _READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            unwatch(handle.result_fd)
+            os.close(handle.result_fd)
+            handle.result_fd = -1
+            return
+        yield from handle.inbound.feed(data)
 
 
 def _spawn_worker(spawner: _Spawner, worker_id: int, ring: SlotRing,

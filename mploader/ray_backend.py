@@ -466,7 +466,7 @@ class RayPool:
         found, _ = ray.wait(watched, num_returns=1, timeout=timeout)
         if found:
             found, _ = ray.wait(watched, num_returns=len(watched), timeout=0)
-        self._warn_unplaced()
+        _warn_unplaced(ray, self._backend, self.workers)
         ready = set(found)
         events: list[Delivered | Died] = []
         for handle in list(self.workers):
@@ -599,21 +599,6 @@ class RayPool:
         self.workers[self.workers.index(handle)] = fresh
         return fresh
 
-    def _warn_unplaced(self) -> None:
-        now = time.monotonic()
-        waiting = [h for h in self.workers if h.state is State.STARTING and not h.warned
-                   and now - h.created_at > _PLACEMENT_WARNING_S]
-        if waiting:
-            for handle in waiting:
-                handle.warned = True
-            needs = self._backend.needs()
-            free, total = self._ray.available_resources(), self._ray.cluster_resources()
-            log.warning("workers %s: their Ray actors have waited over %.0f s to start; each "
-                        "needs %s, and the cluster has %s free of %s (the loader runs on the "
-                        "actors that started)", [h.worker_id for h in waiting],
-                        _PLACEMENT_WARNING_S, needs, {k: free.get(k, 0.0) for k in needs},
-                        {k: total.get(k, 0.0) for k in needs})
-
     # -- shutdown ----------------------------------------------------------------------
 
     def close(self, timeout: float = 5.0) -> None:
@@ -644,6 +629,24 @@ class RayPool:
                     handle.refs.clear()
                 _open_pools.discard(self)
                 _disconnect(ray)
+
+
+def _warn_unplaced(ray: Any, backend: RayBackend, workers: list[RayWorkerHandle]) -> None:
+    """Log, once per worker, the actors Ray has not placed for a while and
+    what the cluster has free: a wait for resources never passes silently."""
+    now = time.monotonic()
+    waiting = [h for h in workers if h.state is State.STARTING and not h.warned
+               and now - h.created_at > _PLACEMENT_WARNING_S]
+    if waiting:
+        for handle in waiting:
+            handle.warned = True
+        needs = backend.needs()
+        free, total = ray.available_resources(), ray.cluster_resources()
+        log.warning("workers %s: their Ray actors have waited over %.0f s to start; each "
+                    "needs %s, and the cluster has %s free of %s (the loader runs on the "
+                    "actors that started)", [h.worker_id for h in waiting],
+                    _PLACEMENT_WARNING_S, needs, {k: free.get(k, 0.0) for k in needs},
+                    {k: total.get(k, 0.0) for k in needs})
 
 
 def _kill_quietly(ray: Any, actor: Any) -> None:

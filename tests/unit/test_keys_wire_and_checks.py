@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from mploader import CacheError, MPLoader
+from mploader import CacheError, MPLoader, WorkerDied
 from mploader.cache.keys import differences, recipe
 from mploader.messages import FrameReader, ItemEncoder, Task, decode_item, frame
 
@@ -100,3 +100,13 @@ def test_bad_arguments_are_refused_naming_the_argument(kwargs, words):
 def test_bad_sources_are_named(source, words):
     with pytest.raises((ValueError, TypeError), match=words):
         MPLoader(scaled, source)
+
+
+@pytest.mark.parametrize("pid, returncode, words", [
+    (4242, 3, "worker 1 (pid 4242) exited with code 3 owing source indices [7, 8]"),
+    (4242, -9, "worker 1 (pid 4242) killed by SIGKILL owing"),
+    # a Ray actor: how it ended is unknown, and one that died starting has no pid
+    (0, None, "worker 1 ended owing source indices [7, 8]"),
+])
+def test_a_death_says_which_worker_ended_how_owing_what(pid, returncode, words):
+    assert str(WorkerDied(1, pid, returncode, (7, 8))).startswith(words)
