@@ -66,13 +66,13 @@ $(ECO_STAMP): pyproject.toml Makefile
 	$(ECO_PY) -m pip install -q -e ".[test,ecosystem]"
 	touch $@
 
-# -- the Ray backend: ray_tests/ on its own .venv-ray holding only .[test,ray],
-# -- in a private network namespace with only loopback up (every address Ray
-# -- binds is 127.0.0.1; needs root, as CI has)
+# -- the Ray backend: ray_tests/ on its own .venv-ray holding only .[test,ray]
+# -- and tensorflow-cpu (dataset() on Ray), in a private network namespace with
+# -- only loopback up (every address Ray binds is 127.0.0.1; needs root, as CI has)
 $(RAY_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(RAY_VENV)
 	$(RAY_PY) -m pip install -q --upgrade pip
-	$(RAY_PY) -m pip install -q -e ".[test,ray]"
+	$(RAY_PY) -m pip install -q -e ".[test,ray]" tensorflow-cpu
 	touch $@
 
 test-ray: $(RAY_STAMP)

@@ -124,3 +124,34 @@ def test_stats_and_results_of_a_ray_run() -> None:
         stats = loader.stats()
     assert stats["items"] == 10 and len(stats["worker_busy_fraction"]) == 2
     assert all(v["image"].shape == (16, 16) for v in values)
+
+
+# -- dataset(): TensorFlow on the driver, the workers Ray actors (.venv-ray
+# -- holds tensorflow-cpu for these; the actors never import it)
+
+
+def _through_dataset(backend: Any, workers: int, tail: Any, **options: Any) -> list[Any]:
+    with MPLoader(fixed, 30, num_workers=workers, seed=7, shuffle=True, backend=backend,
+                  **options) as loader:
+        return list(tail(loader.dataset().repeat(2)).as_numpy_iterator())  # two epochs
+
+
+@pytest.mark.parametrize("options, tail, batches", [
+    ({}, lambda ds: ds.batch(4), 15),          # 60 items, batched across the epochs
+    ({"batch_size": 4}, lambda ds: ds, 16),    # 2 epochs of 8 (the last one short)
+], ids=["dataset-batch", "batch_size"])
+def test_a_seeded_ray_dataset_gives_the_local_datasets_output(options: dict[str, Any],
+                                                             tail: Any, batches: int) -> None:
+    local = _through_dataset("process", 2, tail, **options)
+    remote = _through_dataset(RayBackend(), 3, tail, **options)
+    assert len(remote) == len(local) == batches
+    assert all(_same(a, b) for a, b in zip(local, remote))
+
+
+def test_a_state_saved_under_dataset_on_ray_resumes_on_the_local_backend() -> None:
+    def make_loader(num_workers: int) -> MPLoader:
+        backend = "ray" if num_workers == 3 else "process"  # 3 workers: the Ray run
+        return MPLoader(fixed, 20, num_workers=num_workers, seed=3, shuffle=True,
+                        batch_size=3, backend=backend)
+    assert assert_resume_exact(make_loader, epochs=1, every=3, workers=(3, 2),
+                               via="dataset") == 4  # after 0, 3, 6 batches and at the end
