@@ -101,8 +101,214 @@ class MPLoader:
     pool is reused by every pass and stopped deterministically by
     :meth:`close`, by the ``with`` block, when the loader is garbage collected,
     or at interpreter exit.  ``backend=mploader.RayBackend(...)`` (or ``"ray"``)
-    runs the workers as Ray actors instead (docs/guides/ray.md).  See README.md
-    for every option.
+    runs the workers as Ray actors instead.  The workers start here, at
+    construction, so that their start-up overlaps the caller's own set-up.
+
+    Every option is checked here, before any worker starts, with an error that
+    names it and the value, and is frozen: the properties below read it, and
+    none can be changed afterwards.  The documentation site (``docs/``, built by
+    ``make docs``) shows each option in use: :doc:`/getting-started`, the guides
+    (:doc:`/guides/shapes`, :doc:`/guides/epochs`, :doc:`/guides/cache`,
+    :doc:`/guides/threads`, :doc:`/guides/medical`, :doc:`/guides/tensorflow`,
+    :doc:`/guides/ray`), :doc:`/reference` and :doc:`/troubleshooting`.
+
+    Args:
+        fn (callable): ``fn(item)``, run in the workers on each source item (on
+            ``prepare(item)``'s result when ``prepare`` is given).  It returns a
+            numpy array, a scalar, ``str``, ``bytes``, a CPU torch tensor, or a
+            tuple, list or dict nesting these; a generator function yields
+            several samples per item, each one element (see
+            ``samples_per_item``).  Sent by value (cloudpickle), so a lambda, a
+            closure or a function of your script or notebook works.  An
+            exception in ``fn``, or a result that cannot be laid out in shared
+            memory (:class:`~mploader.UnsupportedResult`), is a
+            :class:`~mploader.WorkerError` at that item's position (see
+            ``on_error``).  Not callable, or not picklable: ``TypeError``.
+        source: The items: a sequence (``len`` and ``[]``, e.g. a list of file
+            paths), an int ``n`` (the items ``0`` to ``n - 1``), any other
+            iterable, or a ``tf.data.Dataset`` (read as numpy in this
+            process).  Items are read in this process and pickled to the
+            workers, so keep them small (paths, ids).  A one-shot iterator (a
+            generator) serves one pass only.  A single ``str``, ``bytes`` or
+            path (pass ``[path]``), a bool, or an object that is none of these:
+            ``TypeError``; a negative int: ``ValueError``.
+        num_workers (int or None): Worker processes (with Ray: actors).
+            ``None``: one per CPU this process may use, fewer (with a warning)
+            where the file descriptor limit ``RLIMIT_NOFILE`` allows fewer; with
+            Ray, as many actors as the cluster's nodes hold.  Not an int >= 1:
+            ``ValueError``; more workers than ``RLIMIT_NOFILE`` allows:
+            ``ValueError`` saying how to raise it (``ulimit -n``).
+        threads_per_worker (int): Threads running ``fn`` in each worker
+            process, 1 to 64: more than 1 for a ``fn`` that mostly waits
+            (storage, the network) or releases the GIL.  Tasks in flight per
+            worker are ``prefetch`` per thread.  Local workers only: more than
+            1 with the Ray backend is a ``ValueError`` (ask for more actors).
+            With a ``seed`` and more than one thread, a ``RuntimeWarning``:
+            Python's, numpy's legacy and torch's process-wide generators are
+            shared by the threads, so draws from them depend on timing.
+        copy_fn_per_thread (bool): With ``threads_per_worker > 1``, each thread
+            runs its own copy of ``fn`` (and of ``prepare``), so that the
+            random objects of ``fn`` are seeded per item in each thread;
+            ``False`` shares one copy, which must then be thread-safe.  Not a
+            bool: ``ValueError``.
+        ordered (bool): ``True``: elements come in the epoch's order (source
+            order, or the shuffled order), the same for any ``num_workers``,
+            and an error comes at its item's position; ``False``: as the
+            workers finish them.
+        batch_size (int or None): Stack this many consecutive results into one
+            element, a batch, in the workers' shared memory (with a generator
+            ``fn``: this many samples, stacked in this process, a batch may
+            span items).  ``None``: one element per item.  Not an int >= 1:
+            ``ValueError``.
+        drop_remainder (bool): With ``batch_size``: leave out an epoch's last,
+            short batch, so every batch is full.  ``True`` without
+            ``batch_size``: ``ValueError``.
+        padded_shapes: With ``batch_size``, for items whose array shapes vary:
+            pad the items of each batch to these shapes, as
+            ``tf.data.Dataset.padded_batch`` does: a nest like ``fn``'s result,
+            one shape per array leaf, each dimension an int or ``None`` (the
+            batch's largest), or ``None``: every leaf to the batch's largest.
+            Giving it or ``padding_values`` turns padding on.  Without
+            ``batch_size``, or with a ``fn`` that yields samples:
+            ``ValueError``.  An item larger than its padded shape is a
+            :class:`~mploader.PaddingDoesNotFit` (at the consumer, as the
+            ``exc_type`` of a :class:`~mploader.WorkerError`), raised whatever
+            ``on_error`` says.
+        padding_values: The pad value: one scalar (a number, bool, ``str`` or
+            ``bytes``) for every leaf, or a nest like the result; ``None`` pads
+            with the dtype's zero.  Same requirements as ``padded_shapes``.  A
+            value that is not one scalar, or (with ``output_signature``) does
+            not fit its leaf's dtype: :class:`~mploader.PaddingDoesNotFit` here;
+            otherwise found at the first batch.
+        prefetch (int): Tasks in flight per worker, per thread (a task: one
+            item, one batch, or a few tiny items sent together): results that
+            wait, ready, in shared memory.  More smooths uneven item times, at
+            the cost of memory.  Not an int >= 1: ``ValueError``.
+        output_signature: For :meth:`dataset` only: a nest of
+            ``tf.TensorSpec`` describing one element (with ``batch_size``, one
+            batch), ``None`` for the dimensions that vary between elements.
+            ``None``: inferred from the first result (``dataset()`` then runs
+            ``fn`` once on the first item).  Every element is checked against
+            it: a dtype or shape TensorFlow would cast silently is a
+            :class:`~mploader.SignatureMismatch`.
+        worker_init (callable or None): ``worker_init(worker_id)``, run once in
+            each worker (``worker_id`` from 0 to ``num_workers - 1``, kept by a
+            replacement worker) before its first item: open a handle, set a
+            library's threads.  Its exception is a
+            :class:`~mploader.WorkerError` whose ``index`` is ``None``.  Not
+            callable, or not picklable: ``TypeError``.
+        seed (int or None): The random state of every item, derived from
+            ``(seed, epoch, index)``: :func:`~mploader.item_rng`, numpy's,
+            Python's and torch's global generators and the random objects
+            ``fn`` reaches (MONAI, albumentations transforms) are seeded per
+            item, so the output is the same for any ``num_workers``; and the
+            order of ``shuffle``.  ``None``: a seed drawn for this loader
+            (kept by :meth:`state_dict`): each item still has its own random
+            stream, different at each run.  Not an int: ``ValueError``.
+        shuffle (bool): ``True``: each epoch reads the whole source in a new
+            order, drawn from ``(seed, epoch)``.  Needs a source with ``len``
+            and ``[]`` (a sequence or an int): ``TypeError`` otherwise.  Not a
+            bool: ``ValueError``.
+        shard: ``(index, count)``, or a ``tf.distribute.InputContext``: this
+            loader reads only shard ``index`` of ``count`` of every epoch (one
+            loader per host or per replica).  ``None``: the whole source.
+            Needs a source with ``len`` and ``[]`` (``TypeError`` otherwise);
+            with ``shuffle=True`` needs ``seed``, the same on every shard
+            (``ValueError`` otherwise).  Not a pair with
+            ``0 <= index < count``: ``ValueError``.
+        samples_per_item (int or None): For a ``fn`` that yields samples: how
+            many each item yields.  It makes ``len()`` and the dataset's
+            cardinality known; an item that yields another count is a
+            :class:`~mploader.WorkerError` naming it.  Needed by a ``fn`` that
+            returns a generator without being a generator function (a callable
+            object).  Not an int >= 1: ``ValueError``.
+        prepare (callable or None): ``prepare(item)``, the deterministic stage
+            (load, resample): run in the workers once per item and its result
+            cached (see ``cache``); ``fn`` then gets ``prepare(item)``'s result,
+            every epoch.  :func:`~mploader.item_rng` raises inside it.  Not
+            callable, or not picklable: ``TypeError``.
+        cache: Where ``prepare``'s results live: ``"memory"`` (shared memory of
+            this machine, one copy for every worker, bounded by
+            ``cache_bytes``; with the Ray backend: ``ValueError``), a
+            directory path (one file per entry, kept across runs and shared by
+            the processes that name it, keyed by ``prepare``'s code: see
+            ``cache_version`` and ``cache_trust``), or ``None`` (``prepare``
+            runs every time).  Given without ``prepare``, or not one of these:
+            ``ValueError``.
+        cache_bytes (int or None): The budget of ``cache="memory"``, in bytes;
+            items beyond it are prepared again each time.  ``None``: half the
+            memory available now (or the cgroup's room, when less), within a
+            quarter of ``RLIMIT_AS``.  With another ``cache``, not an int >= 0,
+            or more than the machine's memory or a quarter of ``RLIMIT_AS``:
+            ``ValueError``.
+        cache_version (str, int or None): Part of a directory cache's key: what
+            the key cannot see (files ``prepare`` reads, compiled code, values
+            that do not pickle).  A ``prepare`` whose code or values cannot be
+            fingerprinted is a :class:`~mploader.CacheError` unless it is
+            given; change it when that part changes.  Not a str, an int or
+            ``None``: ``ValueError``.
+        cache_trust (str): Who may have written a cache directory's entries
+            (they are unpickled, and unpickling runs code): ``"user"``, only
+            you (or root); ``"group"``, the members of the directory's group.
+            A directory that others could write into is a
+            :class:`~mploader.CacheError`.  Neither value: ``ValueError``.
+        timeout (float or None): Seconds one item may run in a worker, from the
+            moment the worker starts it (start-up and ``worker_init`` do not
+            count): past it the worker is killed and the item is a
+            :class:`~mploader.WorkerTimeout`, handled as ``on_worker_death``
+            says.  ``None``: no limit.  Not > 0: ``ValueError``.
+        on_error (str): ``"raise"``: an exception in ``fn`` or ``prepare`` is a
+            :class:`~mploader.WorkerError`, raised where the item's element
+            would come.  ``"skip"``: the item is
+            logged, recorded in :attr:`skipped` and left out, and the pass
+            goes on.  Neither value: ``ValueError``.
+        on_worker_death (str): ``"raise"``: a worker that dies (a signal, an
+            exit, the out-of-memory killer) is a :class:`~mploader.WorkerDied`
+            naming the items it owed, and the other workers are stopped.
+            ``"restart"``: the worker is replaced and its items run again; an
+            item that has ended two workers is a ``WorkerDied`` (skipped with
+            ``on_error="skip"``).  Neither value: ``ValueError``.
+        close_timeout (float): Seconds :meth:`close` may take, also at the end
+            of the ``with`` block, at garbage collection and at interpreter
+            exit: the workers are asked to stop, then killed, within it.
+            Not > 0: ``ValueError``.
+        backend: What runs the workers: ``"process"``, local worker processes;
+            a :class:`~mploader.RayBackend`, or ``"ray"`` (``RayBackend()``
+            with its defaults), actors of a Ray cluster.  Anything else:
+            ``ValueError``.  With Ray: ``ImportError`` when Ray is not
+            installed, ``ConnectionError`` for a cluster nobody answers at,
+            ``ValueError`` when no node can hold one worker.
+
+    Attributes:
+        config: The options, checked and frozen (a ``mploader.config.Config``):
+            the properties below read it.
+
+    Raises:
+        ValueError: An option out of its range, or a combination the loader
+            cannot keep (each argument above says which); the message names the
+            option and the value.
+        TypeError: ``fn``, ``prepare`` or ``worker_init`` not callable or not
+            picklable; a ``source`` of no supported kind; ``shuffle`` or
+            ``shard`` over a source without ``len`` and ``[]``.
+        PaddingDoesNotFit: A pad value that is not one scalar, or does not fit
+            the dtype ``output_signature`` gives its leaf.
+        CacheError: A cache directory that others could write into (see
+            ``cache_trust``), or a ``prepare`` that a directory cache cannot key
+            (see ``cache_version``).
+        ImportError: The Ray backend without Ray installed.
+        ConnectionError: A Ray cluster that cannot be reached.
+
+    Example:
+        A loader of shuffled, seeded batches, fed to Keras::
+
+            from mploader import MPLoader
+
+            with MPLoader(load_and_augment, paths, batch_size=8,
+                          shuffle=True, seed=0) as loader:
+                model.fit(loader.dataset().prefetch(2), epochs=10)
+
+        ``for batch in loader`` reads the same batches as numpy arrays,
+        without TensorFlow.
     """
 
     def __init__(self, fn: Callable[[Any], Any], source: Any, *,
@@ -171,17 +377,28 @@ class MPLoader:
         self._pipeline.ensure_pool()  # start now: worker start-up overlaps the caller's set-up
 
     # Read-only views of the frozen config: an option cannot change under running workers.
-    num_workers = property(lambda self: self.config.num_workers, doc="Worker processes.")
+    num_workers = property(lambda self: self.config.num_workers,
+                           doc="Worker processes (with Ray: actors); ``num_workers=None`` "
+                               "resolved to a number.")
     threads_per_worker = property(lambda self: self.config.threads_per_worker,
                                   doc="Threads running fn in each worker process.")
     batch_size = property(lambda self: self.config.batch_size,
                           doc="Items (or samples) per batch, or None.")
-    drop_remainder = property(lambda self: self.config.drop_remainder)
-    padding = property(lambda self: self.config.padding, doc="layout.Padding, or None.")
-    shuffle = property(lambda self: self.config.shuffle)
+    drop_remainder = property(lambda self: self.config.drop_remainder,
+                              doc="Whether an epoch's last, short batch is left out.")
+    padding = property(lambda self: self.config.padding,
+                       doc="``padded_shapes`` and ``padding_values`` as one "
+                           "``mploader.layout.Padding``, or None without padding.")
+    shuffle = property(lambda self: self.config.shuffle,
+                       doc="Whether each epoch reads the source in a new order, "
+                           "drawn from (seed, epoch).")
     shard = property(lambda self: self.config.shard, doc="(index, count) of this loader's shard.")
-    output_signature = property(lambda self: self.config.output_signature)
-    samples_per_item = property(lambda self: self.config.samples_per_item)
+    output_signature = property(lambda self: self.config.output_signature,
+                                doc="The ``output_signature`` given, or None: "
+                                    "``dataset()`` then infers it from the first result.")
+    samples_per_item = property(lambda self: self.config.samples_per_item,
+                                doc="The samples a generator ``fn`` yields per item, "
+                                    "or None when not given.")
 
     @property
     def pipeline(self) -> Pipeline:
@@ -339,9 +556,12 @@ class MPLoader:
         self._pipeline.close(self.config.close_timeout if timeout is None else timeout)
 
     def __enter__(self) -> "MPLoader":
+        """The loader itself: ``with MPLoader(fn, source) as loader: ...``."""
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        """:meth:`close` the loader at the block's end, within ``close_timeout``;
+        an exception of the block goes on."""
         self.close()
 
 
