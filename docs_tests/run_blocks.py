@@ -16,11 +16,19 @@ A block is left out only by an explicit marker, a comment line in the block
 ``needs`` names one or more modules (``needs monai, torchio``).  A page
 listed in ``UNMARKED`` (below) has its unmarked blocks skipped, each counted
 and printed with the reason, and a NOTICE: for a page written elsewhere whose
-author has not marked its blocks yet.  The page runs
+author has not marked its blocks yet.  A page with a block that needs a
+module of ``LOOPBACK_ONLY`` (Ray: a local Ray instance binds the machine's
+network address) runs in a private network namespace with only loopback up
+(``unshare -n``, as ``make test-ray`` runs; it needs root, as CI has), or, where
+none can be made, has those blocks skipped and counted.  Every page runs with
+its own Ray temporary directory and without ``RAY_ADDRESS``, so that a block
+starts its own local Ray instance rather than join a cluster that happens to
+run on the machine.  The page runs
 on the first interpreter that can run the most of its blocks: this one, then
 each of ``--python`` (``make docs`` passes ``.venv/bin/python``, which holds
-TensorFlow after ``make demo`` or ``make test``, and ``.venv-ecosystem``'s,
-which holds MONAI and TorchIO, when they exist).  A block needing what no
+TensorFlow after ``make demo`` or ``make test``, ``.venv-ecosystem``'s,
+which holds MONAI and TorchIO, and ``.venv-ray``'s, which holds Ray, when they
+exist).  A block needing what no
 interpreter has is skipped and counted.  The run prints how many blocks ran
 and how many were skipped, and why.
 
@@ -53,11 +61,13 @@ PAGE_TIMEOUT_S = 420
 # blocks cannot run here: those are skipped, counted and printed with a
 # NOTICE (a marked block follows its marker).  Remove an entry once its page
 # marks its blocks.
-UNMARKED = {
-    "docs/guides/ray.md": "its examples need a Ray cluster (RayBackend(address=...)) and "
-                          "leave load_and_augment, paths and model to the reader; mark "
-                          "them '# docs-test: skip (...)' or '# docs-test: needs ray'",
+UNMARKED: dict[str, str] = {}
+# Modules whose blocks run only in a network namespace of their own, and why.
+LOOPBACK_ONLY = {
+    "ray": "a local Ray instance binds the machine's network address, so its blocks "
+           "run only with loopback alone (unshare -n, which needs root)",
 }
+ISOLATE = ["unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$@"', "isolated"]
 
 
 @dataclass
@@ -114,6 +124,17 @@ def blocks_of(page: str) -> list[Block]:
 
 
 @functools.lru_cache(maxsize=None)
+def can_isolate() -> bool:
+    """Whether this process can run a command in a network namespace of its
+    own with loopback up (``ISOLATE``)."""
+    try:
+        return subprocess.run(ISOLATE + ["true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def has_module(python: str, module: str) -> bool:
     probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
     return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
@@ -148,13 +169,18 @@ def run_page(page: str, pythons: list[str]) -> PageResult:
     result.python = best
     runnable = []
     for b in blocks:
+        isolated = [m for m in b.needs if m in LOOPBACK_ONLY]
         if b.skip:
             result.skipped.append((b, b.skip))
         elif not all(has_module(best, m) for m in b.needs):
             missing = [m for m in b.needs if not has_module(best, m)]
             result.skipped.append((b, f"needs {', '.join(missing)}: not installed"))
+        elif isolated and not can_isolate():
+            result.skipped.append((b, f"needs {isolated[0]}: "
+                                      f"{LOOPBACK_ONLY[isolated[0]]}, and unshare -n failed"))
         else:
             runnable.append(b)
+    isolate = any(m in LOOPBACK_ONLY for b in runnable for m in b.needs)
     payload = []
     setup = os.path.join(SETUP_DIR, page.replace("/", "__") + ".py")
     if os.path.exists(setup):
@@ -175,11 +201,15 @@ def run_page(page: str, pythons: list[str]) -> PageResult:
         os.mkdir(work)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-            TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
+            TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1",
+            RAY_TMPDIR=tmp)
+        env.pop("RAY_ADDRESS", None)
+        command = [best, "-c", DRIVER, blocks_json]
         start = time.monotonic()
         try:
-            proc = subprocess.run([best, "-c", DRIVER, blocks_json], cwd=work, env=env,
-                                  capture_output=True, text=True, timeout=PAGE_TIMEOUT_S)
+            proc = subprocess.run(ISOLATE + command if isolate else command, cwd=work,
+                                  env=env, capture_output=True, text=True,
+                                  timeout=PAGE_TIMEOUT_S)
             failed = proc.returncode != 0
             output = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
