@@ -30,7 +30,9 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
     "matplotlib.sphinxext.plot_directive",   # the Performance page's figure, from results.json
-    "mploader_docs",          # docs/_ext: the public API directive, the plot, the checks
+    "mploader_docs",          # docs/_ext: the public API directive, the plot, the checks,
+                              # and napoleon's reading of Google-style docstrings (Args:,
+                              # Raises:), applied there: not to properties' docstrings
 ]
 
 source_suffix = {".md": "markdown"}
