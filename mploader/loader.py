@@ -93,6 +93,11 @@ def _make_cache(prepare: Callable[[Any], Any] | None, cache: Any, cache_bytes: i
     return Cache(where, budget, prepare, cache_version, cache_trust, worker_init)
 
 
+def _option(name: str, doc: str) -> property:
+    """A read-only view of the loader's frozen config option ``name``."""
+    return property(lambda self: getattr(self.config, name), doc=doc)
+
+
 class MPLoader:
     """Run ``fn`` over ``source`` in a pool of worker processes that this loader owns.
 
@@ -377,28 +382,22 @@ class MPLoader:
         self._pipeline.ensure_pool()  # start now: worker start-up overlaps the caller's set-up
 
     # Read-only views of the frozen config: an option cannot change under running workers.
-    num_workers = property(lambda self: self.config.num_workers,
-                           doc="Worker processes (with Ray: actors); ``num_workers=None`` "
-                               "resolved to a number.")
-    threads_per_worker = property(lambda self: self.config.threads_per_worker,
-                                  doc="Threads running fn in each worker process.")
-    batch_size = property(lambda self: self.config.batch_size,
-                          doc="Items (or samples) per batch, or None.")
-    drop_remainder = property(lambda self: self.config.drop_remainder,
-                              doc="Whether an epoch's last, short batch is left out.")
-    padding = property(lambda self: self.config.padding,
-                       doc="``padded_shapes`` and ``padding_values`` as one "
-                           "``mploader.layout.Padding``, or None without padding.")
-    shuffle = property(lambda self: self.config.shuffle,
-                       doc="Whether each epoch reads the source in a new order, "
-                           "drawn from (seed, epoch).")
-    shard = property(lambda self: self.config.shard, doc="(index, count) of this loader's shard.")
-    output_signature = property(lambda self: self.config.output_signature,
-                                doc="The ``output_signature`` given, or None: "
-                                    "``dataset()`` then infers it from the first result.")
-    samples_per_item = property(lambda self: self.config.samples_per_item,
-                                doc="The samples a generator ``fn`` yields per item, "
-                                    "or None when not given.")
+    num_workers = _option("num_workers", "Worker processes (with Ray: actors); "
+                          "``num_workers=None`` resolved to a number.")
+    threads_per_worker = _option("threads_per_worker",
+                                 "Threads running fn in each worker process.")
+    batch_size = _option("batch_size", "Items (or samples) per batch, or None.")
+    drop_remainder = _option("drop_remainder",
+                             "Whether an epoch's last, short batch is left out.")
+    padding = _option("padding", "``padded_shapes`` and ``padding_values`` as one "
+                      "``mploader.layout.Padding``, or None without padding.")
+    shuffle = _option("shuffle", "Whether each epoch reads the source in a new order, "
+                      "drawn from (seed, epoch).")
+    shard = _option("shard", "(index, count) of this loader's shard.")
+    output_signature = _option("output_signature", "The ``output_signature`` given, or "
+                               "None: ``dataset()`` then infers it from the first result.")
+    samples_per_item = _option("samples_per_item", "The samples a generator ``fn`` yields "
+                               "per item, or None when not given.")
 
     @property
     def pipeline(self) -> Pipeline:
