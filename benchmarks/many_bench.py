@@ -22,13 +22,14 @@ of in-flight tasks (a worker batch runs its 32 items one after another on
 one thread).  Grain starts new worker processes every pass, so its rate is
 taken from its first element to its last instead (which favours it).  Runs
 alternate, repetition by repetition, so the machine's drift hits them alike;
-medians.  Prints one JSON line.
+medians.  Prints one JSON line, and a line per run on stderr (its time).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -75,7 +76,32 @@ def _mploader(n: int, processes: int, threads: int, consumer: str, tf) -> float:
         else:
             ds = loader.dataset()
             elapsed = _pass_s(lambda: ds.batch(32) if consumer == "dataset_batch32" else ds)
+        _check_no_tensorflow(loader.worker_pids())
     return _ideal_s(n, processes * threads, batch or 1) / elapsed
+
+
+def _check_no_tensorflow(pids: list[int]) -> None:
+    """Fail if a worker loaded TensorFlow: each such worker costs seconds of
+    CPU and about 200 MiB to start, which at 64 workers is minutes and many GiB
+    (what made this section fail in a full run: see _tf_map_fn)."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                loaded = "libtensorflow" in f.read()
+        except OSError:
+            continue  # a worker that just exited
+        if loaded:
+            raise RuntimeError(f"worker {pid} has loaded TensorFlow: fn carries a reference "
+                               "to it (an attribute TensorFlow set on fn?)")
+
+
+def _tf_map_fn(i):
+    """fn for tf.data's map, a function of its own: TensorFlow's autograph sets
+    an attribute (``ag_dnc_wrapper__``, a TensorFlow function) on the function
+    that tf.numpy_function is given, and cloudpickle ships a function's
+    attributes, so after a tf_map run every later loader of ``fn`` made its
+    workers import TensorFlow."""
+    return fn(i)
 
 
 class _Items:
@@ -112,7 +138,8 @@ def _peer(peer: str, n: int, k: int, tf) -> float:
         return count / (time.perf_counter() - first) / (k / SLEEP_S)
     n = max(64, n // TF_MAP_SHARE)  # ~cores in flight, whatever num_parallel_calls says
     ds = tf.data.Dataset.range(n).map(
-        lambda i: tf.numpy_function(fn, [i], tf.float32), num_parallel_calls=k).batch(32)
+        lambda i: tf.numpy_function(_tf_map_fn, [i], tf.float32),
+        num_parallel_calls=k).batch(32)
     return _ideal_s(n, k) / _pass_s(lambda: ds)
 
 
@@ -142,11 +169,17 @@ def main() -> None:
         if k == max(in_flight):  # the peers where the difference shows: most in flight
             rows += [(k, peer, (peer,)) for peer in PEERS if _installed(peer)]
     runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _ in rows}
-    for _ in range(args.reps):
+    started = time.perf_counter()
+    for rep in range(args.reps):
         for k, name, how in rows:
             n = max(64, int(args.scale * PASS_S * k / SLEEP_S))
+            run_started = time.perf_counter()
             runs[(k, name)].append(_mploader(n, *how[1:], tf) if how[0] == "mploader"
                                    else _peer(how[0], n, k, tf))
+            # progress on stderr: where the time went, and the context of a failure
+            print(f"(i) rep {rep + 1}/{args.reps}, {k} in flight, {name}, {n} items: "
+                  f"{runs[(k, name)][-1]:.2f} in {time.perf_counter() - run_started:.1f} s "
+                  f"({time.perf_counter() - started:.0f} s in all)", file=sys.stderr, flush=True)
     out = {"reps": args.reps, "sleep_s": SLEEP_S, "result_bytes": RESULT.nbytes,
            "rows": [{"in_flight": k, "how": name,
                      "efficiency": statistics.median(runs[(k, name)]),
