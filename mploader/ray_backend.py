@@ -35,7 +35,9 @@ What differs from the local pool, and why:
   clock, and kills it (``ray.kill``) if the item itself has.
 - Blame: an actor that dies unasked leaves no status.  The item blamed is
   the first task it owed when that task holds one item (the actor runs its
-  tasks in order, so that is the one it was running); for a chunk, none.
+  tasks in order, so that is the one it was running); for a chunk, none;
+  and none when its node died (no item's fault: with "restart", items
+  that were running on two nodes that died are not struck out).
 - Deaths: an actor dies with its process, or its node; both end its calls
   with a Ray error, which is one ``Died`` event.  Actors are never detached:
   Ray kills them with the driver, even after SIGKILL.
@@ -77,6 +79,7 @@ _CONNECT_CHECK_S = 5.0  # a TCP connect to the cluster's address, before ray.ini
 _PLACEMENT_WARNING_S = 10.0  # an actor not placed after this long is named in a warning
 _ASK_AGAIN_S = 0.05  # an actor between items when asked: ask again after this
 _NO_BYTES = np.empty(0, np.uint8)
+_NODE_DIED = "its node has died"  # Ray's words for an actor lost with its node
 
 
 @dataclass(frozen=True)
@@ -559,7 +562,8 @@ class RayPool:
     def _on_death(self, handle: RayWorkerHandle, exc: BaseException) -> Died:
         was = handle.state
         lost = tuple(handle.outstanding.values())
-        blamed = _blame(handle, lost)
+        blamed = () if not handle.killed_for and self._lost_with_node(handle, exc) \
+            else _blame(handle, lost)
         for sent in lost:
             handle.ring.release(sent.task.slot)
         handle.outstanding.clear()
@@ -575,6 +579,16 @@ class RayPool:
         detail = "" if handle.killed_for else f"its Ray actor on node {handle.node[:12]} " \
                                               f"ended: {_cause(exc)}"
         return Died(handle, returncode, lost, blamed, handle.killed_for, detail)
+
+    def _lost_with_node(self, handle: RayWorkerHandle, exc: BaseException) -> bool:
+        """The actor died because its node did: Ray says so, or the node is gone."""
+        if _NODE_DIED in str(exc):
+            return True
+        try:
+            alive = {node["NodeID"] for node in self._ray.nodes() if node.get("Alive")}
+        except Exception:  # noqa: BLE001 - unknown: blame as for any death
+            return False
+        return bool(handle.node) and handle.node not in alive
 
     def kill_overdue(self, limit: float) -> None:
         """Ask each actor whose current task has run over ``limit`` s which
