@@ -656,11 +656,21 @@ def _warn_unplaced(ray: Any, backend: RayBackend, workers: list[RayWorkerHandle]
             handle.warned = True
         needs = backend.needs()
         free, total = ray.available_resources(), ray.cluster_resources()
+        running = sum(h.state is State.READY for h in workers)
+        then = (f"the loader runs on the {running} that started" if running else
+                "no worker of this loader runs, so the pass waits until one is placed")
+        nodes = ray.nodes()
+        if max(_placeable(nodes, needs), default=0) == 0:  # their node died, say
+            have = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+            lacking = [k for k, v in needs.items() if v > 0 and
+                       not any(r.get(k, 0.0) >= v for r in have)] or sorted(needs)
+            then += (f"; no live node has {', '.join(map(repr, lacking))} enough for one: "
+                     "they start once a node that has it joins the cluster")
         log.warning("workers %s: their Ray actors have waited over %.0f s to start; each "
-                    "needs %s, and the cluster has %s free of %s (the loader runs on the "
-                    "actors that started)", [h.worker_id for h in waiting],
-                    _PLACEMENT_WARNING_S, needs, {k: free.get(k, 0.0) for k in needs},
-                    {k: total.get(k, 0.0) for k in needs})
+                    "needs %s, and the cluster has %s free of %s (%s)",
+                    [h.worker_id for h in waiting], _PLACEMENT_WARNING_S, needs,
+                    {k: free.get(k, 0.0) for k in needs}, {k: total.get(k, 0.0) for k in needs},
+                    then)
 
 
 def _kill_quietly(ray: Any, actor: Any) -> None:

@@ -192,7 +192,9 @@ def test_with_restart_node_deaths_lose_and_repeat_nothing_and_blame_no_item(
         _on_node(node)
         nodes.remove(node)
         consumer = Consumer(it)
-        # No node holds PINNED now: the new actors wait, and a warning says so.
+        # No node holds PINNED now: the new actors wait, and a warning says so
+        # (what it says of the cluster depends on how soon Ray's views of it
+        # catch up: test_the_placement_warning_says_what_waits checks the text).
         _wait_until(lambda: "waited over" in caplog.text, 30, consumer)
         assert f"'{PINNED}': 1.0" in caplog.text
         assert not consumer.ended_at, "the pass ended with no worker to run it"
@@ -220,3 +222,39 @@ def test_with_restart_node_deaths_lose_and_repeat_nothing_and_blame_no_item(
         assert [int(x[0]) for x in loader] == list(range(40))  # the next epoch too
     assert "starting a new worker" in caplog.text
 
+
+class _FakeRay:
+    """What _warn_unplaced asks of ray: a cluster whose one node lacks PINNED."""
+
+    @staticmethod
+    def nodes() -> list[dict[str, Any]]:
+        return [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0}},
+                {"NodeID": "b", "Alive": False, "Resources": {}}]
+
+    @staticmethod
+    def available_resources() -> dict[str, float]:
+        return {"CPU": 2.0}
+
+    cluster_resources = available_resources
+
+
+@pytest.mark.parametrize("running", [0, 1])
+def test_the_placement_warning_says_what_waits(
+        running: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Actors no live node can hold (their node died): the warning says that
+    the pass waits (no worker runs) or what it runs on, and what no node has."""
+    from mploader.pool import State
+    workers = [ray_backend.RayWorkerHandle(i, None, None, None, None, created_at=0.0)
+               for i in range(2)]
+    workers[1].state = State.READY if running else State.STARTING
+    with caplog.at_level(logging.WARNING, logger="mploader"):
+        ray_backend._warn_unplaced(_FakeRay(), RayBackend(resources={PINNED: 1}), workers)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"workers {[0] if running else [0, 1]}: ")
+    if running:
+        assert "the loader runs on the 1 that started" in warning, warning
+    else:
+        assert "no worker of this loader runs, so the pass waits" in warning, warning
+    assert f"no live node has {PINNED!r} enough for one" in warning, warning
+    assert "once a node that has it joins the cluster" in warning, warning
+    assert all(w.warned for w in workers if w.state is State.STARTING)
