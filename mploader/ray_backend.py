@@ -562,7 +562,7 @@ class RayPool:
     def _on_death(self, handle: RayWorkerHandle, exc: BaseException) -> Died:
         was = handle.state
         lost = tuple(handle.outstanding.values())
-        blamed = () if not handle.killed_for and self._lost_with_node(handle, exc) \
+        blamed = () if not handle.killed_for and _lost_with_node(self._ray, handle, exc) \
             else _blame(handle, lost)
         for sent in lost:
             handle.ring.release(sent.task.slot)
@@ -579,16 +579,6 @@ class RayPool:
         detail = "" if handle.killed_for else f"its Ray actor on node {handle.node[:12]} " \
                                               f"ended: {_cause(exc)}"
         return Died(handle, returncode, lost, blamed, handle.killed_for, detail)
-
-    def _lost_with_node(self, handle: RayWorkerHandle, exc: BaseException) -> bool:
-        """The actor died because its node did: Ray says so, or the node is gone."""
-        if _NODE_DIED in str(exc):
-            return True
-        try:
-            alive = {node["NodeID"] for node in self._ray.nodes() if node.get("Alive")}
-        except Exception:  # noqa: BLE001 - unknown: blame as for any death
-            return False
-        return bool(handle.node) and handle.node not in alive
 
     def kill_overdue(self, limit: float) -> None:
         """Ask each actor whose current task has run over ``limit`` s which
@@ -671,6 +661,17 @@ def _warn_unplaced(ray: Any, backend: RayBackend, workers: list[RayWorkerHandle]
                     [h.worker_id for h in waiting], _PLACEMENT_WARNING_S, needs,
                     {k: free.get(k, 0.0) for k in needs}, {k: total.get(k, 0.0) for k in needs},
                     then)
+
+
+def _lost_with_node(ray: Any, handle: RayWorkerHandle, exc: BaseException) -> bool:
+    """The actor died because its node did: Ray says so, or the node is gone."""
+    if _NODE_DIED in str(exc):
+        return True
+    try:
+        alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    except Exception:  # noqa: BLE001 - unknown: blame as for any death
+        return False
+    return bool(handle.node) and handle.node not in alive
 
 
 def _kill_quietly(ray: Any, actor: Any) -> None:
