@@ -1,10 +1,16 @@
 """`make bench`: mploader against tf.data and the loaders people would pick instead.
 
 Every measurement runs in a fresh interpreter (measure.py), one workload
-through one peer, repeated; the figures are medians.  Prints a table per
-workload, writes results.json, results.md and results.png to
-benchmarks/results/ (or --out), and records the machine.  ``--tiny`` runs
-every section on a few items once, so a test can keep this script working.
+through one peer, repeated; the figures are medians.  Sections (a)-(d) are
+workloads through peers (SECTIONS); the others are scripts of their own:
+(e) start-up, (f) lifecycle.py, (g) cache_bench.py, (h) consumer_bench.py,
+(i) many_bench.py.  A script's failure is an error in its section, with its
+exception, signal or timeout.
+
+Prints a table per section, writes results.json, results.md and results.png
+to benchmarks/results/ (or --out), and records the machine and the seconds
+each section took.  ``--tiny`` runs every section on a few items once, so a
+test can keep this script working.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import importlib.util
 import json
 import os
 import platform
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,17 +120,67 @@ def startup(reps: int, workers: int) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def run_script(script: str, env: dict, *args: str) -> dict:
-    """The JSON line a section's own script (in a fresh interpreter) prints."""
+def run_script(script: str, env: dict, *args: str, timeout: int = 900,
+               wrap: tuple[str, ...] = ()) -> dict:
+    """The JSON line a section's own script (in a fresh interpreter) prints,
+    or {"error": why}: its exception, the signal that killed it, or its
+    timeout, never a warning that came after.  ``wrap``: a command that runs
+    the script (a network namespace)."""
+    process = subprocess.Popen([*wrap, sys.executable, str(HERE / script), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, str(HERE / script), *args],
-                              capture_output=True, text=True, env=env, timeout=900)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # one section's failure, not the run's
-        return {"error": f"{script} ran over 900 s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        os.killpg(process.pid, signal.SIGKILL)  # its workers too: they hold the pipes
+        stdout, stderr = process.communicate()
+        last = meaningful(stderr)
+        return {"error": f"{script} timed out after {timeout} s"
+                         + (f" (last: {last[-1]})" if last else ""),
+                "stderr_tail": last[-20:]}
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if process.returncode != 0 or not lines:
+        print(f"  {script} failed (exit status {process.returncode}); its stderr, "
+              "warnings left out:\n    " + "\n    ".join(meaningful(stderr)[-20:]), flush=True)
+        return {"error": failure(process.returncode, stderr, bool(lines)),
+                "stderr_tail": meaningful(stderr)[-20:]}
     return json.loads(lines[-1])
+
+
+# Lines of a script's stderr that say nothing of why it failed: warnings (and the
+# source line the warnings module prints under one), TensorFlow's and absl's
+# logging, Ray's log lines.  A leaked-resources warning from multiprocessing's
+# resource tracker, printed after a crash, once stood in for the crash itself.
+NOISE = re.compile(r"\s|\S+:\d+: \w*Warning: |WARNING: All log messages|[IWE]\d{4} |"
+                   r"WARNING:absl:|\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d|To enable the following")
+
+
+def meaningful(stderr: str) -> list[str]:
+    """stderr's lines but NOISE."""
+    return [line for line in stderr.splitlines() if line.strip() and not NOISE.match(line)]
+
+
+def failure(returncode: int, stderr: str, printed: bool = False) -> str:
+    """Why a script failed, in a line: how it ended, and the exception of its
+    last traceback (else its last line that is no warning or log)."""
+    lines = stderr.splitlines()
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    cause = None
+    if tracebacks:  # the exception: the first unindented line after the last header
+        cause = next((line for line in lines[tracebacks[-1] + 1:]
+                      if line.strip() and not line[0].isspace()), None)
+    if cause is None:
+        rest = meaningful(stderr)
+        cause = rest[-1] if rest else None
+    if returncode < 0:
+        how = f"killed by {signal.Signals(-returncode).name}"
+        if returncode == -signal.SIGKILL:
+            how += " (the kernel's out-of-memory killer? see dmesg)"
+    elif returncode != 0:
+        how = f"exit status {returncode}"
+    else:
+        how = "no JSON line on stdout" if not printed else "exit status 0"
+    return f"{how}: {cause[:400]}" if cause else how
 
 
 def many_text(i: dict) -> str:
@@ -344,6 +402,14 @@ def main() -> int:
     results: dict = {"machine": machine(), "tiny": args.tiny, "reps": reps, "sections": {},
                      "big_bytes": int(env.get("MPLOADER_BENCH_BIG_BYTES", 32 * ONE_MIB))}
     print(f"machine: {json.dumps(results['machine'])}\n", flush=True)
+    results["section_s"] = {}  # where make bench's time goes, section by section
+    clock = [time.time()]
+
+    def took(name: str) -> None:
+        results["section_s"][name] = round(time.time() - clock[0], 1)
+        print(f"({name}) took {results['section_s'][name]:.0f} s\n", flush=True)
+        clock[0] = time.time()
+
     for name, (workload, n, n_tiny, peers, title) in SECTIONS.items():
         if name not in args.sections:
             continue
@@ -361,23 +427,28 @@ def main() -> int:
         results["sections"][name] = section
         big = results["big_bytes"] if workload == "big" else None
         print(table(name, section, big) + "\n", flush=True)
+        took(name)
     if "e" in args.sections:
         results["startup"] = startup(reps, 2)
         print(f"(e) start-up: {results['startup']}\n", flush=True)
+        took("e")
     if "g" in args.sections:
         results["cache"] = run_script("cache_bench.py", env, "--reps", str(reps),
                                       "--workers", str(args.workers))
         print(cache_text(results["cache"]) + "\n", flush=True)
+        took("g")
     if "h" in args.sections:
         results["consumer"] = run_script("consumer_bench.py", env, "--reps", str(reps),
                                          "--workers", str(args.workers),
                                          "--scale", "0.05" if args.tiny else "1")
         print(consumer_text(results["consumer"]) + "\n", flush=True)
+        took("h")
     if "i" in args.sections:
         results["many"] = run_script("many_bench.py", env, "--reps", str(reps),
                                      *(["--scale", "0.05", "--in-flight", "8"] if args.tiny
                                        else []))
         print(many_text(results["many"]) + "\n", flush=True)
+        took("i")
     if "f" in args.sections:
         print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)
         figures = subprocess.run([sys.executable, str(HERE / "lifecycle.py"), "--reps",
@@ -386,6 +457,7 @@ def main() -> int:
         print(figures.stdout, flush=True)
         results["lifecycle"] = json.loads((out / ".lifecycle.json").read_text())
         (out / ".lifecycle.json").unlink()
+        took("f")
     results["wall_s"] = time.time() - started
     write_outputs(results, out)
     print(f"wrote {out}/results.json, results.md, results.png in {results['wall_s']:.0f} s")
