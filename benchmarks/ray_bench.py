@@ -7,15 +7,22 @@ measure what carries the results, not the cores.  For each worker count:
 - bare: N Ray actors, 2 calls in flight per actor, results taken in order
   (``ray.get``), the ceiling of any loader on the same actors;
 - ray: ``MPLoader(..., backend="ray")``, its for-loop;
+- ray_dataset_batch32: the same loader through ``loader.dataset().batch(32)``
+  (TensorFlow; left out where it is not installed);
 - local: ``MPLoader(...)``, the local backend's for-loop.
 
 Run it where Ray may start a local instance (or with RAY_ADDRESS set), e.g.
-in a loopback-only namespace as the tests do::
+in a loopback-only namespace as the tests do (``make bench``'s section (k)
+runs it so)::
 
     unshare -n bash -c 'ip link set lo up && .venv-ray/bin/python benchmarks/ray_bench.py'
 
-Each rate is the median of ``--repeats`` passes over ``--items`` items, after
-a first pass that starts every worker.
+Every peer is started and run once untimed (its workers start, TensorFlow
+traces), then the peers run one pass each over ``--items`` items per
+repetition, repetitions outer, so the machine's drift hits them alike.
+Rates are medians of ``--repeats``; ratios are taken run by run (a
+repetition's runs pair up), median and range.  Prints a table, then one JSON
+line.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -71,19 +78,57 @@ def loader_rate(loader: MPLoader) -> float:
     return count / (time.perf_counter() - started)
 
 
-def measure(workers: int, items: int, repeats: int) -> dict[str, float]:
+def dataset_rate(ds: Any) -> float:
+    """Elements/s of one pass over ``ds`` (batches of a leading dimension)."""
+    started = time.perf_counter()
+    count = sum(int(batch.shape[0]) for batch in ds)
+    return count / (time.perf_counter() - started)
+
+
+def measure(workers: int, items: int, repeats: int, tf: Any) -> dict[str, list[float]]:
+    """Items/s of each peer, one run per repetition, repetitions outer."""
     import ray
     actors = [ray.remote(num_cpus=1)(_Bare).remote() for _ in range(workers)]
     ray.get([a.work.remote(0) for a in actors])
-    bare = statistics.median(bare_rate(ray, actors, items) for _ in range(repeats))
-    for actor in actors:
-        ray.kill(actor)
-    rates = {"bare": bare}
-    for name, backend in (("ray", "ray"), ("local", "process")):
-        with MPLoader(work, items, num_workers=workers, backend=backend) as loader:
-            loader_rate(loader)  # starts every worker
-            rates[name] = statistics.median(loader_rate(loader) for _ in range(repeats))
+    spec = tf.TensorSpec((OUT_BYTES // 4,), tf.float32) if tf is not None else None
+    on_ray = MPLoader(work, items, num_workers=workers, backend="ray", output_signature=spec)
+    local = MPLoader(work, items, num_workers=workers)
+    peers: dict[str, Callable[[], float]] = {
+        "bare": lambda: bare_rate(ray, actors, items),
+        "ray": lambda: loader_rate(on_ray)}
+    if tf is not None:
+        ds = on_ray.dataset().batch(32)
+        peers["ray_dataset_batch32"] = lambda: dataset_rate(ds)
+    peers["local"] = lambda: loader_rate(local)
+    try:
+        for run in peers.values():  # untimed: every worker starts, TensorFlow traces
+            run()
+        rates: dict[str, list[float]] = {name: [] for name in peers}
+        for _ in range(repeats):
+            for name, run in peers.items():
+                rates[name].append(run())
+    finally:
+        on_ray.close()
+        local.close()
+        for actor in actors:
+            ray.kill(actor)
     return rates
+
+
+def summary(rates: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Each peer's median items/s, and its ratios to bare, run by run."""
+    out = {}
+    for name, runs in rates.items():
+        row = {"per_s": statistics.median(runs)}
+        ratios = [r / b for r, b in zip(runs, rates["bare"])]
+        row.update(x_bare=statistics.median(ratios), x_bare_min=min(ratios),
+                   x_bare_max=max(ratios))
+        if name.startswith("ray"):
+            ratios = [r / b for r, b in zip(runs, rates["local"])]
+            row.update(x_local=statistics.median(ratios), x_local_min=min(ratios),
+                       x_local_max=max(ratios))
+        out[name] = row
+    return out
 
 
 def main() -> None:
@@ -93,25 +138,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    try:
+        import tensorflow as tf
+    except ImportError:
+        tf = None  # no dataset() peer
     import ray
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="WARNING")
+    # the bare actors and the loader's run side by side: 2 logical CPUs a worker
+    ray.init(num_cpus=2 * max(args.workers), include_dashboard=False,
+             logging_level="WARNING")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, Ray {ray.__version__}; fn sleeps "
           f"{SLEEP_S * 1e3:.0f} ms and returns {OUT_BYTES >> 10} KiB; {args.items} items, "
-          f"median of {args.repeats}")
-    print(f"{'workers':>7} {'bare Ray':>10} {'mploader Ray':>13} {'local':>10} "
-          f"{'Ray/bare':>9} {'Ray/local':>10}   (items/s)")
+          f"medians of {args.repeats} interleaved runs", flush=True)
+    print(f"{'workers':>7} {'bare Ray':>10} {'mploader Ray':>13} {'Ray .batch(32)':>15} "
+          f"{'local':>10} {'Ray/bare':>9} {'ds/bare':>8} {'Ray/local':>10}   (items/s)",
+          flush=True)
     figures = {}
     for workers in args.workers:
-        rates = measure(workers, args.items, args.repeats)
-        figures[workers] = rates
-        print(f"{workers:>7} {rates['bare']:>10.1f} {rates['ray']:>13.1f} "
-              f"{rates['local']:>10.1f} {rates['ray'] / rates['bare']:>9.2f} "
-              f"{rates['ray'] / rates['local']:>10.2f}")
+        rows = summary(measure(workers, args.items, args.repeats, tf))
+        figures[str(workers)] = rows
+        ds = rows.get("ray_dataset_batch32")
+        print(f"{workers:>7} {rows['bare']['per_s']:>10.1f} {rows['ray']['per_s']:>13.1f} "
+              f"{ds['per_s'] if ds else float('nan'):>15.1f} {rows['local']['per_s']:>10.1f} "
+              f"{rows['ray']['x_bare']:>9.2f} {ds['x_bare'] if ds else float('nan'):>8.2f} "
+              f"{rows['ray']['x_local']:>10.2f}", flush=True)
+    version = ray.__version__
     ray.shutdown()
+    out = {"items": args.items, "reps": args.repeats, "sleep_s": SLEEP_S,
+           "result_bytes": OUT_BYTES, "ray": version, "workers": figures}
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(figures, out, indent=1)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
