@@ -10,7 +10,8 @@
 #                    .[test] (tests/other_pythons.sh): the oldest and the
 #                    newest supported; `make test OTHER_PYTHONS="3.10 3.12 3.13"`
 #                    adds 3.12 (about 2 minutes more on the 2-core machine)
-#   make bench       + .[bench]; the benchmark
+#   make bench       + .[bench,ray]; the benchmark (its section (k) runs Ray in a
+#                    network namespace with loopback alone, as test-ray does)
 #   make test-bench  the `bench` test (the benchmark's tiny mode)
 #   make test-ecosystem  ecosystem_tests/ (MONAI, TorchIO, torch, albumentations,
 #                    batchgenerators v1 and v2 through the loader: per-item
@@ -57,7 +58,7 @@ $(TEST_STAMP): $(DEMO_STAMP)
 	touch $@
 
 $(BENCH_STAMP): $(DEMO_STAMP)
-	$(PIP) -e ".[bench]"
+	$(PIP) -e ".[bench,ray]"
 	touch $@
 
 $(ECO_STAMP): pyproject.toml Makefile

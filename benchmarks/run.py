@@ -4,8 +4,9 @@ Every measurement runs in a fresh interpreter (measure.py), one workload
 through one peer, repeated; the figures are medians.  Sections (a)-(d) are
 workloads through peers (SECTIONS); the others are scripts of their own:
 (e) start-up, (f) lifecycle.py, (g) cache_bench.py, (h) consumer_bench.py,
-(i) many_bench.py.  A script's failure is an error in its section, with its
-exception, signal or timeout.
+(i) many_bench.py, (j) volume_bench.py, (k) ray_bench.py (in a network
+namespace with loopback alone; skipped without Ray).  A script's failure is
+an error in its section, with its exception, signal or timeout.
 
 Prints a table per section, writes results.json, results.md and results.png
 to benchmarks/results/ (or --out), and records the machine and the seconds
@@ -20,10 +21,12 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -61,7 +64,8 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     versions = {}
-    for module in ("numpy", "tensorflow", "keras", "torch", "grain", "scipy", "cloudpickle"):
+    for module in ("numpy", "tensorflow", "keras", "torch", "grain", "scipy", "cloudpickle",
+                   "ray"):
         try:
             versions[module] = __import__(module).__version__
         except Exception:  # noqa: BLE001 - a peer that is not installed
@@ -194,6 +198,87 @@ def many_text(i: dict) -> str:
         lines.append(f"  {row['in_flight']:>9}  {row['how']:<52}"
                      f"{row['efficiency']:>10.2f} ({row['min']:.2f}-{row['max']:.2f})")
     return "\n".join(lines)
+
+
+VOLUME_NAMES = {"bare": "bare from_generator(...).batch(2)",
+                "dataset_batch2": "loader.dataset().batch(2)",
+                "batch_size2": "MPLoader(..., batch_size=2).dataset()"}
+
+
+def volume_text(j: dict) -> str:
+    if "error" in j:
+        return f"(j) large volumes: failed: {j['error']}"
+    lines = [f"(j) large volumes: elements/s, x bare serial from_generator (min-max), and peak "
+             f"memory (anonymous + shared, parent and workers, above the parent's at the start) "
+             f"in elements, median (max); {j['workers']} workers, medians of {j['reps']} "
+             f"interleaved runs",
+             f"  {'element':<9}{'consumed as':<42}{'elements/s':>11}{'x bare':>20}"
+             f"{'peak elements':>20}"]
+    for size, row in j["sizes"].items():
+        for i, (peer, r) in enumerate(row["peers"].items()):
+            name = VOLUME_NAMES.get(peer, peer)
+            if peer == "slow_consumer":  # memory, not rate: it sleeps on purpose
+                name = f"dataset().batch(2), consumer {row['slow_step_s']:.2f} s/batch"
+                ratio = "-"
+            else:
+                ratio = f"{r['x_bare']:.2f} ({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})"
+            lines.append(f"  {(size + ' MiB') if i == 0 else '':<9}{name:<42}"
+                         f"{r['per_s']:>11.2f}{ratio:>20}"
+                         f"{r['peak_elements']:>12.1f} ({r['peak_max']:.1f})")
+    return "\n".join(lines)
+
+
+RAY_NAMES = {"bare": "bare Ray actors, 2 calls in flight each",
+             "ray": "mploader on Ray, for x in loader",
+             "ray_dataset_batch32": "mploader on Ray, dataset().batch(32)",
+             "local": "mploader local backend, for x in loader"}
+
+
+def ray_text(k: dict) -> str:
+    title = "(k) the Ray backend"
+    if "skipped" in k:
+        return f"{title}: skipped: {k['skipped']}"
+    if "error" in k:
+        return f"{title}: failed: {k['error']}"
+    lines = [f"{title} (fn sleeps {k['sleep_s'] * 1000:.0f} ms, {k['result_bytes'] >> 10} KiB "
+             f"out; {k['items']} items a pass): items/s, x bare Ray actors and x the local "
+             f"backend's for-loop (min-max); Ray {k['ray']}, medians of {k['reps']} "
+             f"interleaved runs",
+             f"  {'workers':>7}  {'peer':<42}{'items/s':>9}{'x bare':>20}{'x local':>20}"]
+    for workers, rows in k["workers"].items():
+        for i, (peer, r) in enumerate(rows.items()):
+            bare = f"{r['x_bare']:.2f} ({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})"
+            local = (f"{r['x_local']:.2f} ({r['x_local_min']:.2f}-{r['x_local_max']:.2f})"
+                     if "x_local" in r else "")
+            lines.append(f"  {workers if i == 0 else '':>7}  {RAY_NAMES.get(peer, peer):<42}"
+                         f"{r['per_s']:>9.1f}{bare:>20}{local:>20}".rstrip())
+    return "\n".join(lines)
+
+
+RAY_MISSING = "ray is not installed here (pip install -e '.[ray]'; make bench installs it)"
+
+
+def ray_section(env: dict, tiny: bool) -> dict:
+    """(k) ray_bench.py in a network namespace of its own with only loopback up,
+    as `make test-ray` runs the Ray tests: a local Ray instance binds the
+    machine's address otherwise.  Skipped, saying why, without Ray or where no
+    such namespace can be made (it needs root)."""
+    if importlib.util.find_spec("ray") is None:
+        return {"skipped": RAY_MISSING}
+    wrap = ("unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$0" "$@"')
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return {"skipped": "needs unshare and ip, for a network namespace with loopback alone"}
+    probe = subprocess.run([*wrap, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return {"skipped": "cannot make a network namespace with loopback alone (unshare -n "
+                           f"needs root): {(probe.stderr.strip().splitlines() or ['?'])[-1]}"}
+    with tempfile.TemporaryDirectory(prefix="mploader-ray-") as tmp:
+        # its own Ray instance: no cluster of this machine's joined
+        ray_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        ray_env["RAY_TMPDIR"] = tmp
+        args = ["--workers", "2", "--items", "40", "--repeats", "1"] if tiny else \
+            ["--repeats", "3"]
+        return run_script("ray_bench.py", ray_env, *args, timeout=600, wrap=wrap)
 
 
 def consumer_text(h: dict) -> str:
@@ -333,6 +418,10 @@ def report(results: dict) -> str:
         text.append(consumer_text(results["consumer"]))
     if "many" in results:
         text.append(many_text(results["many"]))
+    if "volume" in results:
+        text.append(volume_text(results["volume"]))
+    if "ray" in results:
+        text.append(ray_text(results["ray"]))
     if "lifecycle" in results:
         text.append("(f) lifecycle, seconds:\n" + "\n".join(
             f"  {k:<45} median {v['median_s']:.3f} s   max {v['max_s']:.3f} s"
@@ -377,7 +466,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--sections", default="abcdefghi")
+    parser.add_argument("--sections", default="abcdefghijk")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rebuild ratios, results.md and the plot from results.json")
     args = parser.parse_args()
@@ -449,6 +538,17 @@ def main() -> int:
                                        else []))
         print(many_text(results["many"]) + "\n", flush=True)
         took("i")
+    if "j" in args.sections:
+        results["volume"] = run_script("volume_bench.py", env, "--reps", str(reps),
+                                       "--workers", "2",
+                                       *(["--scale", "0.03125"] if args.tiny else []),
+                                       timeout=600)
+        print(volume_text(results["volume"]) + "\n", flush=True)
+        took("j")
+    if "k" in args.sections:
+        results["ray"] = ray_section(env, args.tiny)
+        print(ray_text(results["ray"]) + "\n", flush=True)
+        took("k")
     if "f" in args.sections:
         print("(f) lifecycle (close() and every way of ending), seconds:", flush=True)
         figures = subprocess.run([sys.executable, str(HERE / "lifecycle.py"), "--reps",

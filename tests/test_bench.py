@@ -1,7 +1,9 @@
 """`make bench` in its tiny mode, so the benchmark cannot rot."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +45,29 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     assert {"mploader processes 8x1 loop", "mploader threads 1x8 batch_size32",
             "mploader both 4x2 dataset_batch32"} <= hows
     assert all(row["efficiency"] > 0 for row in many["rows"])
-    assert "(i) many workers" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "(i) many workers" in md
+    volume = results["volume"]
+    assert "error" not in volume, volume["error"]
+    assert set(volume["sizes"]) == {"1", "8"}  # 32 and 256 MiB, scaled down
+    for size in volume["sizes"].values():
+        assert set(size["peers"]) == {"bare", "dataset_batch2", "batch_size2", "slow_consumer"}
+        assert all(r["per_s"] > 0 and r["peak_elements"] > 0 for r in size["peers"].values())
+    assert "(j) large volumes" in md and "MPLoader(..., batch_size=2).dataset()" in md
+    ray = results["ray"]
+    if "skipped" in ray:  # skipped only for a reason it names, in the table too
+        if importlib.util.find_spec("ray") is None:
+            assert ray["skipped"].startswith("ray is not installed"), ray
+        else:
+            assert os.geteuid() != 0 and "network namespace" in ray["skipped"], ray
+        assert f"(k) the Ray backend: skipped: {ray['skipped']}" in md
+    else:
+        assert "error" not in ray, ray["error"]
+        assert set(ray["workers"]) == {"2"}
+        rows = ray["workers"]["2"]
+        assert set(rows) == {"bare", "ray", "ray_dataset_batch32", "local"}
+        assert all(r["per_s"] > 0 for r in rows.values())
+        assert "(k) the Ray backend (fn sleeps" in md
     assert (tmp_path / "results.png").stat().st_size > 10_000
-    assert "(a) GIL-bound Python" in (tmp_path / "results.md").read_text()
+    assert "(a) GIL-bound Python" in md
     assert "x serial" in done.stdout
