@@ -8,16 +8,28 @@ source line.  The parent therefore sends the real file names alongside
 (:func:`ship`), keyed by function name and first line, and the worker puts
 them back into the code objects (:func:`land`); ``traceback`` then shows the
 file, the line and, when the file exists, the source line.
+
+TensorFlow marks the functions it is given: ``tf.numpy_function(fn, ...)``
+and ``tf.py_function`` attach their TensorFlow wrapper to ``fn`` itself
+(``fn.ag_dnc_wrapper__``, to tie the two lifetimes), and autograph attaches
+``autograph_info__``.  cloudpickle ships a function's attributes with it,
+so the ``fn`` a user moves from ``Dataset.map`` to mploader would make every
+worker import TensorFlow (hundreds of MiB each, seconds to start) to unpickle
+a wrapper it never calls.  :func:`ship` leaves those attributes out; the
+user's functions keep them.
 """
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import cloudpickle
 
 _DYNAMIC = "<dynamic-code>"  # what cloudpickle writes as co_filename
 _DEPTH = 3  # functions reached through globals and closures, no further
+_TENSORFLOW_MARKS = ("ag_dnc_wrapper__", "autograph_info__")  # see the module docstring
 
 Files = dict[str, str]  # "name:first line" -> file name
 
@@ -67,13 +79,28 @@ def ship(fn: Callable | None, name: str) -> tuple[bytes | None, Files]:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
     try:
-        payload = cloudpickle.dumps(fn)
+        with _without_tensorflow_marks(_functions(fn)):
+            payload = cloudpickle.dumps(fn)
     except Exception as exc:
         raise TypeError(f"{name} ({fn!r}) cannot be sent to the worker processes: "
                         f"cloudpickle failed with {type(exc).__name__}: {exc}") from exc
     files = {_key(code): code.co_filename
              for f in _functions(fn) for code in nested_codes(f.__code__)}
     return payload, files
+
+
+@contextlib.contextmanager
+def _without_tensorflow_marks(functions: list[types.FunctionType]) -> Iterator[None]:
+    """TensorFlow's attributes left off ``functions`` while they are pickled,
+    then put back (held here meanwhile, so the wrapper whose lifetime
+    TensorFlow tied to the function is never freed)."""
+    taken = [(f, {name: f.__dict__.pop(name) for name in _TENSORFLOW_MARKS
+                  if name in f.__dict__}) for f in functions]
+    try:
+        yield
+    finally:
+        for f, marks in taken:
+            f.__dict__.update(marks)
 
 
 def _restored(code: types.CodeType, files: Files) -> types.CodeType:

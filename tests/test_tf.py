@@ -131,3 +131,38 @@ def test_a_script_without_main_guard_importing_tensorflow_passes_a_lambda(script
     for rss_kb, tf_mapped in report["workers"].values():
         assert not tf_mapped
         assert rss_kb < 100 * 1024, f"worker RSS {rss_kb} kB"
+
+
+def test_a_fn_moved_from_tf_numpy_function_does_not_bring_tensorflow_into_the_workers(script):
+    # tf.numpy_function (and py_function) attach their TensorFlow wrapper to
+    # the very function they are given; shipped with it, every worker would
+    # import TensorFlow to unpickle it
+    s = script("""
+        import json
+        import numpy as np
+        import tensorflow as tf
+        from mploader import MPLoader
+
+        def load(i):
+            return np.full(3, i, np.float32)
+
+        before = tf.data.Dataset.range(4).map(lambda i: tf.numpy_function(load, [i], tf.float32))
+        assert len(list(before)) == 4 and hasattr(load, "ag_dnc_wrapper__")
+        loader = MPLoader(load, range(6), num_workers=2)
+        report_pids(loader)
+        values = [int(x[0]) for x in loader]
+        mapped = []
+        for pid in loader.worker_pids():
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.append("libtensorflow" in f.read())
+        loader.close()
+        print(json.dumps({"values": values, "tf_in_workers": mapped,
+                          "still_marked": hasattr(load, "ag_dnc_wrapper__"),
+                          "tf_pipeline_works": len(list(before)) == 4}))
+    """)
+    result = s.run()
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["values"] == list(range(6))
+    assert report["tf_in_workers"] == [False, False]
+    assert report["still_marked"] and report["tf_pipeline_works"]
