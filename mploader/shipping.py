@@ -21,6 +21,7 @@ user's functions keep them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -39,12 +40,18 @@ def _key(code: types.CodeType) -> str:
 
 
 def _functions(fn: Any, depth: int = _DEPTH) -> list[types.FunctionType]:
-    """fn, and the functions it reaches through its globals and closure."""
+    """fn, and the functions it reaches through its globals and closure
+    (through a bound method's function and a ``functools.partial``'s too)."""
     found: list[types.FunctionType] = []
     todo: list[tuple[Any, int]] = [(fn, depth)]
     seen: set[int] = set()
     while todo:
         obj, left = todo.pop()
+        if isinstance(obj, types.MethodType):
+            obj = obj.__func__
+        elif isinstance(obj, functools.partial):
+            todo.append((obj.func, left))
+            continue
         if not isinstance(obj, types.FunctionType) or id(obj) in seen:
             continue
         seen.add(id(obj))

@@ -138,7 +138,7 @@ def test_a_fn_moved_from_tf_numpy_function_does_not_bring_tensorflow_into_the_wo
     # the very function they are given; shipped with it, every worker would
     # import TensorFlow to unpickle it
     s = script("""
-        import json
+        import functools, json
         import numpy as np
         import tensorflow as tf
         from mploader import MPLoader
@@ -148,14 +148,15 @@ def test_a_fn_moved_from_tf_numpy_function_does_not_bring_tensorflow_into_the_wo
 
         before = tf.data.Dataset.range(4).map(lambda i: tf.numpy_function(load, [i], tf.float32))
         assert len(list(before)) == 4 and hasattr(load, "ag_dnc_wrapper__")
-        loader = MPLoader(load, range(6), num_workers=2)
-        report_pids(loader)
-        values = [int(x[0]) for x in loader]
-        mapped = []
-        for pid in loader.worker_pids():
-            with open(f"/proc/{pid}/maps") as f:
-                mapped.append("libtensorflow" in f.read())
-        loader.close()
+        values, mapped = [], []
+        for fn in (load, functools.partial(load)):   # the marked function, or reached from fn
+            loader = MPLoader(fn, range(6), num_workers=2)
+            report_pids(loader)
+            values.append([int(x[0]) for x in loader])
+            for pid in loader.worker_pids():
+                with open(f"/proc/{pid}/maps") as f:
+                    mapped.append("libtensorflow" in f.read())
+            loader.close()
         print(json.dumps({"values": values, "tf_in_workers": mapped,
                           "still_marked": hasattr(load, "ag_dnc_wrapper__"),
                           "tf_pipeline_works": len(list(before)) == 4}))
@@ -163,6 +164,6 @@ def test_a_fn_moved_from_tf_numpy_function_does_not_bring_tensorflow_into_the_wo
     result = s.run()
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["values"] == list(range(6))
-    assert report["tf_in_workers"] == [False, False]
+    assert report["values"] == [list(range(6))] * 2
+    assert report["tf_in_workers"] == [False] * 4
     assert report["still_marked"] and report["tf_pipeline_works"]
