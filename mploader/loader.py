@@ -584,3 +584,10 @@ class _Iteration:
 
     def __next__(self) -> Any:
         return next(self._values)
+
+    def close(self) -> None:
+        """Stop the pass now (``contextlib.closing``, a generator's close)."""
+        self._values.close()
+
+    def __getattr__(self, name: str) -> Any:  # the pass's own: last_index, epoch, ...
+        return getattr(self._values, name)

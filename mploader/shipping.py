@@ -15,22 +15,22 @@ and ``tf.py_function`` attach their TensorFlow wrapper to ``fn`` itself
 ``autograph_info__``.  cloudpickle ships a function's attributes with it,
 so the ``fn`` a user moves from ``Dataset.map`` to mploader would make every
 worker import TensorFlow (hundreds of MiB each, seconds to start) to unpickle
-a wrapper it never calls.  :func:`ship` leaves those attributes out; the
-user's functions keep them.
+a wrapper it never calls.  :func:`ship` leaves those attributes out of the
+payload (the user's functions keep them), and the cache's key leaves them
+out too (cache/keys.py), so the workers' recipe is the parent's.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
+import io
 import types
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import cloudpickle
 
 _DYNAMIC = "<dynamic-code>"  # what cloudpickle writes as co_filename
 _DEPTH = 3  # functions reached through globals and closures, no further
-_TENSORFLOW_MARKS = ("ag_dnc_wrapper__", "autograph_info__")  # see the module docstring
+TENSORFLOW_MARKS = ("ag_dnc_wrapper__", "autograph_info__")  # see the module docstring
 
 Files = dict[str, str]  # "name:first line" -> file name
 
@@ -86,8 +86,7 @@ def ship(fn: Callable | None, name: str) -> tuple[bytes | None, Files]:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
     try:
-        with _without_tensorflow_marks(_functions(fn)):
-            payload = cloudpickle.dumps(fn)
+        payload = _dumps(fn)
     except Exception as exc:
         raise TypeError(f"{name} ({fn!r}) cannot be sent to the worker processes: "
                         f"cloudpickle failed with {type(exc).__name__}: {exc}") from exc
@@ -96,18 +95,26 @@ def ship(fn: Callable | None, name: str) -> tuple[bytes | None, Files]:
     return payload, files
 
 
-@contextlib.contextmanager
-def _without_tensorflow_marks(functions: list[types.FunctionType]) -> Iterator[None]:
-    """TensorFlow's attributes left off ``functions`` while they are pickled,
-    then put back (held here meanwhile, so the wrapper whose lifetime
-    TensorFlow tied to the function is never freed)."""
-    taken = [(f, {name: f.__dict__.pop(name) for name in _TENSORFLOW_MARKS
-                  if name in f.__dict__}) for f in functions]
-    try:
-        yield
-    finally:
-        for f, marks in taken:
-            f.__dict__.update(marks)
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, leaving TensorFlow's marks off every function it ships
+    by value (see the module docstring): however ``fn`` reaches them (inner
+    functions, a partial's arguments, a callable's attributes, defaults),
+    and without touching the user's functions."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = super().reducer_override(obj)
+        if (isinstance(obj, types.FunctionType) and reduced is not NotImplemented
+                and any(mark in obj.__dict__ for mark in TENSORFLOW_MARKS)):
+            make, args, (state, slots), *rest = reduced
+            state = {k: v for k, v in state.items() if k not in TENSORFLOW_MARKS}
+            return (make, args, (state, slots), *rest)
+        return reduced
+
+
+def _dumps(obj: Any) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+        return file.getvalue()
 
 
 def _restored(code: types.CodeType, files: Files) -> types.CodeType:

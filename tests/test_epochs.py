@@ -398,3 +398,22 @@ def test_after_a_peek_or_a_break_set_epoch_runs_that_epoch_from_its_start():
     assert [r["epoch"] for r in loader.stats()["epochs"]][1:] == [0, 1, 2, 3, 1]
     assert again == orders[1] and len({tuple(o) for o in orders}) == 3
     loader.close()
+
+
+def test_a_closed_generator_over_the_loader_leaves_its_epoch_to_run_again_whole():
+    # `yield from loader` in a generator that is closed part-way (islice, a
+    # dropped generator) closes the pass, as a `break` leaves it: set_epoch
+    # with the same epoch runs it again from its start, and the state says so
+    with MPLoader(identity, 10, num_workers=1) as loader:
+        def steps():
+            yield from loader
+        first = steps()
+        assert [next(first) for _ in range(3)] == [0, 1, 2]
+        first.close()
+        loader.set_epoch(0)
+        state = loader.state_dict()
+        assert (state["epoch"], state["position"]) == (0, 0)
+        assert list(loader) == list(range(10))
+    with MPLoader(identity, 10, num_workers=2) as resumed:
+        resumed.load_state_dict(state)
+        assert list(resumed) == list(range(10))

@@ -146,10 +146,15 @@ def test_a_fn_moved_from_tf_numpy_function_does_not_bring_tensorflow_into_the_wo
         def load(i):
             return np.full(3, i, np.float32)
 
+        def outer(i):   # reaches the marked function through a function of its own
+            def inner(j):
+                return load(j)
+            return inner(i)
+
         before = tf.data.Dataset.range(4).map(lambda i: tf.numpy_function(load, [i], tf.float32))
         assert len(list(before)) == 4 and hasattr(load, "ag_dnc_wrapper__")
         values, mapped = [], []
-        for fn in (load, functools.partial(load)):   # the marked function, or reached from fn
+        for fn in (load, functools.partial(load), outer):   # marked, or reached from fn
             loader = MPLoader(fn, range(6), num_workers=2)
             report_pids(loader)
             values.append([int(x[0]) for x in loader])
@@ -164,6 +169,38 @@ def test_a_fn_moved_from_tf_numpy_function_does_not_bring_tensorflow_into_the_wo
     result = s.run()
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["values"] == [list(range(6))] * 2
-    assert report["tf_in_workers"] == [False] * 4
+    assert report["values"] == [list(range(6))] * 3
+    assert report["tf_in_workers"] == [False] * 6
     assert report["still_marked"] and report["tf_pipeline_works"]
+
+
+def test_a_prepare_used_in_tf_numpy_function_keys_a_directory_cache_as_an_unmarked_one(script,
+                                                                                       tmp_path):
+    # the workers never see TensorFlow's mark, so the key must not include it
+    def job(marked: bool) -> dict:
+        s = script(f"""
+            import json
+            import numpy as np
+            import tensorflow as tf
+            from mploader import MPLoader
+
+            def prepare(i):
+                return np.full(3, i, np.float32)
+
+            if {marked!r}:
+                list(tf.data.Dataset.range(2).map(
+                    lambda i: tf.numpy_function(prepare, [i], tf.float32)))
+                assert hasattr(prepare, "ag_dnc_wrapper__")
+            with MPLoader(lambda x: x * 2, range(4), prepare=prepare, num_workers=2,
+                          cache={str(tmp_path / "cache")!r}) as loader:
+                values = [float(x[0]) for x in loader]
+                key, stats = loader.cache_info()["key"], loader.stats()["cache"]
+            print(json.dumps({{"values": values, "key": key, "hits": stats["hits"]}}))
+        """, name=f"job_{marked}.py")
+        result = s.run()
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    first, plain, second = job(True), job(False), job(True)
+    assert first["values"] == plain["values"] == second["values"] == [0.0, 2.0, 4.0, 6.0]
+    assert first["key"] == plain["key"] == second["key"]
+    assert (first["hits"], plain["hits"], second["hits"]) == (0, 4, 4)

@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 
 from ..errors import CacheError
-from ..shipping import nested_codes
+from ..shipping import TENSORFLOW_MARKS, nested_codes
 
 FORMAT = 1  # of the recipe: a change of what goes into it changes every key
 PREPARE = "(prepare)"  # the values entry of prepare itself: a bound object, partial arguments
@@ -628,8 +628,9 @@ class _Walk(_Sites):
         sites += self._closure(fn, name)
         sites += [(f"the global `{n}` of {name}", fn.__globals__[n])
                   for n in names if n in fn.__globals__]
-        if fn.__dict__:
-            sites.append((f"the attributes of {name}", fn.__dict__))
+        attributes = {k: v for k, v in fn.__dict__.items() if k not in TENSORFLOW_MARKS}
+        if attributes:  # TensorFlow's marks never reach the workers (shipping.py)
+            sites.append((f"the attributes of {name}", attributes))
         self.values[name] = self._digests(sites)
 
     def _reach_import(self, fn: types.FunctionType, name: str, level: int, module: str,
