@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mploader import MPLoader, RayBackend, WorkerDied
+from mploader import MPLoader, PassAbandoned, RayBackend, WorkerDied
 from mploader import ray_backend
 
 from conftest import _OBJECT_STORE_BYTES, alive_workers, pids_gone
@@ -221,6 +221,55 @@ def test_with_restart_node_deaths_lose_and_repeat_nothing_and_blame_no_item(
         _on_node(node)
         assert [int(x[0]) for x in loader] == list(range(40))  # the next epoch too
     assert "starting a new worker" in caplog.text
+
+
+def test_close_while_the_pass_waits_for_placement_abandons_it_and_kills_the_waiting_actors(
+        nodes: Nodes, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With "restart", the node's death leaves new actors no node can hold,
+    and the pass waits for them; close() from another thread ends that wait
+    within its bound: the consumer gets PassAbandoned, the waiting actors are
+    killed, and a node that could hold them, added later, starts none."""
+    monkeypatch.setattr(ray_backend, "_PLACEMENT_WARNING_S", 1.0)
+    node = nodes.add()
+    loader = _pinned(2, on_worker_death="restart", close_timeout=5)
+    took: list[float] = []
+
+    def close() -> None:
+        began = time.monotonic()
+        loader.close()
+        took.append(time.monotonic() - began)
+    closer = threading.Thread(target=close, daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mploader"):
+            it = iter(loader)
+            first = [int(next(it)[0]) for _ in range(4)]
+            _on_node(node)
+            nodes.remove(node)
+            consumer = Consumer(it)
+            _wait_until(_waiting_for_placement, 30, consumer)
+            _wait_until(lambda: "so the pass waits" in caplog.text, 30, consumer)
+        assert not consumer.ended_at, "the pass ended with no worker to run it"
+
+        closer.start()
+        closer.join(5 + 5)  # close_timeout, and a margin
+        assert not closer.is_alive(), "close() ran past its bound"
+        consumer.join(loader, within=5)
+        assert isinstance(consumer.error, PassAbandoned), repr(consumer.error)
+        got = first + consumer.got
+        assert got == list(range(len(got))), got  # in order, nothing after the close
+        deadline = time.monotonic() + 3  # the GCS's view catches up
+        while alive_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive_workers(), _cluster_now()
+
+        nodes.add()  # a node the closed loader's actors could have waited for
+        time.sleep(3)
+        assert not alive_workers(), _cluster_now()
+    finally:
+        if not closer.is_alive():  # a close() stuck would hang this one too
+            loader.close()
+    assert took and took[0] < 5 + 1, took
 
 
 class _FakeRay:
