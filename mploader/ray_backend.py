@@ -562,8 +562,7 @@ class RayPool:
     def _on_death(self, handle: RayWorkerHandle, exc: BaseException) -> Died:
         was = handle.state
         lost = tuple(handle.outstanding.values())
-        blamed = () if not handle.killed_for and _lost_with_node(self._ray, handle, exc) \
-            else _blame(handle, lost)
+        blamed = _blame(self._ray, handle, lost, exc)
         for sent in lost:
             handle.ring.release(sent.task.slot)
         handle.outstanding.clear()
@@ -681,14 +680,19 @@ def _kill_quietly(ray: Any, actor: Any) -> None:
         pass
 
 
-def _blame(handle: RayWorkerHandle, lost: tuple[Outstanding, ...]
-           ) -> tuple[tuple[tuple[int, int], int], ...]:
+def _blame(ray: Any, handle: RayWorkerHandle, lost: tuple[Outstanding, ...],
+           exc: BaseException) -> tuple[tuple[tuple[int, int], int], ...]:
     """(task key, source index) of the item the actor was running when it
-    died: the one it was killed for; else the first task's item when that
-    task holds one (the actor runs its tasks in order); else unknown."""
-    if handle.killed_for is not None and lost:
+    died: the one it was killed for; none when it died with its node (no
+    item's fault); else the first task's item when that task holds one (the
+    actor runs its tasks in order); else unknown."""
+    if not lost:
+        return ()
+    if handle.killed_for is not None:
         return ((lost[0].task.key, handle.killed_for.index),)
-    if lost and len(lost[0].task.indices) == 1:
+    if _lost_with_node(ray, handle, exc):
+        return ()
+    if len(lost[0].task.indices) == 1:
         return ((lost[0].task.key, lost[0].task.indices[0]),)
     return ()
 
