@@ -585,9 +585,7 @@ class _Iteration:
     def __next__(self) -> Any:
         return next(self._values)
 
-    def close(self) -> None:
-        """Stop the pass now (``contextlib.closing``, a generator's close)."""
-        self._values.close()
-
-    def __getattr__(self, name: str) -> Any:  # the pass's own: last_index, epoch, ...
+    def __getattr__(self, name: str) -> Any:
+        """The pass's own: ``close()`` (``contextlib.closing``, a generator's
+        close of its ``yield from``), ``last_index``, ``epoch``, ..."""
         return getattr(self._values, name)
