@@ -146,7 +146,7 @@ def run_script(script: str, env: dict, *args: str, timeout: int = 900,
     if process.returncode != 0 or not lines:
         print(f"  {script} failed (exit status {process.returncode}); its stderr, "
               "warnings left out:\n    " + "\n    ".join(meaningful(stderr)[-20:]), flush=True)
-        return {"error": failure(process.returncode, stderr, bool(lines)),
+        return {"error": failure(process.returncode, stderr),
                 "stderr_tail": meaningful(stderr)[-20:]}
     return json.loads(lines[-1])
 
@@ -164,7 +164,7 @@ def meaningful(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not NOISE.match(line)]
 
 
-def failure(returncode: int, stderr: str, printed: bool = False) -> str:
+def failure(returncode: int, stderr: str) -> str:
     """Why a script failed, in a line: how it ended, and the exception of its
     last traceback (else its last line that is no warning or log)."""
     lines = stderr.splitlines()
@@ -182,8 +182,8 @@ def failure(returncode: int, stderr: str, printed: bool = False) -> str:
             how += " (the kernel's out-of-memory killer? see dmesg)"
     elif returncode != 0:
         how = f"exit status {returncode}"
-    else:
-        how = "no JSON line on stdout" if not printed else "exit status 0"
+    else:  # it ended well, without its JSON line
+        how = "no JSON line on stdout"
     return f"{how}: {cause[:400]}" if cause else how
 
 
