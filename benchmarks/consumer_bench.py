@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import READY  # noqa: E402
+from workloads import READY, consume  # noqa: E402
 
 from mploader import MPLoader  # noqa: E402
 
@@ -43,14 +43,13 @@ def _cpu_s() -> float:
 
 
 def timed(iterable, batched: bool) -> tuple[float, float]:
-    """(steady elements/s, parent CPU ms per element) over one pass."""
-    count, first, cpu_first = 0, None, None
-    for x in iterable:
-        count += len(x) if batched else 1
-        if first is None:
-            first, cpu_first, count = time.perf_counter(), _cpu_s(), 0
-    elapsed, cpu = time.perf_counter() - first, _cpu_s() - cpu_first
-    return count / elapsed, 1000 * cpu / count
+    """(steady elements/s, parent CPU ms per element) over one pass: from the
+    first element to the last (workloads.consume)."""
+    cpu_first = []
+    timed = consume(iterable, len if batched else (lambda _: 1),
+                    at_first=lambda: cpu_first.append(_cpu_s()))
+    return (timed.after_first / (timed.last - timed.first),
+            1000 * (_cpu_s() - cpu_first[0]) / timed.after_first)
 
 
 def measure(element: str, peer: str, n: int, workers: int, tf) -> tuple[float, ...]:

@@ -17,7 +17,7 @@ its steady rate over that ideal.  For K = 4, 16, 64 items in flight:
 
 Each run makes its loader, runs one whole pass untimed (the workers start,
 TensorFlow traces), then times a second pass from its first request to its
-end, so filling the pipeline counts; the ideal time of a pass is its rounds
+last element (not the iterator's end: see workloads.consume), so filling the pipeline counts; the ideal time of a pass is its rounds
 of in-flight tasks (a worker batch runs its 32 items one after another on
 one thread).  Grain starts new worker processes every pass, so its rate is
 taken from its first element to its last instead (which favours it).  Runs
@@ -31,8 +31,13 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import consume  # noqa: E402
 
 SLEEP_S = 0.02
 RESULT = np.ones(64 << 10, np.float32)  # 256 KiB
@@ -51,13 +56,11 @@ def fn(i: int) -> np.ndarray:
 
 
 def _pass_s(make_iterable) -> float:
-    """Seconds of a timed pass, after an untimed one."""
-    for _ in make_iterable():
-        pass
+    """Seconds of a timed pass, after an untimed one: from its first request
+    to its last element (workloads.consume)."""
+    consume(make_iterable())
     start = time.perf_counter()
-    for _ in make_iterable():
-        pass
-    return time.perf_counter() - start
+    return consume(make_iterable()).last - start
 
 
 def _ideal_s(n: int, k: int, task_items: int = 1) -> float:
@@ -130,12 +133,8 @@ def _peer(peer: str, n: int, k: int, tf) -> float:
             sampler=gp.IndexSampler(num_records=n, shard_options=gp.NoSharding(),
                                     shuffle=False, num_epochs=1),
             worker_count=k)
-        count, first = 0, None
-        for _ in loader:
-            count += 1
-            if first is None:
-                first, count = time.perf_counter(), 0
-        return count / (time.perf_counter() - first) / (k / SLEEP_S)
+        timed = consume(loader)
+        return timed.after_first / (timed.last - timed.first) / (k / SLEEP_S)
     n = max(64, n // TF_MAP_SHARE)  # ~cores in flight, whatever num_parallel_calls says
     ds = tf.data.Dataset.range(n).map(
         lambda i: tf.numpy_function(_tf_map_fn, [i], tf.float32),

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from workloads import WORKLOADS
+from workloads import WORKLOADS, consume
 
 
 def tf_signature(name):
@@ -181,20 +181,15 @@ def one_run(name, peer, n, workers):
     start = time.perf_counter()
     iterator, loader = PEERS[peer](name, n, workers)
     items_per_element = 64 if peer.endswith("batch64") else 1
-    count = 0
-    first = None
-    for _ in iterator:
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    items = n if items_per_element > 1 else count
+    timed = consume(iterator)
+    first, last = timed.first, timed.last
+    items = n if items_per_element > 1 else timed.elements
     stats = None
     if loader is not None:
         stats = loader.stats()
         loader.close()
-    steady = (items - items_per_element) / (end - first) if end > first else float("nan")
-    return first - start, steady, items / (end - start), stats
+    steady = (items - items_per_element) / (last - first) if last > first else float("nan")
+    return first - start, steady, items / (last - start), stats
 
 
 def _import_peer_modules(peer):

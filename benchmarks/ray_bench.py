@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mploader import MPLoader
+from workloads import consume
 
 SLEEP_S = 0.02
 OUT_BYTES = 256 << 10
@@ -79,10 +80,11 @@ def loader_rate(loader: MPLoader) -> float:
 
 
 def dataset_rate(ds: Any) -> float:
-    """Elements/s of one pass over ``ds`` (batches of a leading dimension)."""
+    """Elements/s of one pass over ``ds`` (batches of a leading dimension),
+    from its first request to its last element (workloads.consume)."""
     started = time.perf_counter()
-    count = sum(int(batch.shape[0]) for batch in ds)
-    return count / (time.perf_counter() - started)
+    timed = consume(ds, lambda batch: int(batch.shape[0]))
+    return timed.elements / (timed.last - started)
 
 
 def measure(workers: int, items: int, repeats: int, tf: Any) -> dict[str, list[float]]:

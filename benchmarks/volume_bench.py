@@ -11,7 +11,7 @@ what is timed is the hand-off of large results, not their making.  Peers:
 
 Each measurement runs in a fresh interpreter (``--one``), so no allocator keeps
 memory of an earlier one; peers alternate repetition by repetition.  Rate:
-elements/s from the first element to the last.  Peak memory: a thread samples,
+elements/s from the first element to the last (workloads.consume).  Peak memory: a thread samples,
 every 10 ms, the anonymous and shared memory (Pss_Anon + Pss_Shmem of
 /proc/PID/smaps_rollup: no page counted twice, libraries not counted) of the
 parent and its workers, and reports the peak above the parent's before the
@@ -28,6 +28,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import consume  # noqa: E402
 
 PEERS = ("bare", "dataset_batch2", "batch_size2", "slow_consumer")
 SIZES_MIB = (32, 256)
@@ -113,20 +119,15 @@ def one(mib: int, peer: str, n: int, workers: int, step_s: float) -> dict:
     else:
         loader = MPLoader(fn, n, num_workers=workers, output_signature=spec)
         ds = loader.dataset().batch(2)
-    count, first = 0, None
+    def step(batch: Any) -> int:
+        if peer == "slow_consumer":
+            time.sleep(step_s)
+        return len(batch)
     with Peak() as peak:
-        for batch in ds:
-            if first is None:
-                first, count = time.perf_counter(), 0
-            else:
-                count += len(batch)
-            if peer == "slow_consumer":
-                time.sleep(step_s)
-            del batch
-        elapsed = time.perf_counter() - first
+        timed = consume(ds, step)
     if loader is not None:
         loader.close()
-    return {"per_s": count / elapsed, "peak_elements": (peak.peak - start) / (mib << 20)}
+    return {"per_s": timed.after_first / (timed.last - timed.first), "peak_elements": (peak.peak - start) / (mib << 20)}
 
 
 def main() -> None:
