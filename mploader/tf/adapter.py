@@ -330,6 +330,16 @@ def make_dataset(loader: Any) -> Any:
     # (a bare from_generator over a slow generator hangs at exit that way).
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False
+    # TensorFlow's autotuning thread makes ending an iterator wait: in about
+    # a third of the passes measured here, the iterator's destructor (the end
+    # of a ``for`` loop, of a Keras epoch) held the consumer for about two
+    # thirds of the pass's own time (2 s after a 3 s epoch; bare
+    # ``from_generator`` alike).  Nothing before the user's own steps has a
+    # knob to tune (the workers compute ahead), so autotuning is off; an
+    # AUTOTUNE after ``dataset()`` then takes TensorFlow's default (a map's
+    # parallelism: the cores; ``prefetch`` keeps its own buffer tuning), and
+    # ``with_options`` of the user's turns it back on.
+    options.autotune.enabled = False
     if loader.shard[1] > 1:
         # The loader reads its shard already.  TensorFlow's auto-shard cannot
         # split a generator by files, and its fallback (DATA) would run every
