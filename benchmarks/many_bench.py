@@ -9,6 +9,8 @@ its steady rate over that ideal.  For K = 4, 16, 64 items in flight:
   threads (``threads``), and 4 processes of K/4 threads (``both``), each
   consumed three ways: ``for x in loader``, ``loader.dataset().batch(32)``,
   and ``MPLoader(..., batch_size=32).dataset()`` (batched in the workers);
+- at the largest K, the mploader rows again while another process keeps
+  one core busy (``--loaded``);
 - at the largest K, PyTorch's DataLoader (K worker processes), Grain's
   DataLoader (K workers) and ``tf.data`` ``map(numpy_function, num_parallel_calls=K)``
   with ``.batch(32)`` (on a sixteenth of the items: it keeps about as many
@@ -28,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import contextlib
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +50,7 @@ MODES = {"processes": lambda k: (k, 1), "threads": lambda k: (1, k),
          "both": lambda k: (4, k // 4)}
 CONSUMERS = ("loop", "dataset_batch32", "batch_size32")
 PEERS = ("torch", "grain", "tf_map")
-PASS_S = 0.5  # ideal time of a timed pass
+PASS_S = 1.0  # ideal time of a timed pass (filling and draining the pipeline count in it)
 TF_MAP_SHARE = 16  # tf.data's map runs a fraction of the items: its threads are the cores
 
 
@@ -66,6 +70,19 @@ def _pass_s(make_iterable) -> float:
 def _ideal_s(n: int, k: int, task_items: int = 1) -> float:
     """A pass's rounds of k tasks in flight, each task_items x SLEEP_S."""
     return -(-n // (task_items * k)) * task_items * SLEEP_S
+
+
+class _BusyCore:
+    """Another process keeps one core busy (a pure-Python loop) while a run
+    is timed: the consumer and the workers then share what is left."""
+
+    def __enter__(self) -> "_BusyCore":
+        self._child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._child.kill()
+        self._child.wait()
 
 
 def _mploader(n: int, processes: int, threads: int, consumer: str, tf) -> float:
@@ -154,9 +171,11 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fewer items (a smoke test)")
     parser.add_argument("--in-flight", default=",".join(map(str, IN_FLIGHT)),
                         help="items in flight, comma-separated")
+    parser.add_argument("--loaded", action="store_true",
+                        help="also run the mploader rows of the most in flight with one core busy")
     args = parser.parse_args()
     import tensorflow as tf
-    rows: list[tuple[int, str, tuple]] = []
+    rows: list[tuple[int, str, tuple, bool]] = []  # (in flight, name, how, one core busy)
     in_flight = [int(k) for k in args.in_flight.split(",")]
     for k in in_flight:
         for mode, shape in MODES.items():
@@ -164,17 +183,21 @@ def main() -> None:
             if mode == "both" and threads == 1:
                 continue  # 4 x 1 is the processes row
             rows += [(k, f"mploader {mode} {processes}x{threads} {consumer}",
-                      ("mploader", processes, threads, consumer)) for consumer in CONSUMERS]
+                      ("mploader", processes, threads, consumer), False) for consumer in CONSUMERS]
         if k == max(in_flight):  # the peers where the difference shows: most in flight
-            rows += [(k, peer, (peer,)) for peer in PEERS if _installed(peer)]
-    runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _ in rows}
+            rows += [(k, peer, (peer,), False) for peer in PEERS if _installed(peer)]
+    if args.loaded:
+        rows += [(k, f"{name}, one core busy", how, True)
+                 for k, name, how, _ in rows if k == max(in_flight) and how[0] == "mploader"]
+    runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _, _ in rows}
     started = time.perf_counter()
     for rep in range(args.reps):
-        for k, name, how in rows:
+        for k, name, how, busy in rows:
             n = max(64, int(args.scale * PASS_S * k / SLEEP_S))
             run_started = time.perf_counter()
-            runs[(k, name)].append(_mploader(n, *how[1:], tf) if how[0] == "mploader"
-                                   else _peer(how[0], n, k, tf))
+            with _BusyCore() if busy else contextlib.nullcontext():
+                runs[(k, name)].append(_mploader(n, *how[1:], tf) if how[0] == "mploader"
+                                       else _peer(how[0], n, k, tf))
             # progress on stderr: where the time went, and the context of a failure
             print(f"(i) rep {rep + 1}/{args.reps}, {k} in flight, {name}, {n} items: "
                   f"{runs[(k, name)][-1]:.2f} in {time.perf_counter() - run_started:.1f} s "
@@ -183,7 +206,7 @@ def main() -> None:
            "rows": [{"in_flight": k, "how": name,
                      "efficiency": statistics.median(runs[(k, name)]),
                      "min": min(runs[(k, name)]), "max": max(runs[(k, name)])}
-                    for k, name, _ in rows]}
+                    for k, name, _, _ in rows]}
     print(json.dumps(out))
 
 

@@ -193,9 +193,9 @@ def many_text(i: dict) -> str:
     lines = [f"(i) many workers for a fn that waits ({i['sleep_s'] * 1000:.0f} ms, "
              f"{i['result_bytes'] >> 10} KiB out): steady rate / ideal (in flight / "
              f"{i['sleep_s']} s), medians of {i['reps']} interleaved runs (min-max)",
-             f"  {'in flight':>9}  {'how (processes x threads, consumed as)':<52}{'efficiency':>22}"]
+             f"  {'in flight':>9}  {'how (processes x threads, consumed as)':<58}{'efficiency':>22}"]
     for row in i["rows"]:
-        lines.append(f"  {row['in_flight']:>9}  {row['how']:<52}"
+        lines.append(f"  {row['in_flight']:>9}  {row['how']:<58}"
                      f"{row['efficiency']:>10.2f} ({row['min']:.2f}-{row['max']:.2f})")
     return "\n".join(lines)
 
@@ -210,10 +210,11 @@ def volume_text(j: dict) -> str:
         return f"(j) large volumes: failed: {j['error']}"
     lines = [f"(j) large volumes: elements/s, x bare serial from_generator (min-max), and peak "
              f"memory (anonymous + shared, parent and workers, above the parent's at the start) "
-             f"in elements, median (max); {j['workers']} workers, medians of {j['reps']} "
-             f"interleaved runs",
+             f"in elements, median (max); over bare: the peak minus bare's, run by run, against "
+             f"the loader's bound ((prefetch + 1) loader elements per worker); {j['workers']} "
+             f"workers, medians of {j['reps']} interleaved runs",
              f"  {'element':<9}{'consumed as':<42}{'elements/s':>11}{'x bare':>20}"
-             f"{'peak elements':>20}"]
+             f"{'peak elements':>20}{'over bare':>18}{'bound':>7}"]
     for size, row in j["sizes"].items():
         for i, (peer, r) in enumerate(row["peers"].items()):
             name = VOLUME_NAMES.get(peer, peer)
@@ -222,9 +223,13 @@ def volume_text(j: dict) -> str:
                 ratio = "-"
             else:
                 ratio = f"{r['x_bare']:.2f} ({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})"
+            over = ("-" if peer == "bare" or "over_bare" not in r
+                    else f"{r['over_bare']:.1f} ({r['over_bare_max']:.1f})")
+            bound = "-" if peer == "bare" or "bound" not in r else f"{r['bound']:.0f}"
             lines.append(f"  {(size + ' MiB') if i == 0 else '':<9}{name:<42}"
                          f"{r['per_s']:>11.2f}{ratio:>20}"
-                         f"{r['peak_elements']:>12.1f} ({r['peak_max']:.1f})")
+                         f"{r['peak_elements']:>12.1f} ({r['peak_max']:.1f})"
+                         f"{over:>18}{bound:>7}")
     return "\n".join(lines)
 
 
@@ -533,7 +538,7 @@ def main() -> int:
         print(consumer_text(results["consumer"]) + "\n", flush=True)
         took("h")
     if "i" in args.sections:
-        results["many"] = run_script("many_bench.py", env, "--reps", str(reps),
+        results["many"] = run_script("many_bench.py", env, "--reps", str(reps), "--loaded",
                                      *(["--scale", "0.05", "--in-flight", "8"] if args.tiny
                                        else []))
         print(many_text(results["many"]) + "\n", flush=True)

@@ -16,7 +16,9 @@ every 10 ms, the anonymous and shared memory (Pss_Anon + Pss_Shmem of
 /proc/PID/smaps_rollup: no page counted twice, libraries not counted) of the
 parent and its workers, and reports the peak above the parent's before the
 first pass, in elements of S MiB.  The workers' own interpreters (tens of MiB
-each) are in that figure.  Prints one JSON line.
+each) are in that figure.  What the loader adds is the peak above bare's (what
+TensorFlow's consumer itself holds: the element it converts, the batch it
+fills, the batch handed out), run by run; its bound is :func:`bound`.  Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -98,6 +100,19 @@ class Peak:
         self.peak = max(self.peak, tree_bytes(os.getpid()))
 
 
+PREFETCH = 2  # MPLoader's default
+
+
+def bound(peer: str, workers: int) -> float:
+    """The loader's bound, in elements, over what the consumer holds: per
+    worker ``prefetch`` results waiting or being written plus the one ``fn``
+    is making, each a loader element (a worker batch of 2 with batch_size2);
+    bare has no workers."""
+    if peer == "bare":
+        return 0.0
+    return (PREFETCH + 1) * workers * (2 if peer == "batch_size2" else 1)
+
+
 def one(mib: int, peer: str, n: int, workers: int, step_s: float) -> dict:
     """One measurement, in this (fresh) interpreter."""
     import tensorflow as tf
@@ -173,6 +188,13 @@ def main() -> None:
             "x_bare_max": max(r["per_s"] / b["per_s"] for r, b in zip(done, bare)),
             "peak_elements": statistics.median(r["peak_elements"] for r in done),
             "peak_max": max(r["peak_elements"] for r in done),
+            # what the loader adds to what TensorFlow's consumer holds (bare's
+            # peak, run by run), against its bound (see BOUND_DOC)
+            "over_bare": statistics.median(r["peak_elements"] - b["peak_elements"]
+                                           for r, b in zip(done, bare)),
+            "over_bare_max": max(r["peak_elements"] - b["peak_elements"]
+                                 for r, b in zip(done, bare)),
+            "bound": bound(peer, args.workers),
         } for peer, done in peers.items()}}
     print(json.dumps(out))
 
