@@ -305,7 +305,7 @@ class SlotWriter:
         the reservation afterwards.  ``appending``: a sample after others of
         the same task (the slot then at least doubles when it grows)."""
         if nbytes > capacity:
-            capacity = self._reserve(slot, nbytes, capacity if appending else 0)
+            capacity = self._reserve(slot, nbytes, capacity, appending)
         if nbytes == 0:  # no array bytes (an mmap of length 0 maps the whole arena)
             return capacity
         region = self._maps[slot]
@@ -316,7 +316,7 @@ class SlotWriter:
         copy_writes(region, writes)
         return capacity
 
-    def _reserve(self, slot: int, nbytes: int, capacity: int) -> int:
+    def _reserve(self, slot: int, nbytes: int, capacity: int, appending: bool) -> int:
         if nbytes > self._stride:
             raise UnsupportedResult(
                 f"the result needs {nbytes} bytes of shared memory, more than a slot "
@@ -324,12 +324,16 @@ class SlotWriter:
                 "loader may use, a quarter of RLIMIT_AS when that is set, shared by "
                 "every slot of every worker); return less per task, or use fewer "
                 "workers or a smaller prefetch")
-        # An eighth of headroom, so results that vary a little in size do not
-        # regrow the slot every time; when appending (the samples of a
-        # generator fn, one after another) at least double, so the slot grows
-        # a few times, not once per sample.
-        size = min(self._stride, max(2 * capacity,
-                                     -(-(nbytes + nbytes // 8) // PAGE_BYTES) * PAGE_BYTES))
+        # A slot's first result reserves what it needs: results of one size
+        # (a volume of fixed shape) then hold no spare pages, and the memory
+        # per slot is the result's.  Growing again means sizes vary: an eighth
+        # of headroom then, so results that vary a little do not regrow the
+        # slot every time; when appending (the samples of a generator fn, one
+        # after another) at least double, so it grows a few times, not once
+        # per sample.
+        needed = nbytes if capacity == 0 else nbytes + nbytes // 8
+        size = min(self._stride, max(2 * capacity if appending else 0,
+                                     -(-needed // PAGE_BYTES) * PAGE_BYTES))
         try:
             os.posix_fallocate(self._fd, HEADER_BYTES + slot * self._stride, size)
         except OSError as exc:

@@ -220,7 +220,7 @@ def test_large_results_and_a_slow_consumer_hold_prefetch_plus_one_per_worker(scr
     """)
     got = report(run_bounded(s, within=90))
     assert got["values"] == list(range(40))
-    slot = 18 * MiB   # a 16 MiB result's slot: an eighth of headroom
+    slot = 16 * MiB   # a 16 MiB result's slot: no headroom for results of one size
     assert got["peak"] <= 2 * (2 + 2) * slot, f"{got['peak'] / MiB} MiB"
     assert_no_worker_left(s.wait_for_pids())
 
@@ -415,3 +415,26 @@ def test_loaders_closed_in_the_middle_of_a_pass_give_every_descriptor_back(scrip
     """))
     got = report(run_bounded(s, within=90))
     assert got["after"] == got["before"], got
+
+
+def test_a_slot_reserves_what_results_of_one_size_need_and_no_more():
+    """A volume of fixed shape costs its bytes per slot: the eighth of
+    headroom that lets varying results fit without regrowing is reserved
+    only once a slot had to grow again (it was always reserved: 18 MiB per
+    16 MiB volume)."""
+    import numpy as np
+
+    from mploader import MPLoader
+
+    def volume(i):
+        return np.full(4 << 20 if i < 6 else 5 << 20, i, np.float32)  # 16, then 20 MiB
+
+    held, values = [], []
+    with MPLoader(volume, range(10), num_workers=1, prefetch=1) as loader:
+        for x in loader:
+            values.append(float(x[0]))
+            if len(values) <= 6:
+                held.append(loader.stats()["shared_memory_bytes"])
+            del x
+    assert values == list(range(10))
+    assert all(h > 0 and h % (16 * MiB) == 0 for h in held), [h / MiB for h in held]
