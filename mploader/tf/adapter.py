@@ -337,8 +337,8 @@ def make_dataset(loader: Any) -> Any:
     # ``from_generator`` alike).  Nothing before the user's own steps has a
     # knob to tune (the workers compute ahead), so autotuning is off; an
     # AUTOTUNE after ``dataset()`` then takes TensorFlow's default (a map's
-    # parallelism: the cores; ``prefetch`` keeps its own buffer tuning), and
-    # ``with_options`` of the user's turns it back on.
+    # parallelism: the cores), and ``with_options`` of the user's turns it
+    # back on.
     options.autotune.enabled = False
     if loader.shard[1] > 1:
         # The loader reads its shard already.  TensorFlow's auto-shard cannot
