@@ -225,7 +225,7 @@ def volume_text(j: dict) -> str:
                 ratio = f"{r['x_bare']:.2f} ({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})"
             over = ("-" if peer == "bare" or "over_bare" not in r
                     else f"{r['over_bare']:.1f} ({r['over_bare_max']:.1f})")
-            bound = "-" if peer == "bare" or "bound" not in r else f"{r['bound']:.0f}"
+            bound = "-" if peer == "bare" or "bound" not in r else f"{r['bound']:.1f}"
             lines.append(f"  {(size + ' MiB') if i == 0 else '':<9}{name:<42}"
                          f"{r['per_s']:>11.2f}{ratio:>20}"
                          f"{r['peak_elements']:>12.1f} ({r['peak_max']:.1f})"

@@ -56,6 +56,12 @@ def make_volume(mib: int):
     return volume, shape
 
 
+def volume_bytes(mib: int) -> int:
+    """The bytes of one volume of ``mib`` MiB (its cube's sides are rounded)."""
+    import numpy as np
+    return int(np.prod(make_volume(mib)[1])) * 4
+
+
 def tree_bytes(pid: int) -> int:
     """Pss_Anon + Pss_Shmem of ``pid`` and its children (the loader's workers)."""
     total = 0
@@ -103,14 +109,21 @@ class Peak:
 PREFETCH = 2  # MPLoader's default
 
 
-def bound(peer: str, workers: int) -> float:
-    """The loader's bound, in elements, over what the consumer holds: per
-    worker ``prefetch`` results waiting or being written plus the one ``fn``
-    is making, each a loader element (a worker batch of 2 with batch_size2);
-    bare has no workers."""
+RUN_AHEAD_BYTES = 64 << 20  # mploader/slots.py
+
+
+def bound(peer: str, workers: int, volume_bytes: int) -> int:
+    """The loader's bound over what the consumer holds, in bytes: per
+    worker, results waiting or being written up to ``max(prefetch x S,
+    64 MiB)`` for results of S bytes (its slot: whole pages; a worker batch
+    of 2 with batch_size2), plus the one ``fn`` is making; bare has no
+    workers."""
     if peer == "bare":
-        return 0.0
-    return (PREFETCH + 1) * workers * (2 if peer == "batch_size2" else 1)
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    per_result = -(-volume_bytes * (2 if peer == "batch_size2" else 1) // page) * page
+    waiting = max(PREFETCH * per_result, RUN_AHEAD_BYTES // per_result * per_result)
+    return workers * (waiting + per_result)
 
 
 def one(mib: int, peer: str, n: int, workers: int, step_s: float) -> dict:
@@ -194,7 +207,7 @@ def main() -> None:
                                            for r, b in zip(done, bare)),
             "over_bare_max": max(r["peak_elements"] - b["peak_elements"]
                                  for r, b in zip(done, bare)),
-            "bound": bound(peer, args.workers),
+            "bound": bound(peer, args.workers, volume_bytes(int(size))) / (int(size) << 20),
         } for peer, done in peers.items()}}
     print(json.dumps(out))
 

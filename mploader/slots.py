@@ -185,14 +185,16 @@ class SlotRing:
         """May this worker take another task?  Slots BUSY are its tasks in
         flight and its results not yet handed out (waiting for an earlier
         item of another worker, or for the consumer).  Up to ``prefetch`` of
-        them always; more only while they hold under ``RUN_AHEAD_BYTES``, so
-        small results let a worker run ahead of a slow item, and large ones
-        bound memory at ``prefetch`` results per worker plus those the
-        consumer holds (and the one fn is making)."""
+        them always; more only while one more result keeps them within
+        ``RUN_AHEAD_BYTES``, so small results let a worker run ahead of a
+        slow item, and what waits per worker is at most
+        ``max(prefetch x S, RUN_AHEAD_BYTES)`` for results of S bytes, plus
+        the one fn is making (the bound how-it-works.md gives)."""
         if len(self._busy) < prefetch:
             return True
         largest = max(self.capacity)  # a slot not written yet: as large as any result so far
-        return sum(self.capacity[slot] or largest for slot in self._busy) < RUN_AHEAD_BYTES
+        held = sum(self.capacity[slot] or largest for slot in self._busy)
+        return held + largest <= RUN_AHEAD_BYTES
 
     def has_free(self) -> bool:
         """A slot that ``acquire`` would give."""

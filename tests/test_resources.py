@@ -438,3 +438,28 @@ def test_a_slot_reserves_what_results_of_one_size_need_and_no_more():
             del x
     assert values == list(range(10))
     assert all(h > 0 and h % (16 * MiB) == 0 for h in held), [h / MiB for h in held]
+
+
+def test_a_worker_runs_ahead_only_while_one_more_result_stays_within_64_MiB():
+    """Volumes of 31 MiB: a worker ahead of a slow item holds ``prefetch`` of
+    them (62 MiB), not a third because 62 MiB is under 64 (the rule counted
+    what its results held, not what the next would add: 93 MiB)."""
+    import time
+
+    import numpy as np
+
+    from mploader import MPLoader
+
+    def volume(i):
+        time.sleep(1.5 if i == 0 else 0)                 # worker 0 holds item 0
+        return np.full((31 << 20) // 4, i, np.float32)   # 31 MiB
+
+    with MPLoader(volume, range(12), num_workers=2, prefetch=2) as loader:
+        it = iter(loader)
+        first = next(it)
+        held = loader.stats()["shared_memory_bytes"]
+        assert float(first[0]) == 0
+        del first
+        assert [float(x[0]) for x in it] == list(range(1, 12))
+    # worker 1: 2 results waiting, and item 0's slot (the old rule: 124 MiB)
+    assert held <= 3 * 31 * MiB, f"{held / MiB} MiB"
