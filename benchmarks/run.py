@@ -211,7 +211,8 @@ def volume_text(j: dict) -> str:
     lines = [f"(j) large volumes: elements/s, x bare serial from_generator (min-max), and peak "
              f"memory (anonymous + shared, parent and workers, above the parent's at the start) "
              f"in elements, median (max); over bare: the peak minus bare's, run by run, against "
-             f"the loader's bound ((prefetch + 1) loader elements per worker); {j['workers']} "
+             f"the loader's bound (per worker, max(prefetch x S, 64 MiB) + S for results of S "
+             f"bytes); {j['workers']} "
              f"workers, medians of {j['reps']} interleaved runs",
              f"  {'element':<9}{'consumed as':<42}{'elements/s':>11}{'x bare':>20}"
              f"{'peak elements':>20}{'over bare':>18}{'bound':>7}"]
