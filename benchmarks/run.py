@@ -9,7 +9,7 @@ namespace with loopback alone; skipped without Ray).  A script's failure is
 an error in its section, with its exception, signal or timeout.
 
 Prints a table per section, writes results.json, results.md and results.png
-to benchmarks/results/ (or --out), and records the machine and the seconds
+to benchmarks/results/ (or --out; ``--tiny`` to a temporary folder), and records the machine and the seconds
 each section took.  ``--tiny`` runs every section on a few items once, so a
 test can keep this script working.
 """
@@ -471,12 +471,15 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a few items, once: a smoke test")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--out", help="where results go: benchmarks/results/, or for --tiny "
+                        "a temporary folder (a smoke test never replaces the committed results)")
     parser.add_argument("--sections", default="abcdefghijk")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: rebuild ratios, results.md and the plot from results.json")
     args = parser.parse_args()
     reps = 1 if args.tiny else args.reps
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="mploader-bench-") if args.tiny else HERE / "results"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
