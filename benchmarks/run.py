@@ -187,6 +187,11 @@ def failure(returncode: int, stderr: str) -> str:
     return f"{how}: {cause[:400]}" if cause else how
 
 
+def spread(row: dict, key: str, unit: str = "") -> str:
+    """A ratio as the tables print it: median (min-max), run by run."""
+    return f"{row[key]:.2f}{unit} ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})"
+
+
 def many_text(i: dict) -> str:
     if "error" in i:
         return f"(i) many workers for a fn that waits: failed: {i['error']}"
@@ -223,7 +228,7 @@ def volume_text(j: dict) -> str:
                 name = f"dataset().batch(2), consumer {row['slow_step_s']:.2f} s/batch"
                 ratio = "-"
             else:
-                ratio = f"{r['x_bare']:.2f} ({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})"
+                ratio = spread(r, "x_bare")
             over = ("-" if peer == "bare" or "over_bare" not in r
                     else f"{r['over_bare']:.1f} ({r['over_bare_max']:.1f})")
             bound = "-" if peer == "bare" or "bound" not in r else f"{r['bound']:.1f}"
@@ -253,9 +258,8 @@ def ray_text(k: dict) -> str:
              f"  {'workers':>7}  {'peer':<42}{'items/s':>9}{'x bare':>20}{'x local':>20}"]
     for workers, rows in k["workers"].items():
         for i, (peer, r) in enumerate(rows.items()):
-            bare = f"{r['x_bare']:.2f} ({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})"
-            local = (f"{r['x_local']:.2f} ({r['x_local_min']:.2f}-{r['x_local_max']:.2f})"
-                     if "x_local" in r else "")
+            bare = spread(r, "x_bare")
+            local = spread(r, "x_local") if "x_local" in r else ""
             lines.append(f"  {workers if i == 0 else '':>7}  {RAY_NAMES.get(peer, peer):<42}"
                          f"{r['per_s']:>9.1f}{bare:>20}{local:>20}".rstrip())
     return "\n".join(lines)
@@ -302,8 +306,7 @@ def consumer_text(h: dict) -> str:
         cells = []
         for element in elements:
             r = h["elements"][element][peer]
-            cells.append(f"{r['per_s']:.0f} ({r['cpu_ms']:.3f} ms) {r['x_bare']:.2f}x "
-                         f"({r['x_bare_min']:.2f}-{r['x_bare_max']:.2f})")
+            cells.append(f"{r['per_s']:.0f} ({r['cpu_ms']:.3f} ms) {spread(r, 'x_bare', 'x')}")
         lines.append(f"  {name:<40}" + "".join(f"{c:>40}" for c in cells))
     per_call = [h["elements"][e]["dataset_batch32"].get("per_call") for e in elements]
     if None not in per_call:
@@ -398,9 +401,8 @@ def table(name: str, section: dict, bytes_per_item: int | None) -> str:
             lines.append(f"  {peer:<22}skipped: {row.get('skipped') or row.get('error')}")
             continue
         best = f"{row['x_best_peer']:.2f}" if row.get("x_best_peer") else "-"
-        base = f"{row['x_baseline']:.2f} ({row['x_baseline_min']:.2f}-{row['x_baseline_max']:.2f})"
-        ceil = (f"{row['x_ceiling']:.2f} ({row['x_ceiling_min']:.2f}-{row['x_ceiling_max']:.2f})"
-                if ceiling else "")
+        base = spread(row, "x_baseline")
+        ceil = spread(row, "x_ceiling") if ceiling else ""
         gbs = (f"{row['steady_items_per_s'] * bytes_per_item / 1e9:8.2f}" if bytes_per_item else "")
         lines.append(f"  {peer:<22}{row['first_element_s']:9.3f}{row['steady_items_per_s']:13.1f}"
                      f"{row['overall_items_per_s']:14.1f}{base:>28}{best:>13}"
