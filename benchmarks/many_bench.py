@@ -19,18 +19,19 @@ its steady rate over that ideal.  For K = 4, 16, 64 items in flight:
 
 Each run makes its loader, runs one whole pass untimed (the workers start,
 TensorFlow traces), then times a second pass from its first request to its
-last element (not the iterator's end: see workloads.consume), so filling the pipeline counts; the ideal time of a pass is its rounds
-of in-flight tasks (a worker batch runs its 32 items one after another on
-one thread).  Grain starts new worker processes every pass, so its rate is
-taken from its first element to its last instead (which favours it).  Runs
-alternate, repetition by repetition, so the machine's drift hits them alike;
-medians.  Prints one JSON line, and a line per run on stderr (its time).
+last element (not the iterator's end: see workloads.consume), so filling the
+pipeline counts; the ideal time of a pass is its rounds of in-flight tasks (a
+worker batch runs its 32 items one after another on one thread). Grain starts
+new worker processes every pass, so its rate is taken from its first element
+to its last instead (which favours it). Runs alternate, repetition by
+repetition, so the machine's drift hits them alike; medians. Prints one JSON
+line, and a line per run on stderr (its time).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import statistics
 import subprocess
 import sys

@@ -8,10 +8,10 @@ workloads through peers (SECTIONS); the others are scripts of their own:
 namespace with loopback alone; skipped without Ray).  A script's failure is
 an error in its section, with its exception, signal or timeout.
 
-Prints a table per section, writes results.json, results.md and results.png
-to benchmarks/results/ (or --out; ``--tiny`` to a temporary folder), and records the machine and the seconds
-each section took.  ``--tiny`` runs every section on a few items once, so a
-test can keep this script working.
+Prints a table per section, writes results.json, results.md and results.png to
+benchmarks/results/ (or --out; ``--tiny`` to a temporary folder), and records
+the machine and the seconds each section took. ``--tiny`` runs every section
+on a few items once, so a test can keep this script working.
 """
 from __future__ import annotations
 
@@ -198,7 +198,8 @@ def many_text(i: dict) -> str:
     lines = [f"(i) many workers for a fn that waits ({i['sleep_s'] * 1000:.0f} ms, "
              f"{i['result_bytes'] >> 10} KiB out): steady rate / ideal (in flight / "
              f"{i['sleep_s']} s), medians of {i['reps']} interleaved runs (min-max)",
-             f"  {'in flight':>9}  {'how (processes x threads, consumed as)':<58}{'efficiency':>22}"]
+             f"  {'in flight':>9}  {'how (processes x threads, consumed as)':<58}"
+             f"{'efficiency':>22}"]
     for row in i["rows"]:
         lines.append(f"  {row['in_flight']:>9}  {row['how']:<58}"
                      f"{row['efficiency']:>10.2f} ({row['min']:.2f}-{row['max']:.2f})")

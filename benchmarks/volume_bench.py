@@ -11,14 +11,15 @@ what is timed is the hand-off of large results, not their making.  Peers:
 
 Each measurement runs in a fresh interpreter (``--one``), so no allocator keeps
 memory of an earlier one; peers alternate repetition by repetition.  Rate:
-elements/s from the first element to the last (workloads.consume).  Peak memory: a thread samples,
-every 10 ms, the anonymous and shared memory (Pss_Anon + Pss_Shmem of
+elements/s from the first element to the last (workloads.consume).  Peak
+memory: a thread samples, every 10 ms, the anonymous and shared memory (Pss_Anon + Pss_Shmem of
 /proc/PID/smaps_rollup: no page counted twice, libraries not counted) of the
 parent and its workers, and reports the peak above the parent's before the
 first pass, in elements of S MiB.  The workers' own interpreters (tens of MiB
 each) are in that figure.  What the loader adds is the peak above bare's (what
 TensorFlow's consumer itself holds: the element it converts, the batch it
-fills, the batch handed out), run by run; its bound is :func:`bound`.  Prints one JSON line.
+fills, the batch handed out), run by run; its bound is :func:`bound`.  Prints
+one JSON line.
 """
 from __future__ import annotations
 
@@ -106,23 +107,21 @@ class Peak:
         self.peak = max(self.peak, tree_bytes(os.getpid()))
 
 
-PREFETCH = 2  # MPLoader's default
-
-
-RUN_AHEAD_BYTES = 64 << 20  # mploader/slots.py
-
-
 def bound(peer: str, workers: int, volume_bytes: int) -> int:
     """The loader's bound over what the consumer holds, in bytes: per
     worker, results waiting or being written up to ``max(prefetch x S,
     64 MiB)`` for results of S bytes (its slot: whole pages; a worker batch
     of 2 with batch_size2), plus the one ``fn`` is making; bare has no
     workers."""
+    import inspect
+
+    from mploader import MPLoader
+    from mploader.slots import PAGE_BYTES, RUN_AHEAD_BYTES
     if peer == "bare":
         return 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    per_result = -(-volume_bytes * (2 if peer == "batch_size2" else 1) // page) * page
-    waiting = max(PREFETCH * per_result, RUN_AHEAD_BYTES // per_result * per_result)
+    prefetch = inspect.signature(MPLoader).parameters["prefetch"].default  # what the peers use
+    per_result = -(-volume_bytes * (2 if peer == "batch_size2" else 1) // PAGE_BYTES) * PAGE_BYTES
+    waiting = max(prefetch * per_result, RUN_AHEAD_BYTES // per_result * per_result)
     return workers * (waiting + per_result)
 
 
@@ -155,7 +154,8 @@ def one(mib: int, peer: str, n: int, workers: int, step_s: float) -> dict:
         timed = consume(ds, step)
     if loader is not None:
         loader.close()
-    return {"per_s": timed.after_first / (timed.last - timed.first), "peak_elements": (peak.peak - start) / (mib << 20)}
+    return {"per_s": timed.after_first / (timed.last - timed.first),
+            "peak_elements": (peak.peak - start) / (mib << 20)}
 
 
 def main() -> None:
