@@ -18,6 +18,11 @@ breaks it fails alone, named with the leaf, and the others are batched
 (under ``on_error="skip"`` the batch comes out without it); the layout the
 batch keeps is the one most of its items have.
 
+Through ``loader.dataset()``, large elements of one fixed signature come in
+*groups* (tf/grouping.py): the worker writes each item's result into its row
+of one column per leaf (:class:`GroupLayout`), laid out before the first
+item from the signature, so every value has exactly the signature's dtype.
+
 A CPU ``torch.Tensor`` leaf (MONAI's ``MetaTensor`` too, its metadata left
 behind) is taken as the numpy array over its memory, same dtype and shape;
 torch is never imported here, only recognised when the worker has it.
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,23 +185,84 @@ def pack_items(results: list[Any], base: int = 0) -> tuple[tuple[Any, ...], list
 
     def leaf(value: Any, path: tuple) -> Any:
         nonlocal end
-        value = _from_torch(value, path, torch)
+        value = _sendable(value, path, torch)
         if isinstance(value, np.ndarray):
-            _check_array(value, path)
             offset = _aligned(end)
             writes.append((offset, value))
             end = offset + value.nbytes
             return ArrayRef(offset, value.shape, value.dtype)
-        if isinstance(value, _SCALARS + _STRINGS):
-            return value
-        raise _unsupported(value, path)
+        return value
 
     trees = tuple(map_nest(leaf, result) for result in results)
     return trees, writes, end
 
 
+def _sendable(value: Any, path: tuple, torch: Any) -> Any:
+    """A leaf as an unbatched result sends it: an array (a tensor as its
+    array), or a scalar or string as it is; anything else is an error naming it."""
+    value = _from_torch(value, path, torch)
+    if isinstance(value, np.ndarray):
+        _check_array(value, path)
+        return value
+    if isinstance(value, _SCALARS + _STRINGS):
+        return value
+    raise _unsupported(value, path)
+
+
+class GroupLayout:
+    """The slot of a *group*: consecutive items of one fixed signature, each
+    leaf a column of ``count`` rows, columns one after another (64-byte
+    aligned), so the consumer takes rows ``[i:j]`` of every column as one
+    array each, without a copy (tf/grouping.py).
+
+    ``spec`` is the signature as a nest of tf/signature.Leaf, every leaf a
+    fixed shape and number dtype.  Each item's result goes into its row as
+    soon as fn returns it (:meth:`row`), as an unbatched result does, so a
+    fn that fills and returns one buffer every time gives each item its own
+    values.
+    """
+
+    def __init__(self, spec: Any, count: int) -> None:
+        self._spec = spec
+        self._columns: list[tuple[tuple, int, int, np.dtype]] = []  # path, offset, row bytes, dtype
+        end = 0
+
+        def column(leaf: Any, path: tuple) -> None:
+            nonlocal end
+            offset = _aligned(end)
+            size = leaf.dtype.itemsize * int(np.prod(leaf.shape, dtype=np.int64))
+            self._columns.append((path, offset, size, leaf.dtype))
+            end = offset + count * size
+
+        map_nest(column, spec)
+        self._offsets = {path: offset for path, offset, _, _ in self._columns}
+        self.nbytes = end
+
+    def row(self, result: Any, row: int, check: Callable[[Any], None]) -> list[Write]:
+        """The writes that put ``result`` into ``row``.  Its leaves are read as
+        an unbatched result's (UnsupportedResult else), then ``check`` sees
+        them as the consumer would (it raises SignatureMismatch), so each
+        value written has exactly the signature's dtype and shape: a
+        Python number takes the dtype the check found it fits."""
+        torch = sys.modules.get("torch")
+        sent = map_nest(lambda value, path: _sendable(value, path, torch), result)
+        check(sent)
+        return [(offset + row * size, np.asarray(at(sent, path), dtype))
+                for path, offset, size, dtype in self._columns]
+
+    def tree(self, rows: int) -> Any:
+        """The group's first ``rows`` rows, as the Result's tree."""
+        return map_nest(lambda leaf, path: ArrayRef(self._offsets[path], (rows, *leaf.shape),
+                                                    leaf.dtype), self._spec)
+
+
 def _from_torch(value: Any, path: tuple, torch: Any) -> Any:
-    """A CPU ``torch.Tensor`` leaf as the numpy array over its memory (no copy,
+    """Through ``loader.dataset()``, large elements of one fixed signature come in
+*groups* (tf/grouping.py): the worker writes each item's result into its row
+of one column per leaf (:class:`GroupLayout`), laid out before the first
+item from the signature, so every value has exactly the signature's dtype.
+
+A CPU ``torch.Tensor`` leaf as the numpy array over its memory (no copy,
     no cast; a subclass such as MONAI's ``MetaTensor`` as a plain tensor, its
     metadata left behind); any other value unchanged.  A tensor numpy cannot
     hold as it is (on a device, sparse or nested, bfloat16) is an error naming

@@ -74,6 +74,7 @@ class Task:
     ends: tuple[int, ...]
     keys: tuple[bytes, ...] = ()  # with prepare: each item's cache key (cache/index.py)
     cached: tuple[Any, ...] = ()  # shared-memory cache: each item's entry place, or None
+    group: bytes = b""            # items of a group: the pickled tf/grouping.GroupSpec
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ class Result:
 
     ``tree`` holds the results with every array replaced by a
     ``layout.ArrayRef`` into ``slot``: one stacked nest with ``batch_size``,
-    else a tuple with one nest per item; it is ``None`` when every item failed.
+    the columns of a group (``Task.group``), else a tuple with one nest per
+    item; it is ``None`` when every item failed.
     ``indices`` are the source indices the tree holds, in order (a task with
     failed items holds fewer than it had).  ``capacity`` is the slot's
     reserved size in bytes after the worker grew it; ``nbytes`` what this

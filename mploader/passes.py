@@ -13,7 +13,9 @@ short epoch).  The abandoned pass's tasks still finish in the workers (at most
 task key and dropped, so no stale item reaches the new pass.
 
 Tasks are chunks of consecutive source items: ``batch_size`` items with
-batching, else one item, or several when items are tiny.  Each task costs a
+batching, a group's through ``dataset()`` for large elements
+(tf/grouping.py: each item then comes out as a :class:`Row` of its group),
+else one item, or several when items are tiny.  Each task costs a
 message each way, so when the workers report under ``_TARGET_TASK_S`` of work
 per item and small results, the pass grows its chunks (up to
 ``_MAX_CHUNK_ITEMS`` items and ``_MAX_TASK_BYTES`` of pickled items) to spend
@@ -42,14 +44,15 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import interrupts
 from .bottleneck import PassClock
 from .cache.index import Cache
 from .epochs import Progress, Record
 from .errors import (ItemNotPicklable, MPLoaderError, PaddingDoesNotFit, PassAbandoned,
-                     WorkerDied, WorkerError, WorkerTimeout, not_the_owner, short_repr)
+                     SignatureMismatch, WorkerDied, WorkerError, WorkerTimeout, not_the_owner,
+                     short_repr)
 from .messages import Failure, ItemEncoder, Result, Task
 from .backend import Backend, Delivered, Died
 
@@ -78,6 +81,14 @@ class Chunk:
     solo: bool = False            # a suspect of a death: runs alone on its worker
 
 
+class Row(NamedTuple):
+    """One item's value in a group (tf/grouping.py): row ``row`` of every
+    leaf of ``group``, the group's arrays; ``last``: its last row."""
+    group: Any
+    row: int
+    last: bool
+
+
 @dataclass(frozen=True)
 class Options:
     """The loader options a pass needs."""
@@ -89,6 +100,8 @@ class Options:
     batch_size: int | None
     drop_remainder: bool
     samples: bool = False         # fn yields several samples per item (a generator)
+    group_items: int = 0          # items per group (tf/grouping.py); 0: no groups
+    group_spec: bytes = b""       # the pickled tf/grouping.GroupSpec the workers lay them out by
 
     @property
     def stacked(self) -> bool:
@@ -134,7 +147,9 @@ class Feed:
         self._epoch = epoch
         self._opt = options
         self._cache = cache
-        self._chunk_items = options.batch_size if options.stacked else 1  # grows if tiny
+        # A batch or a group per task; else one item, more if tiny (learn).
+        self._chunk_items = (options.batch_size if options.stacked
+                             else options.group_items or 1)
         # Moving averages of worker time and bytes per item; the time starts
         # high, so chunks grow only after several quick items in a row.
         self._item_s = 4 * _TARGET_TASK_S
@@ -201,7 +216,8 @@ class Feed:
         """The message that sends ``chunk`` to a worker, its result into ``slot``."""
         return Task((self._pass_id, chunk.seq), slot, capacity, self._epoch, chunk.indices,
                     chunk.encoded, chunk.ends, chunk.keys,
-                    self._cache.lookup(chunk.keys) if self._cache is not None else ())
+                    self._cache.lookup(chunk.keys) if self._cache is not None else (),
+                    self._opt.group_spec)
 
     def learn(self, delivered: Delivered) -> None:
         """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
@@ -343,6 +359,12 @@ class Reorder:
             values = [((math.inf, 0), result.indices[0], chunk.steps + chunk.dropped, batch,
                        None)]
             failures = [((-1, 0), index, (), f, None) for _, index, _, f, _ in failures]
+        elif self._opt.group_items:  # a group laid out by the worker: a row per item
+            group = delivered.open(result.tree)
+            last = len(result.indices) - 1
+            values = [((step_of[index], 0), index, (step_of[index],),
+                       Row(group, row, row == last), None)
+                      for row, index in enumerate(result.indices)]
         elif len(result.tree) == 1 and len(result.indices) == 1 and not failures:  # views
             step = step_of[result.indices[0]]
             value = delivered.open(result.tree[0])
@@ -462,7 +484,8 @@ class Pass(Iterator[Any]):
                 return self._next_locked(wait)
         except BaseException as exc:
             self._finished = True
-            if (not isinstance(exc, (StopIteration, WorkerError, PassAbandoned))
+            if (not isinstance(exc, (StopIteration, WorkerError, PassAbandoned,
+                                     SignatureMismatch))
                     and exc is not self._feed.error):
                 # A dead worker, a Ctrl-C, an error in the source: the pool's
                 # state is not trusted any more.  Stop it now; the loader
@@ -580,6 +603,8 @@ class Pass(Iterator[Any]):
             return (outcome,)
 
     def _report(self, worker_id: int, failure: Failure) -> None:
+        if failure.exc_type == _MISMATCH:  # a group's item the consumer would reject
+            raise SignatureMismatch(failure.message)
         if self._opt.on_error == "raise" or failure.exc_type == _SETTINGS_ERROR:
             raise WorkerError(failure.exc_type, failure.message, failure.traceback,
                               worker_id, failure.index, failure.item, failure.sample)
@@ -601,7 +626,7 @@ class Pass(Iterator[Any]):
             return
         self._order.add(key[1], delivered)
         self._recovery.result_arrived()
-        if not self._opt.stacked:
+        if not (self._opt.stacked or self._opt.group_items):
             self._feed.learn(delivered)
 
     # -- deaths and timeouts ------------------------------------------------------------
@@ -800,6 +825,7 @@ class _Death:
 
 # A failure that says the loader's settings do not fit (layout.py): raised even under "skip".
 _SETTINGS_ERROR = f"{PaddingDoesNotFit.__module__}.{PaddingDoesNotFit.__qualname__}"
+_MISMATCH = f"{SignatureMismatch.__module__}.{SignatureMismatch.__qualname__}"
 NOT_READY = object()  # next_if_ready(): no value without waiting
 
 

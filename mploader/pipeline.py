@@ -152,22 +152,28 @@ class Pipeline:
             self._reports.append(one_pass.clock.report())
             del self._reports[:-_REPORTS_KEPT]
 
-    def iterate(self, route_interrupts: bool = False) -> Any:
+    def iterate(self, route_interrupts: bool = False, options: Options | None = None) -> Any:
         """A new pass, the next epoch's (or a restored one's rest);
         ``route_interrupts`` for a pass that runs on TensorFlow's threads (see
-        interrupts.py), never for the user's own threads."""
+        interrupts.py), never for the user's own threads; ``options``: the
+        loader's, or the adapter's variant of them."""
+        options = options or self.options
         with self.lock:
             self.ensure_pool()
             plan = self.next_plan()
             progress = self.new_progress(plan)
-            one_pass = self._start(plan.read(self.source), plan.epoch, self.options,
+            one_pass = self._start(plan.read(self.source), plan.epoch, options,
                                    progress, route_interrupts)
             self.epochs.begin(plan, progress, lambda: one_pass.running)
-            return self._batched(one_pass, self.options)
+            return self._batched(one_pass, options)
 
-    def start_pass(self) -> Any:
-        """A new pass driven from TensorFlow's threads (Ctrl-C routed): the adapter's."""
-        return self.iterate(route_interrupts=True)
+    def start_pass(self, group_items: int = 0, group_spec: bytes = b"") -> Any:
+        """A new pass driven from TensorFlow's threads (Ctrl-C routed): the
+        adapter's; ``group_items`` > 0: its items come in groups of that many,
+        laid out by ``group_spec`` (tf/grouping.py)."""
+        options = dataclasses.replace(self.options, group_items=group_items,
+                                      group_spec=group_spec)
+        return self.iterate(route_interrupts=True, options=options)
 
     def _batched(self, one_pass: Pass, options: Options) -> Any:
         """The pass itself, or its samples in batches (stacked in the parent)."""

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import inspect
 import json
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -32,13 +34,14 @@ from types import TracebackType
 from typing import Any, Callable
 
 from .cache.stores import DirectoryStore, SharedMemoryStore
-from .errors import ResultNotCacheable, UnsupportedResult, short_repr
-from .layout import pack_batch, pack_items
+from .errors import ResultNotCacheable, SignatureMismatch, UnsupportedResult, short_repr
+from .layout import GroupLayout, pack_batch, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
                        item_bytes, read_frame, write_frame)
 from .random_state import WorkerRandomness
 from .shipping import land
 from .slots import IDLE, PACKING, SlotWriter
+from .tf.signature import SignatureCheck
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -105,9 +108,13 @@ class _TaskRunner:
         self._slots = slots
         self._status = slots.status(row)  # this thread's row of the status page
         self._cpu_origin = cpu_origin  # the process's CPU time when it was ready
+        self._checks: dict[bytes, SignatureCheck] = {}  # Task.group -> its check
 
     def run(self, task: Task) -> Result:
-        result = self._run_batched(task) if self._stack else self._run_items(task)
+        if task.group:
+            result = self._run_grouped(task)
+        else:
+            result = self._run_batched(task) if self._stack else self._run_items(task)
         cpu_s = time.process_time() - self._cpu_origin  # stats(): computing, or waiting?
         if self._store is not None:
             return dataclasses.replace(result, cache=self._store.report(), cpu_s=cpu_s,
@@ -172,10 +179,7 @@ class _TaskRunner:
                 with self._random.item(task.epoch, index):
                     value = self._fn(given)
                     if not self._samples and inspect.isgenerator(value):
-                        raise UnsupportedResult(
-                            "fn returned a generator but is not a generator function; "
-                            "pass samples_per_item to MPLoader for a fn that gives "
-                            "several samples per item")
+                        raise UnsupportedResult(_NOT_A_GENERATOR_FN)
                     for sample in value if inspect.isgenerator(value) else (value,):
                         if count == want:
                             raise ValueError(f"fn yields more than samples_per_item={want} "
@@ -198,6 +202,44 @@ class _TaskRunner:
                       tree=tuple(trees) if trees else None, indices=tuple(done),
                       failures=tuple(failures), busy_s=time.perf_counter() - start,
                       samples=tuple(counts) if any(c != 1 for c in counts) else ())
+
+    def _run_grouped(self, task: Task) -> Result:
+        """The items of a group (tf/grouping.py): each result checked against
+        the dataset's signature here, as the consumer checks one element,
+        and written into its row at once (layout.GroupLayout).  A failed item
+        takes no row; a result that does not fit the signature ends the
+        group, since the pass ends there (SignatureMismatch)."""
+        start = time.perf_counter()
+        check = self._checks.get(task.group)
+        if check is None:
+            spec = pickle.loads(task.group)
+            check = self._checks[task.group] = SignatureCheck(spec.leaves, spec.origin)
+        layout = GroupLayout(check.spec, len(task.indices))
+        capacity = self._slots.write(task.slot, task.capacity, [], layout.nbytes)
+        done: list[int] = []
+        failures: list[Failure] = []
+        for position, index in enumerate(task.indices):
+            self._status.set(task.key, index, time.monotonic_ns())
+            item = _UNKNOWN_ITEM
+            try:
+                item = decode_item(task, position)
+                given = self._input(task, position, index, item)
+                with self._random.item(task.epoch, index):
+                    value = self._fn(given)
+                if inspect.isgenerator(value):
+                    raise UnsupportedResult(_NOT_A_GENERATOR_FN)
+                writes = layout.row(value, len(done), functools.partial(check.check, index=index))
+            except SignatureMismatch as exc:
+                failures.append(_failure(exc, index, item))
+                break
+            except Exception as exc:  # noqa: BLE001 - reported to the consumer
+                failures.append(self._failed(exc, index, item))
+                continue
+            self._slots.write(task.slot, capacity, writes, layout.nbytes)
+            done.append(index)
+        return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=layout.nbytes,
+                      tree=layout.tree(len(done)) if done else None, indices=tuple(done),
+                      failures=tuple(failures), busy_s=time.perf_counter() - start)
 
     def _run_batched(self, task: Task) -> Result:
         start = time.perf_counter()
@@ -240,6 +282,11 @@ class _TaskRunner:
         return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=nbytes, tree=tree,
                       indices=tuple(done), failures=tuple(failures),
                       busy_s=time.perf_counter() - start)
+
+
+_NOT_A_GENERATOR_FN = ("fn returned a generator but is not a generator function; pass "
+                       "samples_per_item to MPLoader for a fn that gives several samples "
+                       "per item")
 
 
 class _PrepareFailed(Exception):

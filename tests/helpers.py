@@ -126,3 +126,42 @@ def float8_leaf(x: int) -> np.ndarray:
     """A dtype numpy knows through ml_dtypes (TensorFlow's float8) that unbatch cannot take."""
     import ml_dtypes
     return np.full(2, x % 8, ml_dtypes.float8_e4m3fn)
+
+
+def large_record(x: int) -> dict:
+    """A large fixed-shape element (through dataset(), grouped by the
+    workers); Python scalars beside the array, item 7 fails."""
+    if x == 7:
+        raise ValueError(f"bad item {x}")
+    return {"image": np.full((128, 128, 4), x, np.float32), "label": (x % 3, x % 2 == 0)}
+
+
+def large_float64_on_11(x: int) -> np.ndarray:
+    """A 256 KiB float32 element, but float64 for item 11 (a file of another dtype)."""
+    return np.full((64, 1024), x, np.float64 if x == 11 else np.float32)
+
+
+def large_odd_leaf_on_5(x: int) -> tuple:
+    """Item 5's label is an object nothing can send."""
+    return np.full((256, 256), x, np.float32), (object() if x == 5 else x)
+
+
+_BUFFER = np.zeros((256, 256), np.float32)
+
+
+def large_one_buffer(x: int) -> np.ndarray:
+    """Fills and returns the same buffer every time (a preallocated output)."""
+    _BUFFER.fill(x)
+    return _BUFFER
+
+
+def large_kill_once(path: str):
+    """Returns fn: the first call for item 13 kills its worker, later ones do not."""
+    def fn(x: int) -> np.ndarray:
+        import os
+        import signal
+        if x == 13 and not os.path.exists(path):
+            open(path, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return np.full((256, 256), x, np.float32)
+    return fn

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import pickle
 import sys
 import threading
 import time
@@ -22,9 +23,9 @@ from .. import pool as pool_module
 from ..errors import MPLoaderError, PassAbandoned, SignatureMismatch
 from ..layout import Padding
 from ..nest import map_nest, path_text
-from ..passes import NOT_READY
-from .grouping import (PASS_TAGS, SURELY_TAKEN_AFTER_CALLS, TAG_SHIFT, Deferred,
-                       chunk_elements, stack)
+from ..passes import NOT_READY, Row
+from .grouping import (PASS_TAGS, SURELY_TAKEN_AFTER_CALLS, TAG_SHIFT, Deferred, GroupSpec,
+                       elements_per_call, stack)
 from .signature import Leaf, SignatureCheck
 
 
@@ -90,7 +91,8 @@ def _leaves(spec: Any) -> Any:
 class _Stream:
     """What one dataset remembers between calls of its generator function.
 
-    Each call gives one element, or a chunk of small ones (grouping.py).
+    Each call gives one element, or a chunk of small ones, or rows of a
+    group of large ones (grouping.py).
 
     A pass that ended on Ctrl-C ends the element stream *normally*: TensorFlow
     returns end-of-sequence to the main thread, which then runs Python's own
@@ -107,13 +109,15 @@ class _Stream:
     """
 
     def __init__(self, loader: Any, expected: int | None, check: SignatureCheck,
-                 leaves: Any, per_call: int, read_tag: Callable[[], int] | None) -> None:
+                 leaves: Any, per_call: int, read_tag: Callable[[], int] | None,
+                 group: bytes = b"") -> None:
         self.loader = loader
         self.expected = expected
         self.check = check
         self.leaves = leaves            # the signature as Leaf specs
         self.per_call = per_call        # elements per call at most (grouping.py)
         self.read_tag = read_tag        # the tag of the element last taken; None: untagged
+        self.group = group              # the pickled GroupSpec: workers group per_call items
         self.passes = 0                 # passes started, to tag their elements
         self.end_next_call = False      # the last pass ended this repetition early
         self.short: str | None = None   # a pass ended early without an interrupt
@@ -128,7 +132,8 @@ class _Stream:
             raise RuntimeError(self.short)
         rest = self.loader.pipeline.pending_elements()  # a restored epoch: its rest only
         expected = self.expected if rest is None or self.expected is None else rest
-        one_pass = self.loader.pipeline.start_pass()
+        one_pass = self.loader.pipeline.start_pass(self.per_call if self.group else 0,
+                                                   self.group)
         stats = self.loader.pipeline.stats
         count = 0
         try:
@@ -181,8 +186,8 @@ class _Stream:
         while True:
             try:
                 element, record = one_pass.take(wait=not elements)
-                if element is not NOT_READY:
-                    self.check.check(element, one_pass.last_index)
+                if element is not NOT_READY and type(element) is not Row:  # rows: checked
+                    self.check.check(element, one_pass.last_index)        # by their worker
             except StopIteration:
                 break
             except BaseException:
@@ -195,7 +200,8 @@ class _Stream:
                 number += 1
                 elements.append(element)
                 entries.append((number, record))
-            if elements and (element is NOT_READY or len(elements) == self.per_call):
+            if elements and (element is NOT_READY or len(elements) == self.per_call
+                             or type(element) is Row and element.last):
                 deferred.add(entries)
                 yield number, elements
                 elements, entries = [], []
@@ -208,10 +214,16 @@ class _Stream:
             yield number, elements
 
     def _tagged(self, number: int, elements: list) -> tuple[np.ndarray, Any]:
-        """What one call gives TensorFlow: (tags, the elements stacked)."""
+        """What one call gives TensorFlow: (tags, the elements stacked); rows
+        of a group (consecutive: a call ends at its group's last) as slices
+        of its arrays, no copy."""
         last = (self.passes << TAG_SHIFT) + number
-        return (np.arange(last - len(elements) + 1, last + 1, dtype=np.int64),
-                stack(elements, self.leaves))
+        tags = np.arange(last - len(elements) + 1, last + 1, dtype=np.int64)
+        if type(elements[0]) is Row:
+            first, count = elements[0].row, len(elements)
+            return tags, map_nest(lambda column, _: column[first:first + count],
+                                  elements[0].group)
+        return tags, stack(elements, self.leaves)
 
 
 def _for_tensorflow(exc: BaseException) -> BaseException:
@@ -302,7 +314,7 @@ def make_dataset(loader: Any) -> Any:
         count = None  # skips make a pass shorter than len()
     leaves = _leaves(signature)
     check = SignatureCheck(leaves, origin)
-    per_call = _elements_per_call(loader, signature, leaves, tf)
+    per_call, grouped = _elements_per_call(loader, signature, leaves, tf)
     if per_call == 1:
         stream = _Stream(loader, count, check, leaves, 1, None)
         dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=signature)
@@ -311,7 +323,8 @@ def make_dataset(loader: Any) -> Any:
             last_taken = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="mploader_last_taken")
         stream = _Stream(loader, count, check, leaves, per_call,
-                         lambda: int(last_taken.numpy()))
+                         lambda: int(last_taken.numpy()),
+                         pickle.dumps(GroupSpec(leaves, origin)) if grouped else b"")
 
         def taken(tag: Any, element: Any) -> Any:
             with tf.control_dependencies([last_taken.assign(tag, read_value=False)]):
@@ -352,18 +365,23 @@ def make_dataset(loader: Any) -> Any:
     return dataset
 
 
-def _elements_per_call(loader: Any, signature: Any, leaves: Any, tf: Any) -> int:
-    """Elements per generator call (grouping.py): several only for small
-    fixed-shape elements one at a time (batches are groups already), in a
-    signature of plain tuples and dicts, and where the variable that tracks
-    what the consumer took is an ordinary one (not inside ``tf.function``,
-    nor in a distribution strategy's scope, which would make it a
-    distributed one)."""
+def _elements_per_call(loader: Any, signature: Any, leaves: Any, tf: Any
+                       ) -> tuple[int, bool]:
+    """(elements per generator call, whether the workers group them)
+    (grouping.py): several only for fixed-shape elements one at a time
+    (batches are groups already; a generator fn's samples are not laid out
+    by item), in a signature of plain tuples and dicts, and where the
+    variable that tracks what the consumer took is an ordinary one (not
+    inside ``tf.function``, nor in a distribution strategy's scope, which
+    would make it a distributed one)."""
     if loader.batch_size is not None or not _plain_nest(signature, tf):
-        return 1
+        return 1, False
     if not tf.executing_eagerly() or tf.distribute.has_strategy():
-        return 1
-    return chunk_elements(leaves)
+        return 1, False
+    per_call, grouped = elements_per_call(leaves)
+    if grouped and loader.config.samples:
+        return 1, False
+    return per_call, grouped
 
 
 def _plain_nest(spec: Any, tf: Any) -> bool:

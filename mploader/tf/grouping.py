@@ -7,9 +7,20 @@ scalars spends about 0.3 ms of CPU per element here.  So, for elements that
 are small and have one fixed shape, the stream hands TensorFlow a *chunk*
 per call: the element the consumer waits for, plus every further one the
 workers have ready right now (never waiting for more), stacked per leaf;
-``unbatch`` splits it again.  Large elements stay one per call: stacking and
-unbatching would copy them twice, and TensorFlow wraps their arrays as they
-are.
+``unbatch`` splits it again.
+
+Large elements would pay two copies to be stacked here, so the *workers*
+group them: a task of a dataset's pass carries up to ``MAX_GROUP_ELEMENTS``
+consecutive items (``MAX_GROUP_BYTES`` at most), and its worker writes each
+result, as soon as fn returns it, into its row of one column per leaf
+(layout.GroupLayout).  A call then hands TensorFlow rows of those columns
+as they lie in shared memory, no copy, and ``unbatch`` splits them, as for
+small ones.  The worker checks each result against the signature exactly as
+the consumer checks one element (a Python number must fit the signature's
+dtype, and is written in it), so a result that does not fit is the same
+SignatureMismatch, named by its item, after the elements before it.
+Elements of over half ``MAX_GROUP_BYTES`` stay one per call: a volume
+costs far more to copy than its call.
 
 The element stream is the same either way: order, values (each leaf
 converted to the signature's dtype exactly as TensorFlow converts one
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -35,9 +47,11 @@ from ..epochs import Record
 from ..nest import at, map_nest, stack_nests
 from .signature import Leaf
 
-MAX_ELEMENT_BYTES = 64 << 10  # larger elements: one per call
+MAX_ELEMENT_BYTES = 64 << 10  # larger elements: grouped by the workers
 MAX_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_ELEMENTS = 256
+MAX_GROUP_BYTES = 8 << 20  # larger elements: one per call
+MAX_GROUP_ELEMENTS = 8
 TAG_SHIFT = 40  # tag = pass number << TAG_SHIFT | element number in the pass (from 1)
 PASS_TAGS = (1 << (63 - TAG_SHIFT)) - 1  # pass numbers 1..PASS_TAGS, then round again
 # Calls after which a call's elements are surely taken: TensorFlow asks for a
@@ -46,21 +60,36 @@ PASS_TAGS = (1 << (63 - TAG_SHIFT)) - 1  # pass numbers 1..PASS_TAGS, then round
 SURELY_TAKEN_AFTER_CALLS = 4
 _UNBATCH_KINDS = "biufc"  # bool, integers, floats, complex
 
-def chunk_elements(spec: Any) -> int:
-    """How many elements of signature ``spec`` (a nest of Leaf) one call may
-    carry; 1 when they are not small, fixed-shape numbers."""
+@dataclass(frozen=True)
+class GroupSpec:
+    """What a worker needs to lay out a group (Task.group, layout.GroupLayout)
+    and to check each item as the consumer would: the signature, and where
+    it came from (its errors say)."""
+    leaves: Any  # a nest of Leaf
+    origin: str
+
+
+def elements_per_call(spec: Any) -> tuple[int, bool]:
+    """(how many elements of signature ``spec``, a nest of Leaf, one call
+    may carry; whether the workers lay them out as a group): several only
+    for fixed-shape numbers, stacked here when small, grouped by the
+    workers when large, and one per call when a group would be one
+    element."""
     leaves: list[Leaf | None] = []
     map_nest(lambda leaf, _: leaves.append(leaf), spec)
     nbytes = 0
     for leaf in leaves:
         if leaf is None or leaf.dtype is None or leaf.shape is None or None in leaf.shape:
-            return 1  # strings, ragged, varying shapes
+            return 1, False  # strings, ragged, varying shapes
         if leaf.dtype.kind not in _UNBATCH_KINDS or 0 in leaf.shape:
-            return 1  # unbatch fails on ml_dtypes' float8 and int4; crashes on empty leaves
+            return 1, False  # unbatch fails on ml_dtypes' float8 and int4; crashes on empty leaves
         nbytes += leaf.dtype.itemsize * int(np.prod(leaf.shape, dtype=np.int64))
-    if not leaves or nbytes > MAX_ELEMENT_BYTES:
-        return 1
-    return max(1, min(MAX_CHUNK_ELEMENTS, MAX_CHUNK_BYTES // nbytes))
+    if not leaves:
+        return 1, False
+    if nbytes <= MAX_ELEMENT_BYTES:
+        return max(1, min(MAX_CHUNK_ELEMENTS, MAX_CHUNK_BYTES // nbytes)), False
+    group = max(1, min(MAX_GROUP_ELEMENTS, MAX_GROUP_BYTES // nbytes))
+    return group, group > 1
 
 
 def stack(elements: list[Any], spec: Any) -> Any:

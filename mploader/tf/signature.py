@@ -74,12 +74,12 @@ class SignatureCheck:
     the signature came from (inferred from which item, or given)."""
 
     def __init__(self, spec: Any, origin: str) -> None:
-        self._spec = spec
+        self.spec = spec
         self._origin = origin
 
     def check(self, element: Any, index: int | None) -> None:
         """Raise SignatureMismatch if ``element`` (of source ``index``) does not fit."""
-        self._check(element, self._spec, (), index)
+        self._check(element, self.spec, (), index)
 
     def _check(self, value: Any, spec: Any, path: tuple, index: int | None) -> None:
         if spec is None:
