@@ -61,6 +61,10 @@ log = logging.getLogger("mploader")
 WAIT_SLICE_S = 0.05  # longest blind wait: bounds the reaction to close() and Ctrl-C
 _MAX_ITEM_STRIKES = 2  # an item that kills this many workers is reported, not retried
 _TARGET_TASK_S = 0.5e-3  # worker time per task that outweighs its two pipe messages
+# A group's worker time at most: a group is handed out when its last item is
+# done, so its length is latency at a pass's start and idle workers at its
+# end; 50 ms is a few training steps, and two items of a 20 ms read.
+_GROUP_TASK_S = 50e-3
 _MAX_CHUNK_ITEMS = 64
 _MAX_TASK_BYTES = 32 << 10  # pickled items per chunk: a task and its result stay small
 _SMALL_RESULT_BYTES = 32 << 10  # result bytes (arrays and message) per item worth chunking
@@ -129,6 +133,7 @@ class Stats:
     restarts: int = 0
     handoff_calls: int = 0      # calls of TensorFlow's generator that gave elements
     handoff_elements: int = 0   # elements they gave
+    item_s: float | None = None  # a worker's time per item, as the last pass learned it (Feed)
 
 
 class Feed:
@@ -141,18 +146,26 @@ class Feed:
     """
 
     def __init__(self, items: Iterator[tuple[int, int, Any]], options: Options,
-                 cache: Cache | None, pass_id: int, epoch: int) -> None:
+                 cache: Cache | None, pass_id: int, epoch: int, stats: Stats,
+                 count: int | None = None, in_flight: int = 1) -> None:
         self._items = items           # (step, source index, item), in the epoch's order
+        self._left = count            # items not read yet; None: not known
+        self._in_flight = in_flight   # tasks the workers may hold at once
         self._pass_id = pass_id
         self._epoch = epoch
         self._opt = options
         self._cache = cache
-        # A batch or a group per task; else one item, more if tiny (learn).
+        # Moving averages of worker time and bytes per item.  The time starts
+        # where the last pass left it (the loader's fn, items and workers);
+        # in a loader's first pass it starts high, so chunks and groups grow
+        # only after several quick items in a row.
+        self._stats = stats
+        self._item_s = stats.item_s or 4 * (_GROUP_TASK_S if options.group_items
+                                            else _TARGET_TASK_S)
+        # A batch per task; a group as long as the time allows; else one
+        # item, more if tiny (learn).
         self._chunk_items = (options.batch_size if options.stacked
-                             else options.group_items or 1)
-        # Moving averages of worker time and bytes per item; the time starts
-        # high, so chunks grow only after several quick items in a row.
-        self._item_s = 4 * _TARGET_TASK_S
+                             else self._group_size() if options.group_items else 1)
         self._item_bytes = 0.0
         self.next_task = 0                   # seq of the next new task
         self.retry: deque[Chunk] = deque()   # chunks to run again, after a death
@@ -174,8 +187,9 @@ class Feed:
         if self._source_done:
             return None
         read: list[tuple[int, int, Any]] = []
+        size = self._next_size()
         try:  # item by item, so the items read before a failing one are kept
-            for entry in itertools.islice(self._items, self._chunk_items):
+            for entry in itertools.islice(self._items, size):
                 read.append(entry)
         except Exception as exc:  # the user's source raised: at its position, later
             self.error = exc
@@ -190,19 +204,34 @@ class Feed:
         if taken < len(read):  # enough bytes for one task: the rest go in the next
             self._items = itertools.chain(read[taken:], self._items)
             read = read[:taken]
-        elif len(read) < self._chunk_items:
+        elif len(read) < size:
             self._source_done = True  # (also after a source error: see above)
         if not read or (self._opt.stacked and self._opt.drop_remainder
                         and len(read) < self._opt.batch_size):
             self._source_done = True
             return None
         self.next_task += 1
+        if self._left is not None:
+            self._left -= len(read)
         encoded, ends = encoder.finish()
         return Chunk(self.next_task - 1, tuple(index for _, index, _ in read),
                      tuple(items[:len(read)]), encoded, ends,
                      steps=tuple(step for step, _, _ in read),
                      keys=(self._cache.keys(tuple(items[:len(read)]), encoded, ends)
                            if self._cache is not None else ()))
+
+    def _group_size(self) -> int:
+        """Items per group: as many as _GROUP_TASK_S of work, ``group_items`` at most."""
+        return max(1, min(self._opt.group_items, int(_GROUP_TASK_S / max(self._item_s, 1e-9))))
+
+    def _next_size(self) -> int:
+        """Items for the next chunk.  A group is also at most the items left
+        over twice the tasks in flight, so groups shrink towards the pass's
+        end and the workers finish it together, one item apart at most,
+        rather than one group."""
+        if not self._opt.group_items or self._left is None:
+            return self._chunk_items
+        return max(1, min(self._chunk_items, self._left // (2 * self._in_flight)))
 
     def may_send(self, outstanding: dict[Any, Any]) -> bool:
         """Whether the next chunk may go to a worker owing ``outstanding``: a
@@ -220,7 +249,9 @@ class Feed:
                     self._opt.group_spec)
 
     def learn(self, delivered: Delivered) -> None:
-        """Size unbatched chunks so one task carries about _TARGET_TASK_S of work.
+        """Size unbatched chunks so one task carries about _TARGET_TASK_S of
+        work, and groups (up to ``group_items``) so one carries at most
+        _GROUP_TASK_S.
 
         Moving averages per item, so one quick item among slow ones does not
         make a chunk of slow items.  Bytes count the arrays and the message
@@ -229,9 +260,12 @@ class Feed:
         result = delivered.result
         count = max(1, len(result.indices) + len(result.failures))
         self._item_s += _LEARN_RATE * (result.busy_s / count - self._item_s)
+        self._stats.item_s = self._item_s
         per_item = (result.nbytes + delivered.wire_bytes) / count
         self._item_bytes += _LEARN_RATE * (per_item - self._item_bytes)
-        if self._item_bytes > _SMALL_RESULT_BYTES or self._item_s <= 0:
+        if self._opt.group_items:
+            self._chunk_items = self._group_size()
+        elif self._item_bytes > _SMALL_RESULT_BYTES or self._item_s <= 0:
             self._chunk_items = 1
         else:
             self._chunk_items = max(1, min(_MAX_CHUNK_ITEMS, math.ceil(_TARGET_TASK_S / self._item_s)))
@@ -420,7 +454,9 @@ class Pass(Iterator[Any]):
         self._pool = pool
         self.clock = clock            # where its time goes (bottleneck.py); None: a probe
         self._cache = cache
-        self._feed = Feed(items, options, cache, pass_id, epoch)  # the items, as tasks
+        self._feed = Feed(items, options, cache, pass_id, epoch, stats,  # the items, as tasks
+                          progress.plan.remaining() if progress is not None else None,
+                          options.prefetch * max(1, len(pool.workers)))
         self.progress = progress      # None: a probe, which hands out nothing for good
         self._pass_id = pass_id
         self.epoch = epoch            # the epoch whose steps its records name
@@ -626,7 +662,7 @@ class Pass(Iterator[Any]):
             return
         self._order.add(key[1], delivered)
         self._recovery.result_arrived()
-        if not (self._opt.stacked or self._opt.group_items):
+        if not self._opt.stacked:
             self._feed.learn(delivered)
 
     # -- deaths and timeouts ------------------------------------------------------------

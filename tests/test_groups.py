@@ -39,7 +39,7 @@ def _per_call(loader) -> float:
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_large_elements_come_in_groups_and_the_stream_is_unchanged(threads):
-    with MPLoader(helpers.large_record, 60, num_workers=2, on_error="skip",
+    with MPLoader(helpers.large_record, 240, num_workers=2, on_error="skip",
                   threads_per_worker=threads) as loader:
         direct = [_record(e) for e in loader]
         ds = loader.dataset()
@@ -50,7 +50,7 @@ def test_large_elements_come_in_groups_and_the_stream_is_unchanged(threads):
         assert _per_call(loader) > 2
         assert [s.index for s in loader.skipped] == [7, 7]
     assert through_tf == direct
-    assert direct == [(float(x), True, x % 3, x % 2 == 0) for x in range(60) if x != 7]
+    assert direct == [(float(x), True, x % 3, x % 2 == 0) for x in range(240) if x != 7]
 
 
 def test_a_group_raises_at_its_position_after_every_element_before():

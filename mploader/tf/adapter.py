@@ -332,8 +332,15 @@ def make_dataset(loader: Any) -> Any:
 
         chunks = (tf.TensorSpec((None,), tf.int64), tf.nest.map_structure(
             lambda spec: tf.TensorSpec((None, *spec.shape), spec.dtype), signature))
-        dataset = tf.data.Dataset.from_generator(
-            stream.generate, output_signature=chunks).unbatch().map(taken)
+        dataset = tf.data.Dataset.from_generator(stream.generate, output_signature=chunks)
+        if grouped:
+            # A slice of a group's tensor is used in place (it is aligned);
+            # unbatch would copy every large element once more.
+            dataset = dataset.flat_map(lambda tags, element: tf.data.Dataset.from_tensor_slices(
+                (tags, element)))
+        else:
+            dataset = dataset.unbatch()
+        dataset = dataset.map(taken)
     # The workers already compute ahead (prefetch tasks each), so TensorFlow's
     # injected prefetch buys nothing here; it would go past the point where
     # elements are counted (the generator, or the tags), so the state would
