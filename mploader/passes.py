@@ -62,9 +62,11 @@ WAIT_SLICE_S = 0.05  # longest blind wait: bounds the reaction to close() and Ct
 _MAX_ITEM_STRIKES = 2  # an item that kills this many workers is reported, not retried
 _TARGET_TASK_S = 0.5e-3  # worker time per task that outweighs its two pipe messages
 # A group's worker time at most: a group is handed out when its last item is
-# done, so its length is latency at a pass's start and idle workers at its
-# end; 50 ms is a few training steps, and two items of a 20 ms read.
-_GROUP_TASK_S = 50e-3
+# done, so its length is latency at a pass's start (a few training steps).
+# Groups of slow items may be long: a group's call costs TensorFlow more
+# than one element's (it slices the group as a dataset of its own), so
+# groups of one or two items cost more than they save.
+_GROUP_TASK_S = 200e-3
 _MAX_CHUNK_ITEMS = 64
 _MAX_TASK_BYTES = 32 << 10  # pickled items per chunk: a task and its result stay small
 _SMALL_RESULT_BYTES = 32 << 10  # result bytes (arrays and message) per item worth chunking
@@ -225,13 +227,13 @@ class Feed:
         return max(1, min(self._opt.group_items, int(_GROUP_TASK_S / max(self._item_s, 1e-9))))
 
     def _next_size(self) -> int:
-        """Items for the next chunk.  A group is also at most the items left
-        over twice the tasks in flight, so groups shrink towards the pass's
-        end and the workers finish it together, one item apart at most,
-        rather than one group."""
+        """Items for the next chunk.  A group is also at most its share of
+        the items left among the tasks in flight, so groups shrink towards
+        the pass's end and the workers finish it together, rather than one
+        group apart."""
         if not self._opt.group_items or self._left is None:
             return self._chunk_items
-        return max(1, min(self._chunk_items, self._left // (2 * self._in_flight)))
+        return max(1, min(self._chunk_items, self._left // self._in_flight))
 
     def may_send(self, outstanding: dict[Any, Any]) -> bool:
         """Whether the next chunk may go to a worker owing ``outstanding``: a

@@ -69,8 +69,9 @@ def test_a_group_raises_at_its_position_after_every_element_before():
 def test_a_dtype_mismatch_inside_a_group_is_the_error_one_element_per_call_gives():
     """Item 11 is float64 where the signature says float32: the worker that
     grouped it reports the consumer's own SignatureMismatch, after the
-    elements before it, with the words one element per call gives; the
-    loader's workers stay up for the next pass."""
+    elements before it, with the words one element per call gives, and
+    neither counts item 11 as taken (one per call did, so a resume skipped
+    it); the loader's workers stay up for the next pass."""
     errors = []
     for grouped in (True, False):
         with MPLoader(helpers.large_float64_on_11, 30, num_workers=2) as loader:
@@ -86,6 +87,7 @@ def test_a_dtype_mismatch_inside_a_group_is_the_error_one_element_per_call_gives
                     seen.append(float(element[0, 0]))
             assert (_per_call(loader) > 1) == grouped
             assert seen == list(range(11))
+            assert loader.state_dict()["position"] == 11  # a resume reads item 11 again
             errors.append(caught.value.message.split("\n")[0])
             pool = loader._pipeline.box[0]
             assert [float(e[0, 0]) for e in loader.dataset().take(5)] == [0, 1, 2, 3, 4]

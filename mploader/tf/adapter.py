@@ -138,8 +138,7 @@ class _Stream:
         count = 0
         try:
             if self.read_tag is None:
-                for element in one_pass:
-                    self.check.check(element, one_pass.last_index)
+                for element in self._checked(one_pass):
                     count += 1
                     stats.handoff_calls += 1
                     stats.handoff_elements += 1
@@ -170,6 +169,23 @@ class _Stream:
         elif expected is not None and expected < self.expected:
             self.end_next_call = ends_early
 
+
+    def _checked(self, one_pass: Any) -> Iterator[Any]:
+        """The pass's elements, each counted as taken once it passed the
+        check: an element that does not fit is not handed out, so a state
+        saved after the error resumes at it (as a group's does)."""
+        while True:
+            try:
+                element, record = one_pass.take()
+            except StopIteration:
+                one_pass.apply(one_pass.leftover())  # skips at the end, the pass's end
+                return
+            except BaseException:
+                one_pass.apply(one_pass.leftover())  # what was handed out before the error
+                raise
+            self.check.check(element, one_pass.last_index)
+            one_pass.apply(record)
+            yield element
 
     def _groups(self, one_pass: Any) -> Iterator[tuple[int, list]]:
         """(number of the last, elements) per call: the element the consumer
