@@ -161,9 +161,9 @@ class Feed:
         # where the last pass left it (the loader's fn, items and workers);
         # in a loader's first pass it starts high, so chunks and groups grow
         # only after several quick items in a row.
-        self._stats = stats
-        self._item_s = stats.item_s or 4 * (_GROUP_TASK_S if options.group_items
-                                            else _TARGET_TASK_S)
+        self._stats = stats  # its item_s: the time, one owner across passes
+        if stats.item_s is None:
+            stats.item_s = 4 * (_GROUP_TASK_S if options.group_items else _TARGET_TASK_S)
         # A batch per task; a group as long as the time allows; else one
         # item, more if tiny (learn).
         self._chunk_items = (options.batch_size if options.stacked
@@ -224,7 +224,8 @@ class Feed:
 
     def _group_size(self) -> int:
         """Items per group: as many as _GROUP_TASK_S of work, ``group_items`` at most."""
-        return max(1, min(self._opt.group_items, int(_GROUP_TASK_S / max(self._item_s, 1e-9))))
+        return max(1, min(self._opt.group_items,
+                           int(_GROUP_TASK_S / max(self._stats.item_s, 1e-9))))
 
     def _next_size(self) -> int:
         """Items for the next chunk.  A group is also at most its share of
@@ -261,16 +262,16 @@ class Feed:
         """
         result = delivered.result
         count = max(1, len(result.indices) + len(result.failures))
-        self._item_s += _LEARN_RATE * (result.busy_s / count - self._item_s)
-        self._stats.item_s = self._item_s
+        item_s = self._stats.item_s = self._stats.item_s + _LEARN_RATE * (
+            result.busy_s / count - self._stats.item_s)
         per_item = (result.nbytes + delivered.wire_bytes) / count
         self._item_bytes += _LEARN_RATE * (per_item - self._item_bytes)
         if self._opt.group_items:
             self._chunk_items = self._group_size()
-        elif self._item_bytes > _SMALL_RESULT_BYTES or self._item_s <= 0:
+        elif self._item_bytes > _SMALL_RESULT_BYTES or item_s <= 0:
             self._chunk_items = 1
         else:
-            self._chunk_items = max(1, min(_MAX_CHUNK_ITEMS, math.ceil(_TARGET_TASK_S / self._item_s)))
+            self._chunk_items = max(1, min(_MAX_CHUNK_ITEMS, math.ceil(_TARGET_TASK_S / item_s)))
 
 
 class Reorder:

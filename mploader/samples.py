@@ -77,6 +77,14 @@ class SampleBatches(Iterator[Any]):
     def __next__(self) -> Any:
         """The next batch; its samples' records are applied when it is
         returned, so the state counts a batch, never part of one."""
+        batch, record = self.take()
+        self.one_pass.apply(record)
+        return batch
+
+    def take(self) -> tuple[Any, Record]:
+        """(next batch, its samples' record) for a consumer that counts the
+        batch as taken itself (:meth:`apply`), as passes.Pass.take; what
+        was handed out with no batch after it is applied here."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -111,8 +119,13 @@ class SampleBatches(Iterator[Any]):
             one_pass.close()
             raise
         self.last_index = indices[0]
-        one_pass.apply(record)
-        return batch
+        return batch, record
+
+    def leftover(self) -> Record:
+        return self.one_pass.leftover()
+
+    def apply(self, record: Record) -> None:
+        self.one_pass.apply(record)
 
     @property
     def interrupted(self) -> bool:

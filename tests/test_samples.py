@@ -225,3 +225,21 @@ def test_through_dataset_the_error_is_the_items_own_not_a_signature_mismatch():
     assert shapes == [(3, 2), (3, 2)]
     assert "WorkerError: ValueError: patch 2 of volume 2 is cut off" in str(info.value)
     assert "SignatureMismatch" not in str(info.value)
+
+
+@pytest.mark.tf
+def test_through_dataset_sample_batches_are_the_loaders_and_a_state_counts_those_taken():
+    """A generator fn with batch_size through dataset(): the parent batches
+    the samples, and a state saved after two batches resumes at the third."""
+    with MPLoader(patches, 5, num_workers=2, seed=5, batch_size=4) as loader:
+        direct = rows(loader)
+        loader.set_epoch(0)
+        iterator = iter(loader.dataset())
+        taken = [rows(next(iterator).numpy()) for _ in range(2)]
+        state = loader.state_dict()
+        del iterator
+    assert taken == direct[:2]
+    with MPLoader(patches, 5, num_workers=2, seed=5, batch_size=4) as resumed:
+        resumed.load_state_dict(state)
+        rest = [rows(batch) for batch in resumed.dataset().as_numpy_iterator()]
+    assert rest == direct[2:]

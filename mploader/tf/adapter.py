@@ -173,13 +173,7 @@ class _Stream:
     def _checked(self, one_pass: Any) -> Iterator[Any]:
         """The pass's elements, each counted as taken once it passed the
         check: an element that does not fit is not handed out, so a state
-        saved after the error resumes at it (as a group's does).  Samples
-        batched in the parent (samples.SampleBatches) count as they come."""
-        if not hasattr(one_pass, "take"):
-            for element in one_pass:
-                self.check.check(element, one_pass.last_index)
-                yield element
-            return
+        saved after the error resumes at it (as a group's does)."""
         while True:
             try:
                 element, record = one_pass.take()
