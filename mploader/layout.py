@@ -257,12 +257,7 @@ class GroupLayout:
 
 
 def _from_torch(value: Any, path: tuple, torch: Any) -> Any:
-    """Through ``loader.dataset()``, large elements of one fixed signature come in
-*groups* (tf/grouping.py): the worker writes each item's result into its row
-of one column per leaf (:class:`GroupLayout`), laid out before the first
-item from the signature, so every value has exactly the signature's dtype.
-
-A CPU ``torch.Tensor`` leaf as the numpy array over its memory (no copy,
+    """A CPU ``torch.Tensor`` leaf as the numpy array over its memory (no copy,
     no cast; a subclass such as MONAI's ``MetaTensor`` as a plain tensor, its
     metadata left behind); any other value unchanged.  A tensor numpy cannot
     hold as it is (on a device, sparse or nested, bfloat16) is an error naming

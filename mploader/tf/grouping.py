@@ -14,8 +14,8 @@ group them: a task of a dataset's pass carries up to ``MAX_GROUP_ELEMENTS``
 consecutive items (``MAX_GROUP_BYTES`` at most), and its worker writes each
 result, as soon as fn returns it, into its row of one column per leaf
 (layout.GroupLayout).  A call then hands TensorFlow rows of those columns
-as they lie in shared memory, no copy, and ``unbatch`` splits them, as for
-small ones.  The worker checks each result against the signature exactly as
+as they lie in shared memory, no copy, and ``flat_map(from_tensor_slices)``
+splits them, using each row in place (``unbatch`` would copy each one).  The worker checks each result against the signature exactly as
 the consumer checks one element (a Python number must fit the signature's
 dtype, and is written in it), so a result that does not fit is the same
 SignatureMismatch, named by its item, after the elements before it.
