@@ -165,3 +165,9 @@ def large_kill_once(path: str):
             os.kill(os.getpid(), signal.SIGKILL)
         return np.full((256, 256), x, np.float32)
     return fn
+
+
+def large_slow(x: int) -> np.ndarray:
+    """A 256 KiB element that takes 70 ms (groups of slow items are short)."""
+    time.sleep(0.07)
+    return np.full((128, 128, 4), x, np.float32)

@@ -159,3 +159,17 @@ def test_resume_is_exact_inside_a_group_tensorflow_still_holds(shuffle, batch):
         resumed.load_state_dict(state)
         rest = [_record(e)[0] for e in resumed.dataset()]
     assert taken + rest == whole
+
+
+def test_short_groups_share_a_call_stacked_and_the_stream_is_unchanged():
+    """Slow items make groups of 2 (200 ms of work at most); rows of several
+    such groups ready at once go in one call, stacked, in order."""
+    with MPLoader(helpers.large_slow, 48, num_workers=2, threads_per_worker=2) as loader:
+        assert [float(x[0, 0, 0]) for x in loader] == [float(i) for i in range(48)]  # learns
+        iterator = loader.dataset().as_numpy_iterator()
+        firsts = [float(next(iterator)[0, 0, 0])]
+        time.sleep(0.8)  # the workers finish several groups meanwhile
+        firsts += [float(x[0, 0, 0]) for x in iterator]
+        assert loader.stats()["items_per_task"] <= 3  # short groups
+        assert _per_call(loader) > 2  # rows of several groups per call
+    assert firsts == [float(i) for i in range(48)]

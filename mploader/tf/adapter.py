@@ -217,7 +217,7 @@ class _Stream:
                 elements.append(element)
                 entries.append((number, record))
             if elements and (element is NOT_READY or len(elements) == self.per_call
-                             or type(element) is Row and element.last):
+                             or _one_whole_group(element, elements)):
                 deferred.add(entries)
                 yield number, elements
                 elements, entries = [], []
@@ -230,16 +230,35 @@ class _Stream:
             yield number, elements
 
     def _tagged(self, number: int, elements: list) -> tuple[np.ndarray, Any]:
-        """What one call gives TensorFlow: (tags, the elements stacked); rows
-        of a group (consecutive: a call ends at its group's last) as slices
-        of its arrays, no copy."""
+        """What one call gives TensorFlow: (tags, the elements stacked).
+        Rows of one group (a group's rows are consecutive) go as slices of
+        its arrays, no copy; rows of several short groups are stacked."""
         last = (self.passes << TAG_SHIFT) + number
         tags = np.arange(last - len(elements) + 1, last + 1, dtype=np.int64)
-        if type(elements[0]) is Row:
-            first, count = elements[0].row, len(elements)
-            return tags, map_nest(lambda column, _: column[first:first + count],
-                                  elements[0].group)
-        return tags, stack(elements, self.leaves)
+        first = elements[0]
+        if type(first) is Row and first.group is elements[-1].group:
+            return tags, map_nest(lambda column, _: column[first.row:first.row + len(elements)],
+                                  first.group)
+        return tags, stack([_value(element) for element in elements], self.leaves)
+
+
+# A group of this many rows or more goes in a call of its own, as it lies;
+# shorter ones share calls, stacked (a copy costs less than a call).
+_ALONE_ROWS = 4
+
+
+def _one_whole_group(element: Any, elements: list) -> bool:
+    """The call holds exactly one group, whole, ``element`` its last row,
+    and long enough to go alone."""
+    return (type(element) is Row and element.last and len(elements) == element.row + 1
+            >= _ALONE_ROWS)
+
+
+def _value(element: Any) -> Any:
+    """An element as a nest of arrays (a group's row: views of its arrays)."""
+    if type(element) is Row:
+        return map_nest(lambda column, _: column[element.row], element.group)
+    return element
 
 
 def _for_tensorflow(exc: BaseException) -> BaseException:
