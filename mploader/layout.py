@@ -545,6 +545,109 @@ def pack_batch(results: list[Any], indices: tuple[int, ...], padding: Padding | 
     return tree, writes, end, rejected
 
 
+class BatchRows:
+    """A worker batch laid out as fn gives each item's result, so a result is
+    read before fn runs again: a fn that fills and returns one buffer every
+    time gives each item its own values (a batch stacked from the results at
+    the end had every row equal to the last), and the copy into shared memory
+    overlaps the items still to come instead of following the last one.
+
+    The first result plans one column per leaf for ``count`` rows (as
+    :func:`pack_batch` would stack it); each result of the same layout goes
+    straight into its row.  A result of another layout, or any batch with
+    ``padding`` (its sizes are known only at the end), is kept as a snapshot
+    (its arrays copied, rows already written read back), and :meth:`finish`
+    stacks the snapshots with :func:`pack_batch`, which chooses the layout
+    and names the odd items exactly as before.  ``slots`` is the worker's
+    SlotWriter (or any object with its ``write`` and ``region``).
+    """
+
+    def __init__(self, slots: Any, slot: int, capacity: int, count: int,
+                 padding: Padding | None) -> None:
+        self._slots, self._slot, self.capacity = slots, slot, capacity
+        self._count = count
+        self._padding = padding
+        self._torch = sys.modules.get("torch")
+        self._like: _Item | None = None  # the layout the columns follow
+        self._columns: dict[tuple, tuple[int, int, np.dtype]] = {}  # array leaves: offset, row bytes, dtype
+        self._strings: dict[tuple, list[Any]] = {}
+        self._rows: list[_Item] = []  # written in place, in order
+        self._snapshots: list[Any] | None = None if padding is None else []  # None: in place
+        self._nbytes = 0
+
+    def add(self, value: Any) -> None:
+        """Take the next done item's result; UnsupportedResult for a leaf that
+        cannot be sent (the item fails alone, as in :func:`pack_batch`)."""
+        item = _Item(value, self._padding is not None, self._torch)
+        if self._snapshots is None and self._like is None:
+            self._plan(item)
+        if self._snapshots is None and item.layout != self._like.layout:
+            self._snapshots = [self._snapshot(row) for row in range(len(self._rows))]
+        if self._snapshots is not None:
+            self._snapshots.append(map_nest(
+                lambda leaf, _path: leaf.copy() if isinstance(leaf, np.ndarray) else leaf,
+                item.converted()))
+            return
+        row = len(self._rows)
+        writes: list[Write] = []
+        for path, leaf in item.leaves.items():
+            if path in self._strings:
+                self._strings[path].append(leaf)
+            else:
+                offset, size, dtype = self._columns[path]
+                writes.append((offset + row * size, np.asarray(leaf, dtype)))
+        self.capacity = self._slots.write(self._slot, self.capacity, writes, self._nbytes)
+        self._rows.append(item)
+
+    def _plan(self, item: _Item) -> None:
+        end = 0
+        for path, kind in item.kinds.items():
+            if kind[0] == "string":
+                self._strings[path] = []
+            elif kind[0] in ("array", "scalar"):
+                offset = _aligned(end)
+                shape = kind[2] if kind[0] == "array" else ()
+                size = int(np.prod(shape, dtype=np.int64)) * kind[1].itemsize
+                self._columns[path] = (offset, size, kind[1])
+                end = offset + self._count * size
+        self.capacity = self._slots.write(self._slot, self.capacity, [], end)
+        self._like, self._nbytes = item, end
+
+    def _snapshot(self, row: int) -> Any:
+        """Row ``row``'s result again, its arrays read back from the slot."""
+        region = self._slots.region(self._slot, self._nbytes)
+        item = self._rows[row]
+
+        def leaf(value: Any, path: tuple) -> Any:
+            if path not in self._columns or item.kinds[path][0] == "scalar":
+                return item.leaves[path]  # scalars and strings are immutable
+            offset, size, dtype = self._columns[path]
+            return np.ndarray(item.kinds[path][2], dtype, buffer=region,
+                              offset=offset + row * size).copy()
+        return map_nest(leaf, item.result)
+
+    def finish(self, indices: tuple[int, ...]
+               ) -> tuple[Any, int, dict[int, UnsupportedResult]]:
+        """(tree, bytes, rejected) of the batch of ``indices`` (the items
+        added, in order), as :func:`pack_batch` gives them; the slot holds it."""
+        if self._snapshots is not None:
+            tree, writes, nbytes, rejected = pack_batch(self._snapshots, indices, self._padding)
+            if tree is not None:
+                self.capacity = self._slots.write(self._slot, self.capacity, writes, nbytes)
+            return tree, nbytes, rejected
+        if self._like is None:
+            return None, 0, {}
+        rows = len(self._rows)
+
+        def leaf(_value: Any, path: tuple) -> Any:
+            if path in self._strings:
+                return np.array(self._strings[path], dtype=object)
+            offset, _size, dtype = self._columns[path]
+            kind = self._like.kinds[path]
+            return ArrayRef(offset, (rows,) + (kind[2] if kind[0] == "array" else ()), dtype)
+        return map_nest(leaf, self._like.result), self._nbytes, {}
+
+
 def copy_writes(region: np.ndarray, writes: list[Write | PadWrite]) -> None:
     """Copy each array to its offset in ``region`` (a uint8 array), never
     casting; a padded one into the corner of its padded shape, the rest filled."""

@@ -30,8 +30,9 @@ lease ends through a weakref callback on the array that every view of the
 result has as its ``base``; the callback only puts the slot number on a
 ``SimpleQueue``, which is safe from any thread and from inside a garbage
 collection.  At most ``max_leases`` slots, holding at most
-``LEASE_BUDGET_BYTES`` (or one result, however large: copying a volume out
-into fresh memory costs more than the whole hand-off), are leased at once;
+``LEASE_BUDGET_BYTES`` (or two results, however large: copying a volume
+out into fresh memory costs more than the whole hand-off, and TensorFlow
+still holds the one before the element it takes), are leased at once;
 further results are copied out,
 so a consumer that hoards results can never starve a worker of slots nor pin
 much memory.
@@ -70,6 +71,11 @@ HEADER_BYTES = PAGE_BYTES
 _NO_BYTES = np.empty(0, np.uint8)  # the region of a result that has no arrays
 LEASE_BUDGET_BYTES = 128 << 20  # per worker: results handed out as views, at most
 RUN_AHEAD_BYTES = 64 << 20  # per worker: results done but not handed out, beyond prefetch
+# Results leased whatever their size: the one the consumer holds, and the one
+# before it, which TensorFlow lets go of only when it converts the next
+# element (its numpy-backed tensors release their array later, from a queue
+# emptied by a later conversion), so with one, every other volume was copied.
+_LEASES_ANY_SIZE = 2
 IDLE_SHRINK_S = 2.0  # a spare slot unused this long gives its memory back (refaulting is slow)
 
 # Status words (int64) at the start of the arena, one row per thread of the
@@ -246,7 +252,8 @@ class SlotRing:
         anchor = np.frombuffer(self._arena, dtype=np.uint8, count=nbytes, offset=self.offset(slot))
         self._collect_returned()
         if (copy or self._closed or len(self._leases) >= self.max_leases
-                or (self._leases and self._leased_bytes + nbytes > LEASE_BUDGET_BYTES)):
+                or (len(self._leases) >= _LEASES_ANY_SIZE
+                    and self._leased_bytes + nbytes > LEASE_BUDGET_BYTES)):
             value = unpack(tree, anchor, copy=True)
             self.release(slot)
             return value
@@ -317,6 +324,10 @@ class SlotWriter:
                 _map(self._fd, capacity, HEADER_BYTES + slot * self._stride), dtype=np.uint8)
         copy_writes(region, writes)
         return capacity
+
+    def region(self, slot: int, nbytes: int) -> np.ndarray:
+        """The first ``nbytes`` of ``slot`` as written so far (a view)."""
+        return self._maps[slot][:nbytes] if nbytes else _NO_BYTES
 
     def _reserve(self, slot: int, nbytes: int, capacity: int, appending: bool) -> int:
         if nbytes > self._stride:

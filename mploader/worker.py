@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from .cache.stores import DirectoryStore, SharedMemoryStore
 from .errors import ResultNotCacheable, SignatureMismatch, UnsupportedResult, short_repr
-from .layout import GroupLayout, pack_batch, pack_items
+from .layout import BatchRows, GroupLayout, pack_items
 from .messages import (Bootstrap, Failure, Ready, Result, StartFailed, Task, decode_item,
                        item_bytes, read_frame, write_frame)
 from .random_state import WorkerRandomness
@@ -242,8 +242,11 @@ class _TaskRunner:
                       failures=tuple(failures), busy_s=time.perf_counter() - start)
 
     def _run_batched(self, task: Task) -> Result:
+        """A worker batch: each result goes into its row as fn gives it
+        (layout.BatchRows); an item the batch cannot take fails alone, and
+        the others are batched."""
         start = time.perf_counter()
-        outputs: list[Any] = []
+        rows = BatchRows(self._slots, task.slot, task.capacity, len(task.indices), self._padding)
         done: list[int] = []
         items: dict[int, Any] = {}
         failures: list[Failure] = []
@@ -260,27 +263,25 @@ class _TaskRunner:
                         "fn returned a generator but is not a generator function, so its "
                         "batches were to be stacked in the workers: pass samples_per_item "
                         "to MPLoader for a fn that gives several samples per item")
-                outputs.append(value)
+                rows.add(value)
                 done.append(index)
             except Exception as exc:  # noqa: BLE001 - reported to the consumer
                 failures.append(self._failed(exc, index, item))
         self._status.set(task.key, PACKING, time.monotonic_ns())
-        tree, nbytes, capacity = None, 0, task.capacity
-        if outputs:
+        tree, nbytes = None, 0
+        if done:
             try:
-                tree, writes, nbytes, rejected = pack_batch(outputs, tuple(done), self._padding)
-                # An item the batch cannot take fails alone; the others are batched.
+                tree, nbytes, rejected = rows.finish(tuple(done))
                 failures.extend(_failure(exc, done[position], items[done[position]])
                                 for position, exc in rejected.items())
-                failures.sort(key=lambda failure: failure.index)  # raised in the epoch's order
                 done = [index for position, index in enumerate(done) if position not in rejected]
-                if tree is not None:
-                    capacity = self._slots.write(task.slot, task.capacity, writes, nbytes)
             except Exception as exc:  # noqa: BLE001 - a result that cannot be sent
                 failures.extend(_failure(exc, index, items[index]) for index in done)
                 tree, done, nbytes = None, [], 0
-        return Result(key=task.key, slot=task.slot, capacity=capacity, nbytes=nbytes, tree=tree,
-                      indices=tuple(done), failures=tuple(failures),
+        order = {index: position for position, index in enumerate(task.indices)}
+        failures.sort(key=lambda failure: order[failure.index])  # raised in the epoch's order
+        return Result(key=task.key, slot=task.slot, capacity=rows.capacity, nbytes=nbytes,
+                      tree=tree, indices=tuple(done), failures=tuple(failures),
                       busy_s=time.perf_counter() - start)
 
 

@@ -171,3 +171,8 @@ def large_slow(x: int) -> np.ndarray:
     """A 256 KiB element that takes 70 ms (groups of slow items are short)."""
     time.sleep(0.07)
     return np.full((128, 128, 4), x, np.float32)
+
+
+def volume_80mib(x: int) -> np.ndarray:
+    """An 80 MiB volume: two of them are over a worker's lease budget (128 MiB)."""
+    return np.full(20 << 20, x, np.float32)

@@ -83,6 +83,19 @@ def test_results_held_by_the_user_never_change():
         assert (a == x).all() and (b == x).all()
 
 
+def test_a_workers_two_latest_volumes_are_views_whatever_their_size():
+    """TensorFlow holds the element before the one it converts: with one
+    lease for results over the budget, every other volume was copied out."""
+    with MPLoader(helpers.volume_80mib, 3, num_workers=1) as loader:
+        it = iter(loader)
+        first, second = next(it), next(it)
+        assert not first.flags.owndata and not second.flags.owndata  # views of the slots
+        assert loader.stats()["slots_leased"] == 2
+        third = next(it)  # a third, while both are held: copied out
+        assert third.flags.owndata
+        assert [int(v[0]) for v in (first, second, third)] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("drop_remainder", [False, True])
 def test_batches_stack_consecutive_items(drop_remainder):
     with MPLoader(helpers.nest, range(23), num_workers=2, batch_size=5,
@@ -239,3 +252,55 @@ def test_an_unbatched_result_that_cannot_be_sent_fails_its_own_item_alone():
         assert loader.stats()["items_per_task"] > 1
     assert [s.index for s in loader.skipped] == [1500]
     assert out == [i for i in range(2000) if i != 1500]
+
+
+def refill_nest(i):
+    """A nest around one refilled buffer, a scalar and a string; item 5 has a
+    longer buffer (another layout: the batch then stacks from snapshots)."""
+    BUFFER[:] = i
+    return {"x": BUFFER if i != 5 else np.full(4, float(i)), "n": i, "name": f"case{i}"}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_worker_batches_of_a_fn_that_refills_one_buffer_give_every_item_its_own_values(padded):
+    """Each result goes into its row before fn runs again: stacking the
+    results at the end gave every row the last item's values."""
+    pad = [0.0] if padded else []
+    with MPLoader(refill, 12, batch_size=4, num_workers=2,
+                  **{"padded_shapes": [4]} if padded else {}) as loader:
+        out = [b.tolist() for b in loader]
+    assert out == [[[float(i)] * 3 + pad for i in range(s, s + 4)] for s in (0, 4, 8)]
+    padding = {"padded_shapes": {"x": [4]}} if padded else {}
+    with MPLoader(refill_nest, 8, batch_size=4, num_workers=1, on_error="skip",
+                  **padding) as loader:
+        first, second = list(loader)
+    assert [row.tolist() for row in first["x"]] == [[float(i)] * 3 + pad for i in range(4)]
+    assert first["n"].tolist() == [0, 1, 2, 3]
+    if padded:  # item 5's longer buffer is padded to, not odd
+        assert loader.skipped == []
+        assert [row.tolist() for row in second["x"]] == \
+            [[4.0] * 3 + pad, [5.0] * 4, [6.0] * 3 + pad, [7.0] * 3 + pad]
+        assert second["name"].tolist() == ["case4", "case5", "case6", "case7"]
+    else:  # item 5 fails alone; the rows written before it keep their values
+        assert [s.index for s in loader.skipped] == [5]
+        assert [row.tolist() for row in second["x"]] == [[4.0] * 3, [6.0] * 3, [7.0] * 3]
+        assert second["name"].tolist() == ["case4", "case6", "case7"]
+
+
+def fails_on_threes(i):
+    if i % 3 == 0:
+        raise ValueError(f"bad {i}")
+    return np.int64(i)
+
+
+def test_failures_inside_a_shuffled_worker_batch_come_in_the_epochs_order():
+    """Not sorted by source index: the epoch's order is the shuffle's."""
+    def run(fn):
+        with MPLoader(fn, 24, batch_size=8, num_workers=2, shuffle=True, seed=3,
+                      on_error="skip") as loader:
+            return [int(x) for b in loader for x in b], [s.index for s in loader.skipped]
+    order, _ = run(np.int64)
+    got, skipped = run(fails_on_threes)
+    assert got == [i for i in order if i % 3]
+    assert skipped == [i for i in order if i % 3 == 0]
+    assert skipped != sorted(skipped)  # the seed shuffles them
