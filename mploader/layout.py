@@ -579,6 +579,7 @@ class BatchRows:
         """Take the next done item's result; UnsupportedResult for a leaf that
         cannot be sent (the item fails alone, as in :func:`pack_batch`)."""
         item = _Item(value, self._padding is not None, self._torch)
+        item.result = item.converted()  # its containers as they are now: fn may reuse them
         if self._snapshots is None and self._like is None:
             self._plan(item)
         if self._snapshots is None and item.layout != self._like.layout:
@@ -586,7 +587,7 @@ class BatchRows:
         if self._snapshots is not None:
             self._snapshots.append(map_nest(
                 lambda leaf, _path: leaf.copy() if isinstance(leaf, np.ndarray) else leaf,
-                item.converted()))
+                item.result))
             return
         row = len(self._rows)
         writes: list[Write] = []
@@ -600,6 +601,10 @@ class BatchRows:
         self._rows.append(item)
 
     def _plan(self, item: _Item) -> None:
+        """Columns for ``count`` rows of ``item``'s layout, reserved in the
+        slot; when that does not fit (a first item larger than the rest, a
+        batch near the slot's limit), the batch is stacked from snapshots,
+        so what it needs is what its items turn out to need."""
         end = 0
         for path, kind in item.kinds.items():
             if kind[0] == "string":
@@ -610,7 +615,11 @@ class BatchRows:
                 size = int(np.prod(shape, dtype=np.int64)) * kind[1].itemsize
                 self._columns[path] = (offset, size, kind[1])
                 end = offset + self._count * size
-        self.capacity = self._slots.write(self._slot, self.capacity, [], end)
+        try:
+            self.capacity = self._slots.write(self._slot, self.capacity, [], end)
+        except (UnsupportedResult, MemoryError):
+            self._snapshots = []
+            return
         self._like, self._nbytes = item, end
 
     def _snapshot(self, row: int) -> Any:

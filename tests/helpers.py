@@ -176,3 +176,15 @@ def large_slow(x: int) -> np.ndarray:
 def volume_80mib(x: int) -> np.ndarray:
     """An 80 MiB volume: two of them are over a worker's lease budget (128 MiB)."""
     return np.full(20 << 20, x, np.float32)
+
+
+def sized_rows(size: int, fail: int | None = None):
+    """Returns fn: item i a uint8 row of ``size`` bytes that costs no memory (a
+    zero-stride broadcast), item 0 of ``size`` and the others 16 bytes when
+    ``size`` is negative; item ``fail`` raises."""
+    def fn(i: int) -> np.ndarray:
+        if i == fail:
+            raise ValueError(f"item {i} fails")
+        n = abs(size) if size > 0 or i == 0 else 16
+        return np.broadcast_to(np.uint8(i), (n,))
+    return fn

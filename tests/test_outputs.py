@@ -304,3 +304,65 @@ def test_failures_inside_a_shuffled_worker_batch_come_in_the_epochs_order():
     assert got == [i for i in order if i % 3]
     assert skipped == [i for i in order if i % 3 == 0]
     assert skipped != sorted(skipped)  # the seed shuffles them
+
+
+class Reused:
+    """fn refills and returns one dict; ``extra_at`` adds a key, ``fail_at`` clears it and raises."""
+
+    def __init__(self, extra_at=None, fail_at=None):
+        self.out, self.extra_at, self.fail_at = {}, extra_at, fail_at
+
+    def __call__(self, i):
+        self.out.clear()
+        if i == self.fail_at:
+            raise ValueError(f"{i} fails")
+        self.out.update(x=np.full(3, float(i)), n=i)
+        if i == self.extra_at:
+            self.out["e"] = 1
+        return self.out
+
+
+@pytest.mark.parametrize("extra_at, fail_at, kept", [
+    (5, None, [4, 6, 7]), (7, None, [4, 5, 6]), (None, 7, [4, 5, 6])])
+def test_worker_batches_of_a_fn_that_reuses_its_result_dict_are_the_items(extra_at, fail_at,
+                                                                          kept):
+    """Each result's containers are read as fn returns them: a key that a
+    later call adds or removes changes no other item's row."""
+    with MPLoader(Reused(extra_at, fail_at), 8, batch_size=4, num_workers=1,
+                  on_error="skip") as loader:
+        first, second = list(loader)
+    assert first["n"].tolist() == [0, 1, 2, 3]
+    assert second["n"].tolist() == kept and set(second) == {"x", "n"}
+    assert [row.tolist() for row in second["x"]] == [[float(i)] * 3 for i in kept]
+    odd = extra_at if extra_at is not None else fail_at
+    assert [s.index for s in loader.skipped] == [odd]
+    assert ("cannot batch result['e']" if extra_at else "7 fails") in loader.skipped[0].message
+
+
+_STRIDE_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY))  # a small slot stride
+from mploader import MPLoader, resources
+from tests import helpers
+stride = resources.slot_stride(1, 10)
+size = int(sys.argv[1]) * stride // 7  # 3 rows of 2/7 fit a slot, 4 do not
+with MPLoader(helpers.sized_rows(size, fail=2 if size > 0 else None), 4, batch_size=4,
+              num_workers=1, on_error="skip") as loader:
+    print([b[:, 0].tolist() for b in loader], [(s.index, s.message[:40]) for s in loader.skipped])
+"""
+
+
+@pytest.mark.parametrize("sevenths, expected", [
+    (2, "[[0, 1, 3]] [(2, 'item 2 fails')]"),
+    (-3, "[[1, 2, 3]] [(0, 'cannot batch result: source index 0 gave')]")])
+def test_a_worker_batch_is_sized_by_the_rows_it_keeps_not_by_its_first_item(sevenths, expected):
+    """A batch whose first item, times batch_size, is over a slot: the items
+    kept still fit (a failed item takes no row; an odd first item is the
+    odd one, not a size error)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _STRIDE_CHILD, str(sevenths)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == expected
