@@ -124,6 +124,20 @@ def _map(fd: int, size: int, offset: int = 0) -> mmap.mmap:
     return mmap.mmap(fd, size, offset=offset)
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14 (mmap has no name for it before Python 3.13)
+
+
+def _populate(mapping: mmap.mmap, size: int) -> None:
+    """Map the first ``size`` bytes of a slot just reserved in one call,
+    before the worker writes them: page by page, the faults of a fresh
+    512 MiB slot cost 0.32 s here, against 0.12 s for this and 0.05 s for
+    the copy itself.  An older kernel refuses it, and the faults happen."""
+    try:
+        mapping.madvise(_MADV_POPULATE_WRITE, 0, size)
+    except OSError:
+        pass
+
+
 class SlotRing:
     """The parent's side of one worker's arena (see the module docstring)."""
 
@@ -313,7 +327,8 @@ class SlotWriter:
         """Copy ``writes`` into ``slot`` (``capacity`` bytes reserved); returns
         the reservation afterwards.  ``appending``: a sample after others of
         the same task (the slot then at least doubles when it grows)."""
-        if nbytes > capacity:
+        reserved = nbytes > capacity
+        if reserved:
             capacity = self._reserve(slot, nbytes, capacity, appending)
         if nbytes == 0:  # no array bytes (an mmap of length 0 maps the whole arena)
             return capacity
@@ -322,6 +337,8 @@ class SlotWriter:
             self._maps[slot] = None  # drop the old mapping before making the new one
             region = self._maps[slot] = np.frombuffer(
                 _map(self._fd, capacity, HEADER_BYTES + slot * self._stride), dtype=np.uint8)
+        if reserved:
+            _populate(region.base.obj, capacity)  # the array's memoryview's mmap
         copy_writes(region, writes)
         return capacity
 
