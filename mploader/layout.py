@@ -224,19 +224,9 @@ class GroupLayout:
 
     def __init__(self, spec: Any, count: int) -> None:
         self._spec = spec
-        self._columns: list[tuple[tuple, int, int, np.dtype]] = []  # path, offset, row bytes, dtype
-        end = 0
-
-        def column(leaf: Any, path: tuple) -> None:
-            nonlocal end
-            offset = _aligned(end)
-            size = leaf.dtype.itemsize * int(np.prod(leaf.shape, dtype=np.int64))
-            self._columns.append((path, offset, size, leaf.dtype))
-            end = offset + count * size
-
-        map_nest(column, spec)
-        self._offsets = {path: offset for path, offset, _, _ in self._columns}
-        self.nbytes = end
+        leaves: list[tuple[tuple, tuple, np.dtype]] = []
+        map_nest(lambda leaf, path: leaves.append((path, leaf.shape, leaf.dtype)), spec)
+        self._columns, self.nbytes = _columns(leaves, count)
 
     def row(self, result: Any, row: int, check: Callable[[Any], None]) -> list[Write]:
         """The writes that put ``result`` into ``row``.  Its leaves are read as
@@ -248,12 +238,27 @@ class GroupLayout:
         sent = map_nest(lambda value, path: _sendable(value, path, torch), result)
         check(sent)
         return [(offset + row * size, np.asarray(at(sent, path), dtype))
-                for path, offset, size, dtype in self._columns]
+                for path, (offset, size, dtype) in self._columns.items()]
 
     def tree(self, rows: int) -> Any:
         """The group's first ``rows`` rows, as the Result's tree."""
-        return map_nest(lambda leaf, path: ArrayRef(self._offsets[path], (rows, *leaf.shape),
+        return map_nest(lambda leaf, path: ArrayRef(self._columns[path][0], (rows, *leaf.shape),
                                                     leaf.dtype), self._spec)
+
+
+def _columns(leaves: list[tuple[tuple, tuple, np.dtype]], count: int
+             ) -> tuple[dict[tuple, tuple[int, int, np.dtype]], int]:
+    """One column of ``count`` rows per leaf (path, a row's shape, dtype),
+    one after another, each 64-byte aligned: {path: (offset, row bytes,
+    dtype)}, and the bytes they take (a group's or a worker batch's slot)."""
+    columns: dict[tuple, tuple[int, int, np.dtype]] = {}
+    end = 0
+    for path, shape, dtype in leaves:
+        offset = _aligned(end)
+        size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        columns[path] = (offset, size, dtype)
+        end = offset + count * size
+    return columns, end
 
 
 def _from_torch(value: Any, path: tuple, torch: Any) -> Any:
@@ -569,7 +574,7 @@ class BatchRows:
         self._padding = padding
         self._torch = sys.modules.get("torch")
         self._like: _Item | None = None  # the layout the columns follow
-        self._columns: dict[tuple, tuple[int, int, np.dtype]] = {}  # array leaves: offset, row bytes, dtype
+        self._columns: dict[tuple, tuple[int, int, np.dtype]] = {}  # number leaves: offset, row bytes, dtype
         self._strings: dict[tuple, list[Any]] = {}
         self._rows: list[_Item] = []  # written in place, in order
         self._snapshots: list[Any] | None = None if padding is None else []  # None: in place
@@ -605,16 +610,11 @@ class BatchRows:
         slot; when that does not fit (a first item larger than the rest, a
         batch near the slot's limit), the batch is stacked from snapshots,
         so what it needs is what its items turn out to need."""
-        end = 0
-        for path, kind in item.kinds.items():
-            if kind[0] == "string":
-                self._strings[path] = []
-            elif kind[0] in ("array", "scalar"):
-                offset = _aligned(end)
-                shape = kind[2] if kind[0] == "array" else ()
-                size = int(np.prod(shape, dtype=np.int64)) * kind[1].itemsize
-                self._columns[path] = (offset, size, kind[1])
-                end = offset + self._count * size
+        self._strings = {path: [] for path, kind in item.kinds.items() if kind[0] == "string"}
+        self._columns, end = _columns(
+            [(path, kind[2] if kind[0] == "array" else (), kind[1])
+             for path, kind in item.kinds.items() if kind[0] in ("array", "scalar")],
+            self._count)
         try:
             self.capacity = self._slots.write(self._slot, self.capacity, [], end)
         except (UnsupportedResult, MemoryError):
