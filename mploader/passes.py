@@ -59,6 +59,12 @@ from .backend import Backend, Delivered, Died
 log = logging.getLogger("mploader")
 
 WAIT_SLICE_S = 0.05  # longest blind wait: bounds the reaction to close() and Ctrl-C
+# While the consumer takes results already here, the workers' pipes are
+# still read, and tasks sent, this often (and at most a tenth of the time,
+# whatever a backend's poll costs): a consumer behind the workers (TensorFlow
+# working through a backlog of groups) otherwise read and sent nothing, and
+# 64 sleep-bound workers each sat idle 60-75 ms at a time.
+POLL_EVERY_S = 2e-3
 _MAX_ITEM_STRIKES = 2  # an item that kills this many workers is reported, not retried
 _TARGET_TASK_S = 0.5e-3  # worker time per task that outweighs its two pipe messages
 # A group's worker time at most: a group is handed out when its last item is
@@ -67,6 +73,13 @@ _TARGET_TASK_S = 0.5e-3  # worker time per task that outweighs its two pipe mess
 # than one element's (it slices the group as a dataset of its own), so
 # groups of one or two items cost more than they save.
 _GROUP_TASK_S = 200e-3
+# Groups shrink at a pass's end no further than this (but for the last):
+# a group this long goes to TensorFlow in a call of its own, shorter ones
+# are copied into shared calls (tf/adapter.py), and a call costs the
+# consumer far more than an element.  Shrinking to single items made the
+# consumer the limit for the last third of a pass at 64 sleep-bound
+# workers; the workers' finishing apart by up to this many items costs less.
+MIN_GROUP_ITEMS = 4
 _MAX_CHUNK_ITEMS = 64
 _MAX_TASK_BYTES = 32 << 10  # pickled items per chunk: a task and its result stay small
 _SMALL_RESULT_BYTES = 32 << 10  # result bytes (arrays and message) per item worth chunking
@@ -231,10 +244,11 @@ class Feed:
         """Items for the next chunk.  A group is also at most its share of
         the items left among the tasks in flight, so groups shrink towards
         the pass's end and the workers finish it together, rather than one
-        group apart."""
+        group apart; but not below MIN_GROUP_ITEMS."""
         if not self._opt.group_items or self._left is None:
             return self._chunk_items
-        return max(1, min(self._chunk_items, self._left // self._in_flight))
+        return max(min(self._chunk_items, MIN_GROUP_ITEMS),
+                   min(self._chunk_items, self._left // self._in_flight))
 
     def may_send(self, outstanding: dict[Any, Any]) -> bool:
         """Whether the next chunk may go to a worker owing ``outstanding``: a
@@ -477,6 +491,7 @@ class Pass(Iterator[Any]):
         self._recovery = Recovery(options, pool)  # what a worker's death means
         self.interrupted = False              # ended by Ctrl-C (see interrupts.py)
         self._handout = Handout(epoch)  # since the last value: the next value's record
+        self._poll_due = 0.0  # when the workers' events are read even with a value here
         interrupts.forget_pending()
 
     # -- iteration ---------------------------------------------------------------
@@ -543,6 +558,8 @@ class Pass(Iterator[Any]):
             if self._abandoned or self._pool.closing:
                 raise _abandoned()
             self._pool.raise_if_failed()
+            if time.perf_counter() >= self._poll_due and self._poll(0.0):
+                self._dispatch()  # before a value is taken: an error here loses none
             found = self._take_ready()
             if found is not None:
                 return found[0]
@@ -565,19 +582,28 @@ class Pass(Iterator[Any]):
                 raise MPLoaderError("no worker of this loader is alive, and the pass has "
                                     "work left; start a new iteration")
             started = time.perf_counter()
-            events = self._pool.wait(WAIT_SLICE_S if wait else 0.0)
+            self._poll(WAIT_SLICE_S if wait else 0.0)
             self._stats.waited_s += time.perf_counter() - started
             polled = True
-            for event in events:
-                if isinstance(event, Delivered):
-                    self._on_delivered(event)
-                else:
-                    self._on_death(event)
-            if self._opt.timeout is not None:
-                self._pool.kill_overdue(self._opt.timeout)
             if self._route_interrupts and interrupts.sigint_pending():
                 self.interrupted = True
                 raise KeyboardInterrupt("Ctrl-C while waiting for mploader workers")
+
+    def _poll(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the workers' events and act on them;
+        whether any arrived."""
+        started = time.perf_counter()
+        events = self._pool.wait(timeout)
+        now = time.perf_counter()
+        self._poll_due = now + max(POLL_EVERY_S, 10 * (now - started - timeout))
+        for event in events:
+            if isinstance(event, Delivered):
+                self._on_delivered(event)
+            else:
+                self._on_death(event)
+        if self._opt.timeout is not None:
+            self._pool.kill_overdue(self._opt.timeout)
+        return bool(events)
 
     @property
     def running(self) -> bool:

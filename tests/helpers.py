@@ -188,3 +188,12 @@ def sized_rows(size: int, fail: int | None = None):
         n = abs(size) if size > 0 or i == 0 else 16
         return np.broadcast_to(np.uint8(i), (n,))
     return fn
+
+
+def stamped_sleep(item: tuple[str, int]) -> int:
+    """Append ``i start_time`` to the file ``path``, then sleep 0.1 s: when each item began."""
+    path, i = item
+    with open(path, "a") as f:
+        f.write(f"{i} {time.monotonic()}\n")
+    time.sleep(0.1)
+    return i

@@ -208,3 +208,23 @@ def test_what_a_long_epoch_hands_out_is_applied_as_it_goes_not_kept():
         assert len(deferred._entries) <= (SURELY_TAKEN_AFTER_CALLS + 1) * MAX_CHUNK_ELEMENTS
         assert loader.stats()["elements_per_tensorflow_call"] > 1
         assert loader.state_dict()["position"] == 5001  # item 7 skipped
+
+
+def test_a_consumer_taking_results_already_here_still_feeds_the_workers(tmp_path):
+    """While the consumer works through results already in the parent, the
+    workers' next tasks still go out.  They were sent only when the consumer
+    had to wait, so a consumer behind the workers (TensorFlow through a
+    backlog of groups) left them idle: here item 3 began only at the third
+    ``next()``, 0.5 s late."""
+    stamps = tmp_path / "stamps"
+    with MPLoader(helpers.stamped_sleep, [(str(stamps), i) for i in range(8)],
+                  num_workers=1, prefetch=2) as loader:
+        iterator = iter(loader)
+        assert next(iterator) == 0
+        time.sleep(0.5)  # the worker finishes item 1 and has nothing else to do
+        assert next(iterator) == 1  # already here: no wait, yet items 2 and 3 go out
+        second = time.monotonic()
+        time.sleep(0.5)
+        assert list(iterator) == list(range(2, 8))
+    began = dict(line.split() for line in stamps.read_text().splitlines())
+    assert float(began["3"]) - second < 0.3, (float(began["3"]) - second, began)

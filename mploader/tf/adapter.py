@@ -23,7 +23,7 @@ from .. import pool as pool_module
 from ..errors import MPLoaderError, PassAbandoned, SignatureMismatch
 from ..layout import Padding
 from ..nest import map_nest, path_text
-from ..passes import NOT_READY, Row
+from ..passes import MIN_GROUP_ITEMS, NOT_READY, Row
 from .grouping import (PASS_TAGS, SURELY_TAKEN_AFTER_CALLS, TAG_SHIFT, Deferred, GroupSpec,
                        elements_per_call, stack)
 from .signature import Leaf, SignatureCheck
@@ -242,16 +242,12 @@ class _Stream:
         return tags, stack([_value(element) for element in elements], self.leaves)
 
 
-# A group of this many rows or more goes in a call of its own, as it lies;
-# shorter ones share calls, stacked (a copy costs less than a call).
-_ALONE_ROWS = 4
-
-
 def _one_whole_group(element: Any, elements: list) -> bool:
     """The call holds exactly one group, whole, ``element`` its last row,
-    and long enough to go alone."""
+    and long enough to go alone: MIN_GROUP_ITEMS rows or more (shorter
+    groups share calls, stacked: a copy costs less than a call)."""
     return (type(element) is Row and element.last and len(elements) == element.row + 1
-            >= _ALONE_ROWS)
+            >= MIN_GROUP_ITEMS)
 
 
 def _value(element: Any) -> Any:

@@ -191,3 +191,23 @@ def test_keras_after_a_peek_still_trains_epoch_0_from_its_start():
     begin(epochs)                         # next(iter(loader.dataset())) before fit
     epochs.follow(0)
     assert begin(epochs)[0] == 0
+
+
+def test_groups_shrink_at_a_passs_end_but_not_below_the_rows_that_go_alone():
+    """A pass's groups shrink towards its end, so the workers finish
+    together, but to no fewer than MIN_GROUP_ITEMS items (but the last):
+    shorter groups cost the consumer a call each (passes.MIN_GROUP_ITEMS)."""
+    from mploader.passes import MIN_GROUP_ITEMS, Feed, Options, Stats
+    options = Options(ordered=True, prefetch=2, timeout=None, on_error="raise",
+                      on_worker_death="raise", batch_size=None, drop_remainder=False,
+                      group_items=8)
+    n, in_flight = 200, 8
+    feed = Feed(((i, i, i) for i in range(n)), options, None, 1, 0, Stats(0.0, item_s=0.02),
+                count=n, in_flight=in_flight)
+    sizes = []
+    while (chunk := feed.next_chunk()) is not None:
+        sizes.append(len(chunk.indices))
+    assert sum(sizes) == n
+    assert sizes[0] == 8 and sizes == sorted(sizes, reverse=True)
+    assert any(MIN_GROUP_ITEMS < size < 8 for size in sizes)  # they do shrink
+    assert min(sizes[:-1]) == MIN_GROUP_ITEMS, sizes
