@@ -351,10 +351,9 @@ class MPLoader:
         self._epochs = Epochs(config.seed if config.seed is not None else secrets.randbits(63))
         # Tasks in flight per worker: prefetch for each of its threads.
         options = Options(ordered=ordered, prefetch=prefetch * config.threads_per_worker,
-                          timeout=timeout,
-                                on_error=on_error, on_worker_death=on_worker_death,
-                                batch_size=batch_size, drop_remainder=drop_remainder,
-                                samples=config.samples)
+                          timeout=timeout, on_error=on_error, on_worker_death=on_worker_death,
+                          batch_size=batch_size, drop_remainder=drop_remainder,
+                          samples=config.samples, threads=config.threads_per_worker)
         fn_payload, fn_files = ship(fn, "fn")
         init_payload, init_files = ship(worker_init, "worker_init")
         prepare_payload, prepare_files = ship(prepare, "prepare")

@@ -73,13 +73,13 @@ _TARGET_TASK_S = 0.5e-3  # worker time per task that outweighs its two pipe mess
 # than one element's (it slices the group as a dataset of its own), so
 # groups of one or two items cost more than they save.
 _GROUP_TASK_S = 200e-3
-# Groups shrink at a pass's end no further than this (but for the last):
-# a group this long goes to TensorFlow in a call of its own, shorter ones
-# are copied into shared calls (tf/adapter.py), and a call costs the
-# consumer far more than an element.  Shrinking to single items made the
-# consumer the limit for the last third of a pass at 64 sleep-bound
-# workers; the workers' finishing apart by up to this many items costs less.
+# A group this long goes to TensorFlow in a call of its own; shorter ones
+# are copied into shared calls (tf/adapter.py).  Groups shrinking at a
+# pass's end stop here at the most (Feed._min_group).
 MIN_GROUP_ITEMS = 4
+# What a call of the generator costs the consumer, about (the parent's CPU
+# per group at 64 sleep-bound workers on 2 cores): far more than an element.
+_GROUP_CALL_S = 1e-3
 _MAX_CHUNK_ITEMS = 64
 _MAX_TASK_BYTES = 32 << 10  # pickled items per chunk: a task and its result stay small
 _SMALL_RESULT_BYTES = 32 << 10  # result bytes (arrays and message) per item worth chunking
@@ -119,6 +119,7 @@ class Options:
     batch_size: int | None
     drop_remainder: bool
     samples: bool = False         # fn yields several samples per item (a generator)
+    threads: int = 1              # threads per worker, each running an item at a time
     group_items: int = 0          # items per group (tf/grouping.py); 0: no groups
     group_spec: bytes = b""       # the pickled tf/grouping.GroupSpec the workers lay them out by
 
@@ -162,10 +163,11 @@ class Feed:
 
     def __init__(self, items: Iterator[tuple[int, int, Any]], options: Options,
                  cache: Cache | None, pass_id: int, epoch: int, stats: Stats,
-                 count: int | None = None, in_flight: int = 1) -> None:
+                 count: int | None = None, workers: int = 1) -> None:
         self._items = items           # (step, source index, item), in the epoch's order
         self._left = count            # items not read yet; None: not known
-        self._in_flight = in_flight   # tasks the workers may hold at once
+        self._in_flight = options.prefetch * workers  # tasks the workers may hold at once
+        self._running = options.threads * workers     # items they run at once
         self._pass_id = pass_id
         self._epoch = epoch
         self._opt = options
@@ -244,11 +246,21 @@ class Feed:
         """Items for the next chunk.  A group is also at most its share of
         the items left among the tasks in flight, so groups shrink towards
         the pass's end and the workers finish it together, rather than one
-        group apart; but not below MIN_GROUP_ITEMS."""
+        group apart; but not below _min_group()."""
         if not self._opt.group_items or self._left is None:
             return self._chunk_items
-        return max(min(self._chunk_items, MIN_GROUP_ITEMS),
+        return max(min(self._chunk_items, self._min_group()),
                    min(self._chunk_items, self._left // self._in_flight))
+
+    def _min_group(self) -> int:
+        """The shortest group the consumer keeps up with.  Workers finishing
+        groups of g items ask for running / (g x item_s) calls a second, and
+        the consumer answers at most 1 / _GROUP_CALL_S: at 64 sleep-bound
+        workers groups of one item made it the limit for the last third of
+        a pass.  Few workers can have single items, and finish together:
+        a floor of 4 there cost 0.02 of the rate at 4 in flight."""
+        calls = self._running * _GROUP_CALL_S / max(self._stats.item_s, 1e-9)
+        return min(MIN_GROUP_ITEMS, max(1, math.ceil(calls)))
 
     def may_send(self, outstanding: dict[Any, Any]) -> bool:
         """Whether the next chunk may go to a worker owing ``outstanding``: a
@@ -473,7 +485,7 @@ class Pass(Iterator[Any]):
         self._cache = cache
         self._feed = Feed(items, options, cache, pass_id, epoch, stats,  # the items, as tasks
                           progress.plan.remaining() if progress is not None else None,
-                          options.prefetch * max(1, len(pool.workers)))
+                          max(1, len(pool.workers)))
         self.progress = progress      # None: a probe, which hands out nothing for good
         self._pass_id = pass_id
         self.epoch = epoch            # the epoch whose steps its records name

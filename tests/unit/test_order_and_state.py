@@ -193,21 +193,36 @@ def test_keras_after_a_peek_still_trains_epoch_0_from_its_start():
     assert begin(epochs)[0] == 0
 
 
-def test_groups_shrink_at_a_passs_end_but_not_below_the_rows_that_go_alone():
-    """A pass's groups shrink towards its end, so the workers finish
-    together, but to no fewer than MIN_GROUP_ITEMS items (but the last):
-    shorter groups cost the consumer a call each (passes.MIN_GROUP_ITEMS)."""
-    from mploader.passes import MIN_GROUP_ITEMS, Feed, Options, Stats
-    options = Options(ordered=True, prefetch=2, timeout=None, on_error="raise",
+def _group_sizes(n: int, workers: int, threads: int = 1) -> list[int]:
+    from mploader.passes import Feed, Options, Stats
+    options = Options(ordered=True, prefetch=2 * threads, timeout=None, on_error="raise",
                       on_worker_death="raise", batch_size=None, drop_remainder=False,
-                      group_items=8)
-    n, in_flight = 200, 8
+                      group_items=8, threads=threads)
     feed = Feed(((i, i, i) for i in range(n)), options, None, 1, 0, Stats(0.0, item_s=0.02),
-                count=n, in_flight=in_flight)
+                count=n, workers=workers)
     sizes = []
     while (chunk := feed.next_chunk()) is not None:
         sizes.append(len(chunk.indices))
     assert sum(sizes) == n
     assert sizes[0] == 8 and sizes == sorted(sizes, reverse=True)
+    return sizes
+
+
+@pytest.mark.parametrize("workers, threads", [(64, 1), (1, 64), (4, 16)])
+def test_groups_of_many_workers_shrink_at_a_passs_end_but_not_below_the_rows_that_go_alone(
+        workers, threads):
+    """A pass's groups shrink towards its end, so the workers finish
+    together, but with 64 items running at once (processes or threads) to
+    no fewer than MIN_GROUP_ITEMS items (but the last): shorter groups
+    would ask the consumer for more calls than it answers (Feed._min_group)."""
+    from mploader.passes import MIN_GROUP_ITEMS
+    sizes = _group_sizes(3200, workers, threads)
     assert any(MIN_GROUP_ITEMS < size < 8 for size in sizes)  # they do shrink
     assert min(sizes[:-1]) == MIN_GROUP_ITEMS, sizes
+
+
+def test_groups_of_few_workers_shrink_to_single_items():
+    """With 4 workers the consumer keeps up with single items, and the
+    workers finish together: a floor of 4 items there cost 0.02 of the rate."""
+    sizes = _group_sizes(200, 4)
+    assert sizes[-4:] == [1, 1, 1, 1], sizes
