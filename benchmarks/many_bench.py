@@ -11,6 +11,10 @@ its steady rate over that ideal.  For K = 4, 16, 64 items in flight:
   and ``MPLoader(..., batch_size=32).dataset()`` (batched in the workers);
 - at the largest K, the mploader rows again while another process keeps
   one core busy (``--loaded``);
+- at the largest K, the ``dataset().batch(32)`` rows again over a pass of
+  LONG_PASS_S: a pass's start (its first groups) and its end (the last
+  groups, drained after the workers finish) cost about the same time in
+  any pass, so the longer pass shows the rate in between;
 - at the largest K, PyTorch's DataLoader (K worker processes), Grain's
   DataLoader (K workers) and ``tf.data`` ``map(numpy_function, num_parallel_calls=K)``
   with ``.batch(32)`` (on a sixteenth of the items: it keeps about as many
@@ -52,6 +56,7 @@ MODES = {"processes": lambda k: (k, 1), "threads": lambda k: (1, k),
 CONSUMERS = ("loop", "dataset_batch32", "batch_size32")
 PEERS = ("torch", "grain", "tf_map")
 PASS_S = 1.0  # ideal time of a timed pass (filling and draining the pipeline count in it)
+LONG_PASS_S = 4.0  # the same, for the rows that show what the start and the end cost
 TF_MAP_SHARE = 16  # tf.data's map runs a fraction of the items: its threads are the cores
 
 
@@ -176,7 +181,8 @@ def main() -> None:
                         help="also run the mploader rows of the most in flight with one core busy")
     args = parser.parse_args()
     import tensorflow as tf
-    rows: list[tuple[int, str, tuple, bool]] = []  # (in flight, name, how, one core busy)
+    # (in flight, name, how, one core busy, ideal seconds of a pass)
+    rows: list[tuple[int, str, tuple, bool, float]] = []
     in_flight = [int(k) for k in args.in_flight.split(",")]
     for k in in_flight:
         for mode, shape in MODES.items():
@@ -184,17 +190,21 @@ def main() -> None:
             if mode == "both" and threads == 1:
                 continue  # 4 x 1 is the processes row
             rows += [(k, f"mploader {mode} {processes}x{threads} {consumer}",
-                      ("mploader", processes, threads, consumer), False) for consumer in CONSUMERS]
+                      ("mploader", processes, threads, consumer), False, PASS_S)
+                     for consumer in CONSUMERS]
         if k == max(in_flight):  # the peers where the difference shows: most in flight
-            rows += [(k, peer, (peer,), False) for peer in PEERS if _installed(peer)]
+            rows += [(k, peer, (peer,), False, PASS_S) for peer in PEERS if _installed(peer)]
+    most = [row for row in rows if row[0] == max(in_flight) and row[2][0] == "mploader"]
     if args.loaded:
-        rows += [(k, f"{name}, one core busy", how, True)
-                 for k, name, how, _ in rows if k == max(in_flight) and how[0] == "mploader"]
-    runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _, _ in rows}
+        rows += [(k, f"{name}, one core busy", how, True, pass_s)
+                 for k, name, how, _, pass_s in most]
+    rows += [(k, f"{name}, a {LONG_PASS_S:.0f} s pass", how, False, LONG_PASS_S)
+             for k, name, how, _, _ in most if how[3] == "dataset_batch32"]
+    runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _, _, _ in rows}
     started = time.perf_counter()
     for rep in range(args.reps):
-        for k, name, how, busy in rows:
-            n = max(64, int(args.scale * PASS_S * k / SLEEP_S))
+        for k, name, how, busy, pass_s in rows:
+            n = max(64, int(args.scale * pass_s * k / SLEEP_S))
             run_started = time.perf_counter()
             with _BusyCore() if busy else contextlib.nullcontext():
                 runs[(k, name)].append(_mploader(n, *how[1:], tf) if how[0] == "mploader"
@@ -207,7 +217,7 @@ def main() -> None:
            "rows": [{"in_flight": k, "how": name,
                      "efficiency": statistics.median(runs[(k, name)]),
                      "min": min(runs[(k, name)]), "max": max(runs[(k, name)])}
-                    for k, name, _, _ in rows]}
+                    for k, name, _, _, _ in rows]}
     print(json.dumps(out))
 
 

@@ -43,7 +43,8 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     assert "error" not in many, many["error"]
     hows = {row["how"] for row in many["rows"]}
     assert {"mploader processes 8x1 loop", "mploader threads 1x8 batch_size32",
-            "mploader both 4x2 dataset_batch32"} <= hows
+            "mploader both 4x2 dataset_batch32",
+            "mploader both 4x2 dataset_batch32, a 4 s pass"} <= hows
     assert all(row["efficiency"] > 0 for row in many["rows"])
     md = (tmp_path / "results.md").read_text()
     assert "(i) many workers" in md
