@@ -250,6 +250,11 @@ def _spin(ms: int) -> int:
 
 
 def test_stats_tell_a_waiting_worker_from_a_computing_one():
+    """A computing worker's waiting fraction is the time it was not on a
+    core.  The suites of two Pythons run side by side on 2 cores (make
+    test), where a spinning worker was once off a core 0.305 of its busy
+    time: it may lose up to half, and must still read far from a worker
+    that sleeps."""
     with MPLoader(helpers.sleep_ms, [20] * 40, num_workers=1, threads_per_worker=4) as loader:
         list(loader)
         waiting = loader.stats()
@@ -258,8 +263,10 @@ def test_stats_tell_a_waiting_worker_from_a_computing_one():
         computing = loader.stats()
     assert waiting["worker_waiting_fraction"][0] > 0.8
     assert waiting["worker_cpu_fraction"][0] < 0.3
-    assert computing["worker_waiting_fraction"][0] < 0.3
+    assert computing["worker_waiting_fraction"][0] < 0.5
     assert computing["worker_cpu_fraction"][0] > 0.3
+    assert (waiting["worker_waiting_fraction"][0]
+            > computing["worker_waiting_fraction"][0] + 0.3)
     assert 0 < waiting["worker_busy_fraction"][0] <= 1.0
 
 
