@@ -355,6 +355,10 @@ def test_set_epoch_while_tensorflow_holds_the_rest_of_a_pass_keeps_its_position(
             return np.float32(i)
         loader = MPLoader(scalar, 8, num_workers=2, prefetch=4)
         report_pids(loader)
+        # Both workers started before the first call, so it gives each its 4
+        # tasks (a worker ready only after the first element came gets its
+        # tasks at the next call, after the sleep: CI saw 2 per call then).
+        time.sleep(2.0)
         it = iter(loader.dataset().repeat())
         taken = [float(next(it))]
         time.sleep(1.5)                 # all 8 ready: the next call takes them all
