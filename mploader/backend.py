@@ -143,7 +143,7 @@ class Backend(Protocol):
         """A new worker in place of a dead one."""
 
     def shrink(self) -> None:
-        """The pass's bursts are over: spare result memory may go back."""
+        """A pass ended: spare result memory goes back once idle (slots.py)."""
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every worker within ``timeout`` seconds; idempotent, any thread."""

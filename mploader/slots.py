@@ -45,10 +45,11 @@ result or view of it does.
 Memory: free slots are reused last-in first-out, so only as many slots hold
 memory as are in use at once.  Beyond ``keep_free`` reserved free slots, the
 least recently used ones give their memory back (``MADV_REMOVE``) once idle for
-``IDLE_SHRINK_S``, and at the end of every pass, so a burst (the consumer held
-many results at once, or one slow item let the others run ahead) does not
-stay reserved; the delay keeps a steady stream from refaulting fresh pages,
-which costs far more than the copy into them.  A worker grows a slot when a result does not fit, reserving it with
+``IDLE_SHRINK_S``, during a pass (looked at on each release) or after it (a
+timer of the pool's), so a burst (the consumer held many results at once, or
+one slow item let the others run ahead) does not stay reserved; the delay
+keeps a steady stream, and the next pass right after this one, from
+refaulting fresh pages, which costs far more than the copy into them.  A worker grows a slot when a result does not fit, reserving it with
 ``posix_fallocate`` so a shortage is an ``OSError`` naming the size (never a
 SIGBUS on first write).
 """
@@ -247,6 +248,13 @@ class SlotRing:
             if now - self._freed_at[idle] >= idle_for:
                 self._arena.madvise(mmap.MADV_REMOVE, self.offset(idle), self.capacity[idle])
                 self.capacity[idle] = 0
+
+    def holds_spare(self) -> bool:
+        """Memory a later shrink may give back: reserved FREE slots beyond
+        ``keep_free``, or leases (they come back FREE)."""
+        self._collect_returned()
+        reserved = sum(1 for slot in self._free if self.capacity[slot])
+        return not self._closed and (reserved > self._keep_free or bool(self._leases))
 
     def offset(self, slot: int) -> int:
         return HEADER_BYTES + slot * self.stride

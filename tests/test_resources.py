@@ -195,6 +195,55 @@ def test_spare_slots_give_their_memory_back_after_2_s_idle_during_a_steady_strea
     assert_no_worker_left(s.wait_for_pids())
 
 
+def test_after_a_pass_its_slots_stay_for_the_next_one_then_go_back_unasked_after_2_s(script):
+    """A pass's slots are what the next pass, often right after it, needs:
+    giving them back at its end made every pass fault its workers' slots in
+    afresh at its start.  So they go back only once idle 2 s, with no call
+    of the user's (a timer: nothing else runs between passes), and closing
+    the loader stops the timer."""
+    s = script("""
+        import gc, json, threading, time
+        import numpy as np
+        from mploader import MPLoader
+
+        def fn(i):
+            time.sleep(0.01)
+            return np.full(2 << 20, i, np.float32)   # 8 MiB
+
+        def reserved():
+            return loader.stats()["shared_memory_bytes"]
+
+        with MPLoader(fn, range(40), num_workers=2, prefetch=2) as loader:
+            report_pids(loader)
+            right = all(float(x[0]) == i for i, x in enumerate(loader))
+            gc.collect()
+            ended = time.monotonic()
+            at_end = reserved()
+            time.sleep(1.0)
+            after_1_s = reserved()                   # the timer cannot have run yet
+            while reserved() >= at_end and time.monotonic() - ended < 10:
+                time.sleep(0.1)
+            gone_after = time.monotonic() - ended
+            later = reserved()
+            again = all(float(x[0]) == i for i, x in enumerate(loader))
+        for thread in threading.enumerate():
+            if thread.name == "mploader-idle-slots":
+                thread.join(2)
+        timers = [t.name for t in threading.enumerate() if t.name == "mploader-idle-slots"]
+        print(json.dumps({"right": right and again, "at_end": at_end, "after_1_s": after_1_s,
+                          "later": later, "gone_after": gone_after, "timers": timers}))
+    """)
+    result = run_bounded(s, within=60)
+    got = report(result)
+    assert got["right"], got
+    kept = 2 * 2 * 9 * MiB  # prefetch slots per worker, each 8 MiB (and an eighth more at most)
+    assert got["at_end"] > kept and got["after_1_s"] == got["at_end"], got
+    assert got["later"] <= kept and 1.0 <= got["gone_after"] <= 8, got
+    assert got["timers"] == [], got
+    assert_quiet(result)
+    assert_no_worker_left(s.wait_for_pids())
+
+
 def test_large_results_and_a_slow_consumer_hold_prefetch_plus_one_per_worker(script):
     """16 MiB results, the first slow, then read by a consumer slower than the
     workers: a worker's finished results wait (for the first item, then for
