@@ -302,8 +302,7 @@ class WorkerPool:
         Not at once: the next pass, often the next epoch right after, needs the
         same slots, and refaulting them cost each worker a fresh slot's faults
         at that pass's start: 0.03-0.09 of the rate of a 1 s pass at 64 groups
-        in flight on a host where fresh memory is slow to fault in, up to 0.03
-        where it is quick."""
+        in flight, measured on a host where fresh memory is quick to fault in."""
         self._give_back_idle()
 
     def _give_back_idle(self) -> None:
