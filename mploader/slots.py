@@ -236,25 +236,24 @@ class SlotRing:
         self._free.append(slot)
         self._freed_at[slot] = time.monotonic()
 
-    def shrink(self, idle_for: float = 0.0) -> None:
+    def shrink(self, idle_for: float = 0.0) -> bool:
         """Give back the memory of reserved FREE slots beyond ``keep_free`` that
-        have been idle for ``idle_for`` seconds, least recently used first."""
+        have been idle for ``idle_for`` seconds, least recently used first.
+        Returns whether memory is left that a later call may give back: such
+        slots not idle long enough yet, or leases (they come back FREE)."""
         if self._closed:
-            return
+            return False
         self._collect_returned()
         reserved = [s for s in self._free if self.capacity[s]]  # the stack's bottom first
         now = time.monotonic()
+        left = False
         for idle in reserved[:len(reserved) - self._keep_free]:
             if now - self._freed_at[idle] >= idle_for:
                 self._arena.madvise(mmap.MADV_REMOVE, self.offset(idle), self.capacity[idle])
                 self.capacity[idle] = 0
-
-    def holds_spare(self) -> bool:
-        """Memory a later shrink may give back: reserved FREE slots beyond
-        ``keep_free``, or leases (they come back FREE)."""
-        self._collect_returned()
-        reserved = sum(1 for slot in self._free if self.capacity[slot])
-        return not self._closed and (reserved > self._keep_free or bool(self._leases))
+            else:
+                left = True
+        return left or bool(self._leases)
 
     def offset(self, slot: int) -> int:
         return HEADER_BYTES + slot * self.stride
