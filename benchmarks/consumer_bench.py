@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -78,16 +79,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="fewer elements (a smoke test)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="comma-separated; bare always runs (the ratios' base)")
     args = parser.parse_args()
     import tensorflow as tf
+    peers = ["bare"] + [p for p in PEERS if p != "bare" and p in args.peers.split(",")]
     runs: dict[str, dict[str, list[tuple[float, ...]]]] = {
-        e: {p: [] for p in PEERS} for e in ELEMENTS}
+        e: {p: [] for p in peers} for e in ELEMENTS}
     for _ in range(args.reps):
         for element, n in ELEMENTS.items():
-            for peer in PEERS:
+            for peer in peers:
                 runs[element][peer].append(
                     measure(element, peer, max(64, int(n * args.scale)), args.workers, tf))
-    out = {"workers": args.workers, "reps": args.reps, "elements": {}}
+    out = {"workers": args.workers, "reps": args.reps, "elements": {},
+           # TensorFlow's CPU allocator, as the environment chose it (run.py's (h) rows)
+           "tf_cpu_allocator_use_bfc": os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "")}
     for element, peers in runs.items():
         bare = peers["bare"]
         out["elements"][element] = {peer: {

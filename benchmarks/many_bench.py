@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -179,7 +180,14 @@ def main() -> None:
                         help="items in flight, comma-separated")
     parser.add_argument("--loaded", action="store_true",
                         help="also run the mploader rows of the most in flight with one core busy")
+    parser.add_argument("--consumers", default=",".join(CONSUMERS), help="comma-separated")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help="comma-separated, those installed run; '' for none")
+    parser.add_argument("--long-pass", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"the dataset_batch32 rows of the most in flight over a "
+                             f"{LONG_PASS_S:.0f} s pass")
     args = parser.parse_args()
+    consumers = [c for c in CONSUMERS if c in args.consumers.split(",")]
     import tensorflow as tf
     # (in flight, name, how, one core busy, ideal seconds of a pass)
     rows: list[tuple[int, str, tuple, bool, float]] = []
@@ -191,15 +199,17 @@ def main() -> None:
                 continue  # 4 x 1 is the processes row
             rows += [(k, f"mploader {mode} {processes}x{threads} {consumer}",
                       ("mploader", processes, threads, consumer), False, PASS_S)
-                     for consumer in CONSUMERS]
+                     for consumer in consumers]
         if k == max(in_flight):  # the peers where the difference shows: most in flight
-            rows += [(k, peer, (peer,), False, PASS_S) for peer in PEERS if _installed(peer)]
+            rows += [(k, peer, (peer,), False, PASS_S) for peer in PEERS
+                     if peer in args.peers.split(",") and _installed(peer)]
     most = [row for row in rows if row[0] == max(in_flight) and row[2][0] == "mploader"]
     if args.loaded:
         rows += [(k, f"{name}, one core busy", how, True, pass_s)
                  for k, name, how, _, pass_s in most]
-    rows += [(k, f"{name}, a {LONG_PASS_S:.0f} s pass", how, False, LONG_PASS_S)
-             for k, name, how, _, _ in most if how[3] == "dataset_batch32"]
+    if args.long_pass:
+        rows += [(k, f"{name}, a {LONG_PASS_S:.0f} s pass", how, False, LONG_PASS_S)
+                 for k, name, how, _, _ in most if how[3] == "dataset_batch32"]
     runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _, _, _ in rows}
     started = time.perf_counter()
     for rep in range(args.reps):
@@ -214,6 +224,7 @@ def main() -> None:
                   f"{runs[(k, name)][-1]:.2f} in {time.perf_counter() - run_started:.1f} s "
                   f"({time.perf_counter() - started:.0f} s in all)", file=sys.stderr, flush=True)
     out = {"reps": args.reps, "sleep_s": SLEEP_S, "result_bytes": RESULT.nbytes,
+           "tf_cpu_allocator_use_bfc": os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", ""),
            "rows": [{"in_flight": k, "how": name,
                      "efficiency": statistics.median(runs[(k, name)]),
                      "min": min(runs[(k, name)]), "max": max(runs[(k, name)])}

@@ -37,6 +37,13 @@ sys.path.insert(0, str(ROOT / "examples" / "medical_3d"))
 
 ONE_MIB = 1 << 20
 
+# (h) and (i) run their dataset().batch(32) rows again with TensorFlow's BFC
+# CPU allocator: its default allocator gives each batch fresh pages (TensorFlow
+# sets malloc's trim threshold when it makes a generator dataset, so large
+# buffers are mapped and unmapped each time), and where fresh memory is slow
+# to fault in, TensorFlow's own .batch() is then what limits the consumer.
+BFC_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
+
 # section -> (workload, items, items in --tiny, peers, what it shows)
 SECTIONS = {
     "a": ("gil_bound", 160, 6, ["serial", "ceiling", "tf_map", "keras_pydataset",
@@ -196,7 +203,7 @@ def many_text(i: dict) -> str:
     if "error" in i:
         return f"(i) many workers for a fn that waits: failed: {i['error']}"
     lines = [f"(i) many workers for a fn that waits ({i['sleep_s'] * 1000:.0f} ms, "
-             f"{i['result_bytes'] >> 10} KiB out): steady rate / ideal (in flight / "
+             f"{i['result_bytes'] >> 10} KiB out){_allocator_note(i)}: steady rate / ideal (in flight / "
              f"{i['sleep_s']} s), medians of {i['reps']} interleaved runs (min-max)",
              f"  {'in flight':>9}  {'how (processes x threads, consumed as)':<58}"
              f"{'efficiency':>22}"]
@@ -292,6 +299,12 @@ def ray_section(env: dict, tiny: bool) -> dict:
         return run_script("ray_bench.py", ray_env, *args, timeout=600, wrap=wrap)
 
 
+def _allocator_note(section: dict) -> str:
+    """How a section's TensorFlow allocated: its default, or BFC (see BFC_ENV)."""
+    return (" (again, TensorFlow's CPU allocator BFC: TF_CPU_ALLOCATOR_USE_BFC=true)"
+            if section.get("tf_cpu_allocator_use_bfc") else "")
+
+
 def consumer_text(h: dict) -> str:
     if "error" in h:
         return f"(h) the consumer side: failed: {h['error']}"
@@ -300,16 +313,19 @@ def consumer_text(h: dict) -> str:
              "batch_size32": "MPLoader(..., batch_size=32).dataset()",
              "loader": "for x in loader (no TensorFlow)"}
     elements = list(h["elements"])
-    lines = [f"(h) the consumer side: elements/s (parent CPU ms per element), x bare (min-max); "
+    lines = [f"(h) the consumer side{_allocator_note(h)}: elements/s (parent CPU ms per "
+             f"element), x bare (min-max); "
              f"{h['workers']} workers, medians of {h['reps']} interleaved runs",
              f"  {'consumed as':<40}" + "".join(f"{e:>40}" for e in elements)]
     for peer, name in names.items():
+        if peer not in h["elements"][elements[0]]:
+            continue
         cells = []
         for element in elements:
             r = h["elements"][element][peer]
             cells.append(f"{r['per_s']:.0f} ({r['cpu_ms']:.3f} ms) {spread(r, 'x_bare', 'x')}")
         lines.append(f"  {name:<40}" + "".join(f"{c:>40}" for c in cells))
-    per_call = [h["elements"][e]["dataset_batch32"].get("per_call") for e in elements]
+    per_call = [h["elements"][e].get("dataset_batch32", {}).get("per_call") for e in elements]
     if None not in per_call:
         lines.append(f"  {'dataset(): elements per generator call':<40}" +
                      "".join(f"{p:>40.1f}" for p in per_call))
@@ -423,10 +439,12 @@ def report(results: dict) -> str:
                     f"{results['startup']['worker_rss_mib']:.1f} MiB")
     if "cache" in results:
         text.append(cache_text(results["cache"]))
-    if "consumer" in results:
-        text.append(consumer_text(results["consumer"]))
-    if "many" in results:
-        text.append(many_text(results["many"]))
+    for key in ("consumer", "consumer_bfc"):
+        if key in results:
+            text.append(consumer_text(results[key]))
+    for key in ("many", "many_bfc"):
+        if key in results:
+            text.append(many_text(results[key]))
     if "volume" in results:
         text.append(volume_text(results["volume"]))
     if "ray" in results:
@@ -543,12 +561,22 @@ def main() -> int:
                                          "--workers", str(args.workers),
                                          "--scale", "0.05" if args.tiny else "1")
         print(consumer_text(results["consumer"]) + "\n", flush=True)
+        results["consumer_bfc"] = run_script("consumer_bench.py", {**env, **BFC_ENV},
+                                             "--reps", str(reps), "--workers", str(args.workers),
+                                             "--scale", "0.05" if args.tiny else "1",
+                                             "--peers", "bare,dataset_batch32")
+        print(consumer_text(results["consumer_bfc"]) + "\n", flush=True)
         took("h")
     if "i" in args.sections:
         results["many"] = run_script("many_bench.py", env, "--reps", str(reps), "--loaded",
                                      *(["--scale", "0.05", "--in-flight", "8"] if args.tiny
                                        else []))
         print(many_text(results["many"]) + "\n", flush=True)
+        results["many_bfc"] = run_script(
+            "many_bench.py", {**env, **BFC_ENV}, "--reps", str(reps),
+            "--consumers", "dataset_batch32", "--peers", "", "--no-long-pass",
+            *(["--scale", "0.05", "--in-flight", "8"] if args.tiny else ["--in-flight", "64"]))
+        print(many_text(results["many_bfc"]) + "\n", flush=True)
         took("i")
     if "j" in args.sections:
         results["volume"] = run_script("volume_bench.py", env, "--reps", str(reps),
