@@ -16,12 +16,15 @@ pytestmark = [pytest.mark.tf, pytest.mark.bench]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(660)  # the run below may take its 600 s on a slow machine
 def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--tiny",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["machine"]["cores_usable"] >= 1 and results["machine"]["cpu"]
+    assert results["machine"]["python_loop_3m_s"] > 0  # the speed probe (run.py speed())
+    assert results["machine"]["fresh_memory_gb_s"] > 0
     assert set(results["sections"]) == {"a", "b", "c", "d"}
     for name, section in results["sections"].items():
         for peer, row in section["peers"].items():
@@ -39,6 +42,11 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     for element in consumer["elements"].values():
         assert set(element) == {"bare", "dataset_batch32", "batch_size32", "loader"}
         assert all(row["per_s"] > 0 and row["cpu_ms"] > 0 for row in element.values())
+    bfc = results["consumer_bfc"]  # the same, with TensorFlow's BFC allocator
+    assert "error" not in bfc, bfc["error"]
+    assert bfc["tf_cpu_allocator_use_bfc"] == "true"
+    for element in bfc["elements"].values():
+        assert set(element) == {"bare", "dataset_batch32"}
     many = results["many"]
     assert "error" not in many, many["error"]
     hows = {row["how"] for row in many["rows"]}
@@ -46,8 +54,14 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
             "mploader both 4x2 dataset_batch32",
             "mploader both 4x2 dataset_batch32, a 4 s pass"} <= hows
     assert all(row["efficiency"] > 0 for row in many["rows"])
+    many_bfc = results["many_bfc"]
+    assert "error" not in many_bfc, many_bfc["error"]
+    assert {row["how"] for row in many_bfc["rows"]} == {
+        "mploader processes 8x1 dataset_batch32", "mploader threads 1x8 dataset_batch32",
+        "mploader both 4x2 dataset_batch32"}
     md = (tmp_path / "results.md").read_text()
     assert "(i) many workers" in md
+    assert "(again, TensorFlow's CPU allocator BFC: TF_CPU_ALLOCATOR_USE_BFC=true)" in md
     volume = results["volume"]
     assert "error" not in volume, volume["error"]
     assert set(volume["sizes"]) == {"1", "8"}  # 32 and 256 MiB, scaled down
