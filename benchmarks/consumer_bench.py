@@ -83,12 +83,12 @@ def main() -> None:
                         help="comma-separated; bare always runs (the ratios' base)")
     args = parser.parse_args()
     import tensorflow as tf
-    peers = ["bare"] + [p for p in PEERS if p != "bare" and p in args.peers.split(",")]
+    chosen = ["bare"] + [p for p in PEERS if p != "bare" and p in args.peers.split(",")]
     runs: dict[str, dict[str, list[tuple[float, ...]]]] = {
-        e: {p: [] for p in peers} for e in ELEMENTS}
+        e: {p: [] for p in chosen} for e in ELEMENTS}
     for _ in range(args.reps):
         for element, n in ELEMENTS.items():
-            for peer in peers:
+            for peer in chosen:
                 runs[element][peer].append(
                     measure(element, peer, max(64, int(n * args.scale)), args.workers, tf))
     out = {"workers": args.workers, "reps": args.reps, "elements": {},

@@ -188,6 +188,7 @@ def main() -> None:
                              f"{LONG_PASS_S:.0f} s pass")
     args = parser.parse_args()
     consumers = [c for c in CONSUMERS if c in args.consumers.split(",")]
+    peers = [p for p in PEERS if p in args.peers.split(",") and _installed(p)]
     import tensorflow as tf
     # (in flight, name, how, one core busy, ideal seconds of a pass)
     rows: list[tuple[int, str, tuple, bool, float]] = []
@@ -201,8 +202,7 @@ def main() -> None:
                       ("mploader", processes, threads, consumer), False, PASS_S)
                      for consumer in consumers]
         if k == max(in_flight):  # the peers where the difference shows: most in flight
-            rows += [(k, peer, (peer,), False, PASS_S) for peer in PEERS
-                     if peer in args.peers.split(",") and _installed(peer)]
+            rows += [(k, peer, (peer,), False, PASS_S) for peer in peers]
     most = [row for row in rows if row[0] == max(in_flight) and row[2][0] == "mploader"]
     if args.loaded:
         rows += [(k, f"{name}, one core busy", how, True, pass_s)

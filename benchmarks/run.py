@@ -583,28 +583,25 @@ def main() -> int:
         print(cache_text(results["cache"]) + "\n", flush=True)
         took("g")
     if "h" in args.sections:
-        results["consumer"] = run_script("consumer_bench.py", env, "--reps", str(reps),
-                                         "--workers", str(args.workers),
-                                         "--scale", "0.05" if args.tiny else "1")
-        print(consumer_text(results["consumer"]) + "\n", flush=True)
-        results["consumer_bfc"] = run_script("consumer_bench.py", {**env, **BFC_ENV},
-                                             "--reps", str(reps), "--workers", str(args.workers),
-                                             "--scale", "0.05" if args.tiny else "1",
-                                             "--peers", "bare,dataset_batch32")
-        print(consumer_text(results["consumer_bfc"]) + "\n", flush=True)
+        for key, section_env, extra in (
+                ("consumer", env, ()),
+                ("consumer_bfc", {**env, **BFC_ENV}, ("--peers", "bare,dataset_batch32"))):
+            results[key] = run_script("consumer_bench.py", section_env, "--reps", str(reps),
+                                      "--workers", str(args.workers),
+                                      "--scale", "0.05" if args.tiny else "1", *extra)
+            print(consumer_text(results[key]) + "\n", flush=True)
         took("h")
     if "i" in args.sections:
+        size = ["--scale", "0.05", "--in-flight", "8"] if args.tiny else ["--in-flight", "64"]
         # 1800 s: on a host where Python runs slowly, starting 64 worker
         # processes takes seconds per run, and 900 s were too few for 3 reps
-        results["many"] = run_script("many_bench.py", env, "--reps", str(reps), "--loaded",
-                                     *(["--scale", "0.05", "--in-flight", "8"] if args.tiny
-                                       else []), timeout=1800)
-        print(many_text(results["many"]) + "\n", flush=True)
-        results["many_bfc"] = run_script(
-            "many_bench.py", {**env, **BFC_ENV}, "--reps", str(reps),
-            "--consumers", "dataset_batch32", "--peers", "", "--no-long-pass",
-            *(["--scale", "0.05", "--in-flight", "8"] if args.tiny else ["--in-flight", "64"]))
-        print(many_text(results["many_bfc"]) + "\n", flush=True)
+        for key, section_env, extra in (
+                ("many", env, ["--loaded", *(size if args.tiny else [])]),
+                ("many_bfc", {**env, **BFC_ENV}, ["--consumers", "dataset_batch32",
+                                                  "--peers", "", "--no-long-pass", *size])):
+            results[key] = run_script("many_bench.py", section_env, "--reps", str(reps), *extra,
+                                      timeout=1800)
+            print(many_text(results[key]) + "\n", flush=True)
         took("i")
     if "j" in args.sections:
         results["volume"] = run_script("volume_bench.py", env, "--reps", str(reps),
