@@ -17,75 +17,97 @@ kernel) uses the wakeup fd, and only acted on while SIGINT has Python's default
 handler (or ours, below), so a program that handles Ctrl-C itself keeps that
 behaviour.
 
-One more step makes the KeyboardInterrupt catchable.  When ``GetNext``
-returns, TensorFlow turns its status into a Python exception inside pybind11,
-which runs the exception class's ``__init__`` (Python code) while
-normalizing it; the main thread's pending SIGINT handler runs right there,
-and pybind11 reports ``RuntimeError: ... MISMATCH ... REPLACED BY
-KeyboardInterrupt``, which ``except KeyboardInterrupt`` does not catch.  So,
-where SIGINT has Python's default handler, ``install`` puts in its place
-:func:`_keyboard_interrupt`: the same KeyboardInterrupt, but asked for again
-while the main thread is inside the ``__init__`` of one of TensorFlow's
-exception classes: a trace function raises it at the next line of plain
-Python code (:class:`_RaiseSoon`), as the default handler would have.
+One more step makes the KeyboardInterrupt reach the user.  TensorFlow's C++
+calls back into Python (the ``__init__`` of the exception ``GetNext``'s status
+becomes, a composite's ``_type_spec`` under ``tf.nest``, an ``__import__``) and
+does not always pass an exception raised there on: pybind11 reports
+``RuntimeError: ... MISMATCH ... REPLACED BY KeyboardInterrupt``, ``tf.nest``
+a ``SystemError: ... returned a result with an exception set`` that Keras
+prints and goes on from.  Python runs a SIGINT handler in whatever frame the
+main thread is in, so a Ctrl-C that lands there is lost.  So, where SIGINT has
+Python's default handler, ``install`` puts :func:`_keyboard_interrupt` in its
+place: while TensorFlow's Python code is on top of the main thread's stack
+(the standard library's frames above it count as TensorFlow's), the
+KeyboardInterrupt is raised as the outermost of those TensorFlow frames
+returns to the code that called it (:class:`_RaiseOnReturn`), that is from
+the TensorFlow call the user or Keras made; elsewhere at once.  A second Ctrl-C
+while the first waits raises at once, as Python would.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import sysconfig
 import threading
 from types import FrameType
 
 _read_fd: int | None = None
-# The Python files whose exception classes pybind11 normalizes (see above).
-_TF_EXCEPTION_FILES = (os.path.join("tensorflow", "python", "eager", "core.py"),
-                       os.path.join("tensorflow", "python", "framework", "errors_impl.py"))
-_FRAMES_CHECKED = 12  # an exception's __init__ and what it calls, no deeper
+_tf_dir: str | None = None     # TensorFlow's package folder, with a trailing separator
+_stdlib_dirs: tuple[str, ...] = ()
+_waiting: "_RaiseOnReturn | None" = None   # a KeyboardInterrupt not raised yet
 
 
-def _in_tf_exception_init(frame: FrameType | None) -> bool:
-    for _ in range(_FRAMES_CHECKED):
-        if frame is None:
-            return False
-        code = frame.f_code
-        if code.co_name == "__init__" and code.co_filename.endswith(_TF_EXCEPTION_FILES):
-            return True
+def _in_tensorflow(frame: FrameType) -> bool:
+    return _tf_dir is not None and frame.f_code.co_filename.startswith(_tf_dir)
+
+
+def _in_stdlib(frame: FrameType) -> bool:
+    name = frame.f_code.co_filename
+    return name.startswith("<frozen ") or (name.startswith(_stdlib_dirs)
+                                            and "-packages" not in name)
+
+
+def _outermost_tensorflow_frame(frame: FrameType | None) -> FrameType | None:
+    """The frame through which the stack's top TensorFlow calls were entered,
+    or None where the top of the stack is not TensorFlow's code."""
+    while frame is not None and _in_stdlib(frame):
         frame = frame.f_back
-    return False
+    if frame is None or not _in_tensorflow(frame):
+        return None
+    while frame.f_back is not None and (_in_tensorflow(frame.f_back)
+                                        or _in_stdlib(frame.f_back)):
+        frame = frame.f_back
+    return frame
 
 
-class _RaiseSoon:
-    """Raise KeyboardInterrupt at the next event outside TensorFlow's exception
-    constructors: a new frame, or a line or exception in a frame of the stack
-    now.  A trace function, removed (and any previous one put back) as it fires."""
+class _RaiseOnReturn:
+    """A trace function that raises KeyboardInterrupt as ``frame`` returns (or
+    unwinds), and takes itself away (putting back any trace function it
+    replaced).  It traces no other frame: every frame called meanwhile runs
+    above ``frame``."""
 
     def __init__(self, frame: FrameType) -> None:
+        self._frame = frame
         self._previous = sys.gettrace()
-        self._frames = []
-        while frame is not None:
-            frame.f_trace = self
-            self._frames.append(frame)
-            frame = frame.f_back
+        frame.f_trace = self
         sys.settrace(self)
 
-    def __call__(self, frame: FrameType, event: str, arg: object) -> "_RaiseSoon | None":
-        if _in_tf_exception_init(frame):
-            return self
-        for traced in self._frames:
-            traced.f_trace = None
-        self._frames.clear()
+    def __call__(self, frame: FrameType, event: str, arg: object) -> "_RaiseOnReturn | None":
+        if event == "call":
+            return None
+        if frame is self._frame and event == "return":
+            self.raise_now()
+        return self
+
+    def raise_now(self) -> None:
+        global _waiting
+        _waiting = None
+        self._frame.f_trace = None
         sys.settrace(self._previous)
         raise KeyboardInterrupt
 
 
 def _keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    """Python's default SIGINT handler, deferred out of TensorFlow's exception
-    constructors (see the module docstring)."""
-    if frame is not None and _in_tf_exception_init(frame):
-        _RaiseSoon(frame)
-        return
-    raise KeyboardInterrupt
+    """Python's default SIGINT handler, raised outside TensorFlow's frames
+    (see the module docstring)."""
+    global _waiting
+    if _waiting is not None:
+        _waiting.raise_now()  # pressed again: at once
+    outermost = _outermost_tensorflow_frame(frame)
+    if outermost is None:
+        raise KeyboardInterrupt
+    _waiting = _RaiseOnReturn(outermost)
 
 
 def install() -> None:
@@ -103,6 +125,12 @@ def install() -> None:
         os.close(write_fd)
         return
     _read_fd = read_fd
+    global _tf_dir, _stdlib_dirs
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and getattr(tf, "__file__", None):
+        _tf_dir = os.path.dirname(tf.__file__) + os.sep
+    _stdlib_dirs = tuple({os.path.join(sysconfig.get_paths()[key], "")
+                          for key in ("stdlib", "platstdlib")})
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _keyboard_interrupt)
 
