@@ -19,95 +19,89 @@ behaviour.
 
 One more step makes the KeyboardInterrupt reach the user.  TensorFlow's C++
 calls back into Python (the ``__init__`` of the exception ``GetNext``'s status
-becomes, a composite's ``_type_spec`` under ``tf.nest``, an ``__import__``) and
-does not always pass an exception raised there on: pybind11 reports
-``RuntimeError: ... MISMATCH ... REPLACED BY KeyboardInterrupt``, ``tf.nest``
-a ``SystemError: ... returned a result with an exception set`` that Keras
-prints and goes on from.  Python runs a SIGINT handler in whatever frame the
-main thread is in, so a Ctrl-C that lands there is lost.  So, where SIGINT has
+becomes, a composite's ``_type_spec`` under ``tf.nest``, an ``__import__``, a
+``py_function``'s body) and does not always pass an exception raised there
+on: pybind11 reports ``RuntimeError: ... MISMATCH ... REPLACED BY
+KeyboardInterrupt``, ``tf.nest`` a ``SystemError: ... returned a result with
+an exception set`` that Keras prints and goes on from, ``py_function`` an
+``UnknownError``.  Python runs a SIGINT handler in whatever frame the main
+thread is in, so a Ctrl-C that lands there is lost.  So, where SIGINT has
 Python's default handler, ``install`` puts :func:`_keyboard_interrupt` in its
-place: while TensorFlow's Python code is on top of the main thread's stack
-(the standard library's frames above it count as TensorFlow's), the
-KeyboardInterrupt is raised as the outermost of those TensorFlow frames
-returns to the code that called it (:class:`_RaiseOnReturn`), that is from
-the TensorFlow call the user or Keras made; elsewhere at once.  A second Ctrl-C
-while the first waits raises at once, as Python would.
+place.  It raises at once, as Python's would, unless one of TensorFlow's
+frames below the one running is suspended in a call into TensorFlow's C++ (its
+line calls a ``pywrap`` module: :func:`_suspended_in_tensorflow_cxx`).  Then
+it waits for the outermost such call to come back into its frame and raises
+there (:class:`_RaiseInFrame`, a trace function on that frame alone), in
+Python that TensorFlow's C++ did not call.  The wait is as long as that C++
+call, never longer; a thread wait or a Python loop inside TensorFlow's Python
+raises at once.  A second Ctrl-C while the first waits raises at once, as
+Python would.  A trace function that raises is taken away by CPython, so
+where one is already set (a debugger's, coverage's) the handler raises at
+once rather than replace it, as Python's own would.
 """
 from __future__ import annotations
 
+import linecache
 import os
 import signal
 import sys
-import sysconfig
 import threading
 from types import FrameType
 
 _read_fd: int | None = None
 _tf_dir: str | None = None     # TensorFlow's package folder, with a trailing separator
-_stdlib_dirs: tuple[str, ...] = ()
-_waiting: "_RaiseOnReturn | None" = None   # a KeyboardInterrupt not raised yet
+_waiting: "_RaiseInFrame | None" = None   # a Ctrl-C not raised yet
 
 
-def _in_tensorflow(frame: FrameType) -> bool:
-    return _tf_dir is not None and frame.f_code.co_filename.startswith(_tf_dir)
-
-
-def _in_stdlib(frame: FrameType) -> bool:
-    name = frame.f_code.co_filename
-    return name.startswith("<frozen ") or (name.startswith(_stdlib_dirs)
-                                            and "-packages" not in name)
-
-
-def _outermost_tensorflow_frame(frame: FrameType | None) -> FrameType | None:
-    """The frame through which the stack's top TensorFlow calls were entered,
-    or None where the top of the stack is not TensorFlow's code."""
-    while frame is not None and _in_stdlib(frame):
+def _suspended_in_tensorflow_cxx(frame: FrameType | None) -> FrameType | None:
+    """The outermost frame of TensorFlow's, among ``frame``'s callers (not
+    ``frame`` itself: it runs), whose line calls into TensorFlow's C++ (a
+    ``pywrap`` module: ``_pywrap_utils.Flatten``, ``pywrap_tfe.TFE_Py_Execute``);
+    None if there is none."""
+    found = None
+    frame = frame.f_back if frame is not None else None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if _tf_dir is not None and name.startswith(_tf_dir) and \
+                "pywrap" in linecache.getline(name, frame.f_lineno):
+            found = frame
         frame = frame.f_back
-    if frame is None or not _in_tensorflow(frame):
-        return None
-    while frame.f_back is not None and (_in_tensorflow(frame.f_back)
-                                        or _in_stdlib(frame.f_back)):
-        frame = frame.f_back
-    return frame
+    return found
 
 
-class _RaiseOnReturn:
-    """A trace function that raises KeyboardInterrupt as ``frame`` returns (or
-    unwinds), and takes itself away (putting back any trace function it
-    replaced).  It traces no other frame: every frame called meanwhile runs
-    above ``frame``."""
+class _RaiseInFrame:
+    """A trace function that raises KeyboardInterrupt at the first event of
+    ``frame`` (its call into C++ has come back) and traces nothing else."""
 
     def __init__(self, frame: FrameType) -> None:
         self._frame = frame
-        self._previous = sys.gettrace()
         frame.f_trace = self
         sys.settrace(self)
 
-    def __call__(self, frame: FrameType, event: str, arg: object) -> "_RaiseOnReturn | None":
-        if event == "call":
+    def __call__(self, frame: FrameType, event: str, arg: object) -> "_RaiseInFrame | None":
+        if frame is not self._frame:
             return None
-        if frame is self._frame and event == "return":
-            self.raise_now()
-        return self
+        self.cancel()
+        raise KeyboardInterrupt
 
-    def raise_now(self) -> None:
+    def cancel(self) -> None:
         global _waiting
         _waiting = None
         self._frame.f_trace = None
-        sys.settrace(self._previous)
-        raise KeyboardInterrupt
+        sys.settrace(None)
 
 
 def _keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    """Python's default SIGINT handler, raised outside TensorFlow's frames
-    (see the module docstring)."""
+    """Python's default SIGINT handler, raised outside TensorFlow's calls back
+    into Python (see the module docstring)."""
     global _waiting
     if _waiting is not None:
-        _waiting.raise_now()  # pressed again: at once
-    outermost = _outermost_tensorflow_frame(frame)
-    if outermost is None:
+        _waiting.cancel()   # pressed again: at once
         raise KeyboardInterrupt
-    _waiting = _RaiseOnReturn(outermost)
+    suspended = _suspended_in_tensorflow_cxx(frame) if sys.gettrace() is None else None
+    if suspended is None:
+        raise KeyboardInterrupt
+    _waiting = _RaiseInFrame(suspended)
 
 
 def install() -> None:
@@ -125,12 +119,10 @@ def install() -> None:
         os.close(write_fd)
         return
     _read_fd = read_fd
-    global _tf_dir, _stdlib_dirs
+    global _tf_dir
     tf = sys.modules.get("tensorflow")
     if tf is not None and getattr(tf, "__file__", None):
         _tf_dir = os.path.dirname(tf.__file__) + os.sep
-    _stdlib_dirs = tuple({os.path.join(sysconfig.get_paths()[key], "")
-                          for key in ("stdlib", "platstdlib")})
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _keyboard_interrupt)
 

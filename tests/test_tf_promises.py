@@ -163,6 +163,60 @@ def test_a_ctrl_c_inside_tensorflows_callbacks_into_python_is_still_a_keyboard_i
     assert_no_worker_left(s.wait_for_pids())
 
 
+def test_a_ctrl_c_in_tensorflows_waits_and_py_function_comes_at_the_first_press(script):
+    """The handler waits only while TensorFlow's C++ has called back into
+    Python: TensorFlow's Python waiting on a thread (Coordinator) still raises
+    at once; an eager `py_function` body, which TensorFlow's C++ runs, gives a
+    KeyboardInterrupt as the op returns, not the UnknownError Python's own
+    handler gives there; and a trace function the user set (a debugger's,
+    coverage's) is left in place."""
+    s = script(joined(PRELUDE, """
+        import random, sys
+        from tensorflow.python.util import nest
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal
+        loader = MPLoader(lambda i: np.float32(i), range(4), num_workers=1)
+        report_pids(loader)
+        loader.dataset()
+        def body(v):
+            for _ in range(50):
+                v = v + tf.constant(1.0)
+                time.sleep(0.002)
+            return v
+        def tracer(frame, event, arg):
+            return None
+        def first_press(work, rounds):
+            out = []
+            for _ in range(rounds):
+                timer = threading.Timer(random.uniform(0.05, 0.3), os.kill, (os.getpid(), signal.SIGINT))
+                try:
+                    timer.start()
+                    started = time.monotonic()
+                    work()
+                    out.append("no interrupt")
+                except KeyboardInterrupt:
+                    out.append(round(time.monotonic() - started, 3))
+                except BaseException as e:
+                    out.append(f"{type(e).__name__}: {str(e)[:120]}")
+                timer.join()
+            return out
+        got = {}
+        got["coordinator"] = first_press(lambda: tf.train.Coordinator().wait_for_stop(5), 3)
+        got["py_function"] = first_press(
+            lambda: [tf.py_function(body, [tf.constant(1.0)], tf.float32) for _ in range(100)], 5)
+        sys.settrace(tracer)
+        got["with_tracer"] = first_press(lambda: tf.train.Coordinator().wait_for_stop(5), 2)
+        got["tracer_kept"] = sys.gettrace() is tracer
+        sys.settrace(None)
+        loader.close()
+        print(json.dumps(got))
+    """))
+    got = report(run_bounded(s, within=180))
+    for case in ("coordinator", "py_function", "with_tracer"):
+        assert all(isinstance(t, float) and t < 0.5 for t in got[case]), (case, got[case])
+    assert got["tracer_kept"]
+    assert_no_worker_left(s.wait_for_pids())
+
+
 def exits_cleanly(s, runs: int, within: float) -> None:
     """Run the script ``s`` ``runs`` times in fresh interpreters, two at a time
     (in copies of it): each exits 0, quietly, within ``within`` s, and leaves
