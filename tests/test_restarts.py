@@ -238,7 +238,7 @@ def test_a_timeout_on_the_last_item_in_flight_is_reported_not_dropped(script, de
                 time.sleep(60)
             return i
         got = {{}}
-        with MPLoader(fn, 6, num_workers=1, timeout=0.5, on_worker_death={death!r}) as loader:
+        with MPLoader(fn, 6, num_workers=1, timeout=3, on_worker_death={death!r}) as loader:  # 0.5 s once timed out item 1 (two suites on 2 cores)
             report_pids(loader)
             out = []
             try:
