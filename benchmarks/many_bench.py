@@ -15,6 +15,12 @@ its steady rate over that ideal.  For K = 4, 16, 64 items in flight:
   LONG_PASS_S: a pass's start (its first groups) and its end (the last
   groups, drained after the workers finish) cost about the same time in
   any pass, so the longer pass shows the rate in between;
+- at the largest K, over both pass lengths, TensorFlow's own generator
+  path fed by a producer that costs nothing (``bare_paced``): a bare
+  ``from_generator`` whose generator gives the ready result on the ideal
+  schedule (K results every 20 ms from its first call), ``.batch(32)``;
+  what a hand-off of one element per generator call reaches at this
+  pass length, whoever makes the elements;
 - at the largest K, PyTorch's DataLoader (K worker processes), Grain's
   DataLoader (K workers) and ``tf.data`` ``map(numpy_function, num_parallel_calls=K)``
   with ``.batch(32)`` (on a sixteenth of the items: it keeps about as many
@@ -58,6 +64,7 @@ CONSUMERS = ("loop", "dataset_batch32", "batch_size32")
 PEERS = ("torch", "grain", "tf_map")
 PASS_S = 1.0  # ideal time of a timed pass (filling and draining the pipeline count in it)
 LONG_PASS_S = 4.0  # the same, for the rows that show what the start and the end cost
+BARE_PACED = "bare from_generator, results ready at the ideal pace, batch(32)"
 TF_MAP_SHARE = 16  # tf.data's map runs a fraction of the items: its threads are the cores
 
 
@@ -166,6 +173,20 @@ def _peer(peer: str, n: int, k: int, tf) -> float:
     return _ideal_s(n, k) / _pass_s(lambda: ds)
 
 
+def _bare_paced(n: int, k: int, tf) -> float:
+    """A bare from_generator fed on the ideal schedule (see the module docstring)."""
+    def paced():
+        start = time.perf_counter()
+        for i in range(n):
+            wait = start + (i // k + 1) * SLEEP_S - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            yield RESULT
+    ds = tf.data.Dataset.from_generator(
+        paced, output_signature=tf.TensorSpec((RESULT.size,), tf.float32))
+    return _ideal_s(n, k) / _pass_s(lambda: ds.batch(32))
+
+
 def _installed(peer: str) -> bool:
     import importlib.util
     module = {"torch": "torch", "grain": "grain", "tf_map": "tensorflow"}[peer]
@@ -203,6 +224,8 @@ def main() -> None:
                      for consumer in consumers]
         if k == max(in_flight):  # the peers where the difference shows: most in flight
             rows += [(k, peer, (peer,), False, PASS_S) for peer in peers]
+            if "dataset_batch32" in consumers:
+                rows.append((k, BARE_PACED, ("bare_paced",), False, PASS_S))
     most = [row for row in rows if row[0] == max(in_flight) and row[2][0] == "mploader"]
     if args.loaded:
         rows += [(k, f"{name}, one core busy", how, True, pass_s)
@@ -210,6 +233,9 @@ def main() -> None:
     if args.long_pass:
         rows += [(k, f"{name}, a {LONG_PASS_S:.0f} s pass", how, False, LONG_PASS_S)
                  for k, name, how, _, _ in most if how[3] == "dataset_batch32"]
+        if "dataset_batch32" in consumers:
+            rows.append((max(in_flight), f"{BARE_PACED}, a {LONG_PASS_S:.0f} s pass",
+                         ("bare_paced",), False, LONG_PASS_S))
     runs: dict[tuple[int, str], list[float]] = {(k, name): [] for k, name, _, _, _ in rows}
     started = time.perf_counter()
     for rep in range(args.reps):
@@ -217,8 +243,12 @@ def main() -> None:
             n = max(64, int(args.scale * pass_s * k / SLEEP_S))
             run_started = time.perf_counter()
             with _BusyCore() if busy else contextlib.nullcontext():
-                runs[(k, name)].append(_mploader(n, *how[1:], tf) if how[0] == "mploader"
-                                       else _peer(how[0], n, k, tf))
+                if how[0] == "mploader":
+                    runs[(k, name)].append(_mploader(n, *how[1:], tf))
+                elif how[0] == "bare_paced":
+                    runs[(k, name)].append(_bare_paced(n, k, tf))
+                else:
+                    runs[(k, name)].append(_peer(how[0], n, k, tf))
             # progress on stderr: where the time went, and the context of a failure
             print(f"(i) rep {rep + 1}/{args.reps}, {k} in flight, {name}, {n} items: "
                   f"{runs[(k, name)][-1]:.2f} in {time.perf_counter() - run_started:.1f} s "

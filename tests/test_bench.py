@@ -25,6 +25,7 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     assert results["machine"]["cores_usable"] >= 1 and results["machine"]["cpu"]
     assert results["machine"]["python_loop_3m_s"] > 0  # the speed probe (run.py speed())
     assert results["machine"]["fresh_memory_gb_s"] > 0
+    assert results["machine"]["fresh_4k_pages_gb_s"] > 0
     assert set(results["sections"]) == {"a", "b", "c", "d"}
     for name, section in results["sections"].items():
         for peer, row in section["peers"].items():
@@ -52,13 +53,16 @@ def test_bench_tiny_mode_writes_table_json_and_plot(tmp_path):
     hows = {row["how"] for row in many["rows"]}
     assert {"mploader processes 8x1 loop", "mploader threads 1x8 batch_size32",
             "mploader both 4x2 dataset_batch32",
-            "mploader both 4x2 dataset_batch32, a 4 s pass"} <= hows
+            "mploader both 4x2 dataset_batch32, a 4 s pass",
+            "bare from_generator, results ready at the ideal pace, batch(32)",
+            "bare from_generator, results ready at the ideal pace, batch(32), a 4 s pass"} <= hows
     assert all(row["efficiency"] > 0 for row in many["rows"])
     many_bfc = results["many_bfc"]
     assert "error" not in many_bfc, many_bfc["error"]
     assert {row["how"] for row in many_bfc["rows"]} == {
         "mploader processes 8x1 dataset_batch32", "mploader threads 1x8 dataset_batch32",
-        "mploader both 4x2 dataset_batch32"}
+        "mploader both 4x2 dataset_batch32",
+        "bare from_generator, results ready at the ideal pace, batch(32)"}
     md = (tmp_path / "results.md").read_text()
     assert "(i) many workers" in md
     assert "(again, TensorFlow's CPU allocator BFC: TF_CPU_ALLOCATOR_USE_BFC=true)" in md
