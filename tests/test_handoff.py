@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mploader import MPLoader
-from mploader.tf.grouping import MAX_CHUNK_ELEMENTS, SURELY_TAKEN_AFTER_CALLS
+from mploader.tf.grouping import MAX_CHUNK_ELEMENTS, SURELY_TAKEN_AFTER_CALLS, stack
+from mploader.tf.signature import Leaf
 
 from . import helpers  # fns live there: a worker importing this module would import TensorFlow
 
@@ -38,6 +39,34 @@ def test_dataset_batch32_gives_exactly_the_loaders_values_with_views_and_copies(
     assert got.shape == (100, 224, 224, 3)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(got_again, expected)
+
+
+def test_results_copied_out_of_the_slots_start_aligned_as_views_do():
+    """A consumer holding more results than the leases allow gets copies
+    beyond them; like the views, they start at a 64-byte aligned address,
+    which TensorFlow converts without one more copy (numpy aligns its own
+    arrays to 16 or 32 bytes)."""
+    with MPLoader(helpers.image, 100, num_workers=2) as loader:
+        held = list(loader)
+    assert [i for i, x in enumerate(held) if x.ctypes.data % 64] == []
+    for i, x in enumerate(held):
+        np.testing.assert_array_equal(x, helpers.image(i))
+
+
+def test_large_elements_stacked_into_one_call_are_used_by_tensorflow_in_place():
+    """Rows of several short groups go to TensorFlow stacked in one call;
+    the stack is 64-byte aligned, so TensorFlow's conversion takes that
+    memory as the tensor's own instead of copying it into fresh memory."""
+    elements = [np.full(65536, i, np.float32) for i in range(3)]
+    stacked = stack(elements, Leaf(np.dtype(np.float32), (65536,)))
+    np.testing.assert_array_equal(stacked, np.stack(elements))
+    ds = tf.data.Dataset.from_generator(
+        lambda: iter([stacked]), output_signature=tf.TensorSpec(stacked.shape, tf.float32))
+    tensor = next(iter(ds))
+    stacked[...] = -1
+    assert float(tf.reduce_max(tensor)) == -1.0, "TensorFlow converted a copy"
+    numbers = stack([1.5, 2], Leaf(np.dtype(np.float32), ()))  # as one element converts
+    assert numbers.dtype == np.float32 and numbers.tolist() == [1.5, 2.0]
 
 
 def test_variable_shapes_keep_values_order_errors_and_skips():

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..epochs import Record
+from ..layout import aligned_empty
 from ..nest import at, map_nest, stack_nests
 from .signature import Leaf
 
@@ -52,6 +53,7 @@ MAX_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_ELEMENTS = 256
 MAX_GROUP_BYTES = 8 << 20  # larger elements: one per call
 MAX_GROUP_ELEMENTS = 8
+MIN_ALIGNED_BYTES = 64 << 10  # smaller stacks: TensorFlow's copy costs less than the checks
 TAG_SHIFT = 40  # tag = pass number << TAG_SHIFT | element number in the pass (from 1)
 PASS_TAGS = (1 << (63 - TAG_SHIFT)) - 1  # pass numbers 1..PASS_TAGS, then round again
 # Calls after which a call's elements are surely taken: TensorFlow asks for a
@@ -95,7 +97,25 @@ def elements_per_call(spec: Any) -> tuple[int, bool]:
 def stack(elements: list[Any], spec: Any) -> Any:
     """The elements as one nest of arrays, each leaf ``(len(elements), *shape)``
     in the signature's dtype (tuples for lists, as TensorFlow reads them)."""
-    return stack_nests(elements, lambda values, path: np.asarray(values, at(spec, path).dtype))
+    return stack_nests(elements, lambda values, path: _column(values, at(spec, path).dtype))
+
+
+def _column(values: list[Any], dtype: np.dtype) -> np.ndarray:
+    """One leaf's values stacked.  Arrays of the signature's dtype and one
+    shape (rows of groups, large results) go into a 64-byte aligned array,
+    which TensorFlow uses in place (layout.aligned_empty): into numpy's own
+    it would copy them a second time.  Anything else (Python numbers, which
+    take the dtype as TensorFlow converts one element) as numpy makes it."""
+    first = values[0]
+    if (type(first) is np.ndarray and first.dtype == dtype
+            and first.nbytes * len(values) >= MIN_ALIGNED_BYTES
+            and all(type(value) is np.ndarray and value.dtype == dtype
+                    and value.shape == first.shape for value in values)):
+        out = aligned_empty((len(values), *first.shape), dtype)
+        for row, value in zip(out, values):
+            np.copyto(row, value, casting="no")
+        return out
+    return np.asarray(values, dtype)
 
 
 class Deferred:
