@@ -93,7 +93,7 @@ def speed() -> dict:
     of fresh memory in 4 KiB pages (an anonymous mapping with no advice:
     what TensorFlow's allocations above malloc's mapping threshold, its
     batches of large elements, get): on a host where bare (h) and (j)
-    ran 10-16 times slower than in the committed run, numpy's fresh memory
+    ran 11-17 times slower than in the committed run, numpy's fresh memory
     filled at 5.0-5.9 GB/s and 4 KiB pages at 0.68-0.82 GB/s."""
     import mmap
 
@@ -241,7 +241,7 @@ def spread(row: dict, key: str, unit: str = "") -> str:
 def many_text(i: dict) -> str:
     if "error" in i:
         return f"(i) many workers for a fn that waits: failed: {i['error']}"
-    width = max(58, *(len(row["how"]) + 2 for row in i["rows"]))
+    width = max([58, *(len(row["how"]) + 2 for row in i["rows"])])
     lines = [f"(i) many workers for a fn that waits ({i['sleep_s'] * 1000:.0f} ms, "
              f"{i['result_bytes'] >> 10} KiB out){_allocator_note(i)}: steady rate / ideal (in flight / "
              f"{i['sleep_s']} s), medians of {i['reps']} interleaved runs (min-max)",
