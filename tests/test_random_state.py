@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mploader import MPLoader, WorkerError, item_rng, item_scope
-from mploader.random_state import find_random_objects
+from mploader.random_state import _walk, find_random_objects
 
 from . import random_objects as ro
 
@@ -110,8 +110,16 @@ def test_the_walk_is_bounded_on_a_huge_list_and_reads_past_attributes_that_raise
         return big, nested, deep, hostile, odd, liar, lazy, aug
 
     start = time.perf_counter()
-    paths = [o.path for o in find_random_objects(fn)]
-    assert time.perf_counter() - start < 0.5, "the walk must stay bounded"
+    walk = _walk(fn)
+    elapsed = time.perf_counter() - start
+    # Bounded by its budgets (a count of values), not by the clock: here the
+    # values passed over run out in `nested`.  The walk takes about 0.27 s on
+    # Python 3.11 and 0.47 s on 3.10 on a quiet 2-core machine, 0.83 s on 3.10
+    # beside another suite (over the 0.5 s this test once asked); the time
+    # bound is a loose guard against a walk whose cost per value grew.
+    assert walk.note is not None, "no budget stopped the walk"
+    assert elapsed < 5, f"the walk took {elapsed:.1f} s"
+    paths = [o.path for o in walk.objects]
     assert sorted(paths) == ["fn.aug", "fn.hostile.aug", "fn.lazy[0]"], paths
 
 
