@@ -111,10 +111,7 @@ def _column(values: list[Any], dtype: np.dtype) -> np.ndarray:
             and first.nbytes * len(values) >= MIN_ALIGNED_BYTES
             and all(type(value) is np.ndarray and value.dtype == dtype
                     and value.shape == first.shape for value in values)):
-        out = aligned_empty((len(values), *first.shape), dtype)
-        for row, value in zip(out, values):
-            np.copyto(row, value, casting="no")
-        return out
+        return np.stack(values, out=aligned_empty((len(values), *first.shape), dtype))
     return np.asarray(values, dtype)
 
 
